@@ -1,0 +1,16 @@
+"""Images (folders or the embedded samples) and the episode sampler built on them."""
+
+from metarestore.data.episodes import Episode, EpisodeSampler, PatchSampler, TaskSpec, dihedral
+from metarestore.data.images import (
+    EMBEDDED,
+    DataError,
+    ImageSet,
+    load_embedded,
+    load_folder,
+    load_images,
+    read_image,
+    write_image,
+)
+
+__all__ = ["EMBEDDED", "DataError", "Episode", "EpisodeSampler", "ImageSet", "PatchSampler", "TaskSpec",
+           "dihedral", "load_embedded", "load_folder", "load_images", "read_image", "write_image"]

@@ -1,0 +1,187 @@
+"""The meta-training engine: one meta-step, validation, and checkpoint state. No Ray here.
+
+``MetaTrainer.run_step`` takes the step's tasks and an optional ``reduce`` (a sum over workers), so the
+single-process trainer and every Ray worker run exactly the same code: a worker passes its shard of
+the tasks and an all-reduce; one process passes all tasks and nothing. The weight normaliser is the
+sum over *all* tasks of the step, so the summed update equals the single-process one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from metarestore import degradations
+from metarestore.checkpoint import Checkpoint, optimizer_from_tensors, optimizer_to_tensors
+from metarestore.config import Config
+from metarestore.data import EMBEDDED, EpisodeSampler, PatchSampler, TaskSpec, load_images
+from metarestore.degradations.base import cpu_generator, reseed
+from metarestore.meta import MetaLearner, flat_grad, psnr, set_flat_grad
+from metarestore.model import RestorationNet, count_parameters
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def plan_step(cfg: Config, step: int) -> list[TaskSpec]:
+    """The tasks of one meta-step: ``tasks_per_family`` tasks of every training family.
+
+    A pure function of (seed, step): every worker knows the whole step without communicating, and
+    resuming at step N replays exactly the tasks a run that never stopped would have seen.
+    """
+    generator = cpu_generator(cfg.seed * 1_000_003 + step)
+    low, high = cfg.families.severity
+    tasks = []
+    for family in cfg.families.train:
+        for _ in range(cfg.meta.tasks_per_family):
+            severity = low + (high - low) * float(torch.rand((), generator=generator))
+            seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+            tasks.append(TaskSpec(family, round(severity, 6), seed))
+    return tasks
+
+
+def build_learner(cfg: Config, device: torch.device | str = "cpu") -> MetaLearner:
+    torch.manual_seed(cfg.seed)  # identical initial weights in every worker
+    model = RestorationNet.from_config(cfg.model)
+    return MetaLearner(model, cfg.meta).to(device)
+
+
+def validation_images(cfg: Config):
+    return load_images(cfg.data.val, "val" if cfg.data.val == EMBEDDED else "all")
+
+
+@dataclass
+class ValidationResult:
+    metrics: dict[str, float]
+    examples: list[tuple[str, list[torch.Tensor]]]  # family -> [degraded, zero-shot, adapted, clean]
+
+
+class MetaTrainer:
+    """Model, learner, optimizer and episode sampler for one meta-training run."""
+
+    def __init__(self, cfg: Config, device: torch.device | str | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
+        self.learner = build_learner(cfg, self.device)
+        self.model = self.learner.model
+        self.params = [p for p in self.learner.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.outer_lr, weight_decay=cfg.train.weight_decay)
+        self.sampler = EpisodeSampler(load_images(cfg.data.train, "train"), cfg.data.patch_size,
+                                      cfg.data.support, cfg.data.query)
+        self.step = 0  # the next step to run
+        self.families = list(cfg.families.train)
+
+    # one meta-step ---------------------------------------------------------------------------------
+    def run_step(self, tasks: list[TaskSpec] | None = None, reduce: Reduce | None = None) -> dict[str, float]:
+        """Run meta-step ``self.step`` on ``tasks`` (default: all of the step's tasks)."""
+        cfg = self.cfg
+        planned = plan_step(cfg, self.step)
+        tasks = planned if tasks is None else tasks
+        total_weight = sum(cfg.families.weight(t.family) for t in planned)
+        index = {f: i for i, f in enumerate(self.families)}
+        stats = torch.zeros(3 * len(self.families) + 1, dtype=torch.float64)  # weighted, loss, count, n
+        self.optimizer.zero_grad(set_to_none=True)
+        self.learner.train()
+        for task in tasks:
+            episode = self.sampler.episode(task, self.device)
+            weight = cfg.families.weight(task.family)
+            loss = self.learner.task_gradient(episode, weight / total_weight)
+            i = index[task.family]
+            stats[i] += weight * loss / total_weight
+            stats[len(self.families) + i] += loss
+            stats[2 * len(self.families) + i] += 1
+        stats[-1] = len(tasks)
+        flat = torch.cat([flat_grad(self.params), stats.to(self.device, torch.float32)])
+        if reduce is not None:
+            flat = reduce(flat)
+        n = flat.numel() - stats.numel()
+        set_flat_grad(self.params, flat[:n])
+        stats = flat[n:].double().cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip) if cfg.train.grad_clip > 0 \
+            else torch.linalg.vector_norm(flat[:n])
+        self.optimizer.step()
+        self.step += 1
+        f = len(self.families)
+        metrics = {"meta_loss": float(stats[:f].sum()), "grad_norm": float(grad_norm), "tasks": float(stats[-1])}
+        for family, i in index.items():
+            if stats[2 * f + i] > 0:
+                metrics[f"loss/{family}"] = float(stats[f + i] / stats[2 * f + i])
+        if self.learner.log_lr is not None:
+            metrics.update({f"inner_lr/{g}": v for g, v in self.learner.inner_lr_values().items()})
+        return metrics
+
+    # validation ------------------------------------------------------------------------------------
+    def validate(self) -> ValidationResult:
+        return validate(self.learner, self.cfg, self.device)
+
+    # checkpoint state ------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        cfg = self.cfg
+        total, adaptable = count_parameters(self.model)
+        return {"name": cfg.name, "config": cfg.to_dict(), "algorithm": cfg.meta.algorithm,
+                "adapt": cfg.model.adapt, "families": {"train": cfg.families.train,
+                                                       "held_out": cfg.families.held_out},
+                "weights": {f: cfg.families.weight(f) for f in cfg.families.train},
+                "inner_lr": self.learner.inner_lr_values(), "inner_steps": cfg.meta.inner_steps,
+                "step": self.step, "parameters": total, "adaptable_parameters": adaptable}
+
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, optimizer_info = optimizer_to_tensors(self.optimizer)
+        if self.learner.log_lr is not None:
+            tensors.update({f"learner.log_lr.{g}": p.detach() for g, p in self.learner.log_lr.items()})
+        return tensors, {"step": self.step, "optimizer": optimizer_info,
+                         "sampler": {"seed": self.cfg.seed, "next_step": self.step}}
+
+    def load_state(self, ckpt: Checkpoint) -> None:
+        """Resume: weights, optimizer, learned inner rates and the sampler's position."""
+        self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.model.items()})
+        if self.learner.log_lr is not None:
+            with torch.no_grad():
+                for g, p in self.learner.log_lr.items():
+                    p.copy_(ckpt.training_tensors[f"learner.log_lr.{g}"])
+        optimizer_from_tensors(self.optimizer, {k: v.to(self.device) for k, v in ckpt.training_tensors.items()},
+                               ckpt.training_state["optimizer"])
+        self.step = int(ckpt.training_state["sampler"]["next_step"])
+
+
+def validate(learner: MetaLearner, cfg: Config, device: torch.device | str) -> ValidationResult:
+    """PSNR on held-out families and held-out images: the input, the model zero-shot, and after
+    ``adapt()`` with ``val.shots`` support pairs and ``val.steps`` steps.
+
+    Support pairs come from training images and query pairs from the validation images, degraded by the
+    same task with fresh noise: the client's situation, a few examples then new images. Tasks are fixed
+    (seeded per family), so the curve across steps compares like with like.
+    """
+    families = cfg.families.held_out or cfg.families.train
+    support_sampler = PatchSampler(load_images(cfg.data.train, "train"), cfg.val.patch_size, augment=False)
+    query_sampler = PatchSampler(validation_images(cfg), cfg.val.patch_size, augment=False)
+    metrics: dict[str, float] = {}
+    examples = []
+    learner.eval()
+    for i, family_name in enumerate(families):
+        family = degradations.get(family_name)
+        generator = cpu_generator(cfg.seed * 7919 + 104729 * (i + 1))
+        params = family.sample(cfg.val.severity, generator)
+        support_y = support_sampler.sample(cfg.val.shots, generator).to(device)
+        query_y = query_sampler.sample(cfg.val.images, generator).to(device)
+        support_x = family(support_y, params)
+        query_x = family(query_y, reseed(params, 1))
+        zero_shot = learner.restore(query_x)
+        fast = learner.adapt(support_x, support_y, steps=cfg.val.steps)
+        adapted = learner.restore(query_x, fast)
+        for key, image in (("input", query_x), ("zero_shot", zero_shot), ("adapted", adapted)):
+            metrics[f"val/psnr_{key}/{family_name}"] = psnr(image, query_y)
+        examples.append((family_name, [query_x[0].cpu(), zero_shot[0].cpu(), adapted[0].cpu(), query_y[0].cpu()]))
+    for key in ("input", "zero_shot", "adapted"):
+        values = [metrics[f"val/psnr_{key}/{f}"] for f in families]
+        metrics[f"val/psnr_{key}"] = sum(values) / len(values)
+    return ValidationResult(metrics, examples)

@@ -1,0 +1,38 @@
+"""Training losses and image-quality metrics (PSNR/SSIM from torchmetrics, not hand-rolled)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).abs().mean()
+
+
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    return torch.sqrt((pred - target).pow(2) + eps * eps).mean()
+
+
+LOSSES: dict[str, LossFn] = {"l1": l1, "charbonnier": charbonnier}
+
+
+def get_loss(name: str) -> LossFn:
+    return LOSSES[name]
+
+
+@torch.no_grad()
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean PSNR (dB) over the batch, images in [0, 1]."""
+    value = peak_signal_noise_ratio(pred.clamp(0, 1), target, data_range=1.0, reduction="none",
+                                    dim=(1, 2, 3))
+    return float(value.mean())
+
+
+@torch.no_grad()
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float(structural_similarity_index_measure(pred.clamp(0, 1), target, data_range=1.0))

@@ -1,0 +1,90 @@
+"""A compact NAFNet-style U-Net that restores the residual: ``output = input + net(input)``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarestore.config import ModelConfig
+from metarestore.model.blocks import NAFBlock
+
+STAGES = ("intro", "encoder", "middle", "decoder", "ending")
+
+
+class RestorationNet(nn.Module):
+    """U-Net of NAFBlocks; accepts any H x W (pads to a multiple of 2**stages, then crops back)."""
+
+    def __init__(self, width: int = 16, enc_blocks=(1, 1, 2), middle_blocks: int = 2,
+                 dec_blocks=(1, 1, 1), adapt: str = "film", channels: int = 3):
+        super().__init__()
+        self.adapt_mode = adapt
+        self.intro = nn.Conv2d(channels, width, 3, padding=1)
+        self.encoders, self.downs = nn.ModuleList(), nn.ModuleList()
+        c = width
+        for n in enc_blocks:
+            self.encoders.append(nn.Sequential(*[NAFBlock(c) for _ in range(n)]))
+            self.downs.append(nn.Conv2d(c, 2 * c, 2, stride=2))
+            c *= 2
+        self.middle = nn.Sequential(*[NAFBlock(c) for _ in range(middle_blocks)])
+        self.ups, self.decoders = nn.ModuleList(), nn.ModuleList()
+        for n in dec_blocks:
+            self.ups.append(nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.PixelShuffle(2)))
+            c //= 2
+            self.decoders.append(nn.Sequential(*[NAFBlock(c) for _ in range(n)]))
+        self.ending = nn.Conv2d(width, channels, 3, padding=1)
+        nn.init.zeros_(self.ending.weight)  # start as the identity: the network learns the residual
+        nn.init.zeros_(self.ending.bias)
+        self.multiple = 2 ** len(enc_blocks)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> RestorationNet:
+        return cls(cfg.width, tuple(cfg.enc_blocks), cfg.middle_blocks, tuple(cfg.dec_blocks), cfg.adapt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
+        inp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+        y = self.intro(inp)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs, strict=True):
+            y = encoder(y)
+            skips.append(y)
+            y = down(y)
+        y = self.middle(y)
+        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
+            y = decoder(up(y) + skip)
+        y = self.ending(y) + inp
+        return y[..., :h, :w]
+
+
+def param_group(name: str) -> str:
+    """The inner-loop learning-rate group of a parameter: the U-Net stage it lives in."""
+    head = name.split(".", 1)[0]
+    return {"downs": "encoder", "encoders": "encoder", "ups": "decoder", "decoders": "decoder"}.get(head, head)
+
+
+def is_adaptable(name: str, mode: str) -> bool:
+    """Which parameters the inner loop adapts; the rest stay at their meta-learned values."""
+    if mode == "all":
+        return True
+    if mode == "decoder":
+        return param_group(name) in ("decoder", "ending")
+    if mode == "norm_bias":
+        return ".norm" in name or name.endswith(".bias")
+    if mode == "film":
+        return name.endswith(("film_scale", "film_shift"))
+    raise ValueError(f"unknown adapt mode {mode!r}")
+
+
+def adaptable_names(model: nn.Module, mode: str | None = None) -> list[str]:
+    mode = mode or model.adapt_mode
+    return [name for name, _ in model.named_parameters() if is_adaptable(name, mode)]
+
+
+def count_parameters(model: nn.Module, mode: str | None = None) -> tuple[int, int]:
+    """(all parameters, adaptable parameters)."""
+    names = set(adaptable_names(model, mode))
+    total = sum(p.numel() for p in model.parameters())
+    adaptable = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    return total, adaptable
