@@ -27,12 +27,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from metarestore.errors import UserError
+
 FORMAT_VERSION = 1
 MODEL_FILE, METADATA_FILE = "model.safetensors", "metadata.json"
 TRAINING_FILE, TRAINING_JSON = "training.safetensors", "training.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, truncated, corrupt or of an unknown format."""
 
 

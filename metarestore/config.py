@@ -15,13 +15,16 @@ from typing import Any
 
 import yaml
 
+from metarestore.errors import UserError
+
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "multitask")
 ADAPT_MODES = ("all", "decoder", "norm_bias", "film")
-LOSSES = ("l1", "charbonnier")
+LOSSES = ("l1", "charbonnier", "psnr")
+OPTIMIZERS = ("adamw", "sgd")
 INNER_LR_GROUPS = ("default", "intro", "encoder", "middle", "decoder", "ending")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user mistake in a config file or override."""
 
 
@@ -70,7 +73,9 @@ class MetaConfig:
 @dataclass
 class TrainConfig:
     steps: int = 300
+    optimizer: str = "adamw"  # adamw | sgd
     outer_lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     log_every: int = 10
@@ -104,7 +109,8 @@ class DistributedConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     max_failures: int = 2
-    family_costs: dict[str, float] = field(default_factory=dict)  # empty -> measured at start
+    family_costs: dict[str, float] = field(default_factory=dict)  # seconds per task; empty -> measured at start
+    storage_path: str | None = None  # Ray Train checkpoints; None -> <output_dir>/ray (shared storage on a cluster)
 
 
 @dataclass
@@ -136,6 +142,8 @@ class Config:
             problems.append(f"meta.algorithm must be one of {', '.join(ALGORITHMS)}")
         if self.model.adapt not in ADAPT_MODES:
             problems.append(f"model.adapt must be one of {', '.join(ADAPT_MODES)}")
+        if self.train.optimizer not in OPTIMIZERS:
+            problems.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.meta.loss not in LOSSES:
             problems.append(f"meta.loss must be one of {', '.join(LOSSES)}")
         if not self.families.train:

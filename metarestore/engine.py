@@ -49,6 +49,13 @@ def plan_step(cfg: Config, step: int) -> list[TaskSpec]:
     return tasks
 
 
+def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.outer_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.outer_lr, weight_decay=t.weight_decay)
+
+
 def build_learner(cfg: Config, device: torch.device | str = "cpu") -> MetaLearner:
     torch.manual_seed(cfg.seed)  # identical initial weights in every worker
     model = RestorationNet.from_config(cfg.model)
@@ -74,7 +81,7 @@ class MetaTrainer:
         self.learner = build_learner(cfg, self.device)
         self.model = self.learner.model
         self.params = [p for p in self.learner.parameters()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.outer_lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = build_optimizer(self.params, cfg)
         self.sampler = EpisodeSampler(load_images(cfg.data.train, "train"), cfg.data.patch_size,
                                       cfg.data.support, cfg.data.query)
         self.step = 0  # the next step to run

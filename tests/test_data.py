@@ -7,7 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from metarestore.data import DataError, EpisodeSampler, ImageSet, TaskSpec, load_embedded, load_folder, load_images
+from metarestore.data import (
+    DataError,
+    EpisodeSampler,
+    ImageSet,
+    TaskSpec,
+    load_embedded,
+    load_folder,
+    load_images,
+)
 
 
 def write(path, array):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from metarestore.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -26,7 +28,7 @@ EMBEDDED_TRAIN = ("chelsea", "rocket", "immunohistochemistry", "hubble_deep_fiel
 EMBEDDED_VAL = ("astronaut", "coffee", "camera")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user-facing data problem (missing or empty folder, nothing usable)."""
 
 

@@ -18,7 +18,14 @@ def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> 
     return torch.sqrt((pred - target).pow(2) + eps * eps).mean()
 
 
-LOSSES: dict[str, LossFn] = {"l1": l1, "charbonnier": charbonnier}
+def psnr_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Negative PSNR (NAFNet's PSNRLoss): the gradient is scaled by 1/MSE, so families whose inputs are
+    already good (mild JPEG, blur) weigh as much as the badly damaged ones instead of being drowned out."""
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    return (10.0 * torch.log10(mse + eps)).mean()
+
+
+LOSSES: dict[str, LossFn] = {"l1": l1, "charbonnier": charbonnier, "psnr": psnr_loss}
 
 
 def get_loss(name: str) -> LossFn:

@@ -1,0 +1,8 @@
+"""Degradation registry: ``get(name)`` returns a family; ``names()`` lists them."""
+
+from metarestore.degradations import families as _families  # noqa: F401  (registers the families)
+from metarestore.degradations.base import Degradation, Params, ParamSpec
+from metarestore.degradations.registry import Chain, UnknownFamilyError, get, names, register, validate
+
+__all__ = ["Chain", "Degradation", "ParamSpec", "Params", "UnknownFamilyError", "get", "names",
+           "register", "validate"]

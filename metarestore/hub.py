@@ -1,0 +1,118 @@
+"""Load a model from anywhere users name one: a checkpoint directory, ``runs:/RUN/path``,
+``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``. Always through safetensors; never unpickles."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from metarestore.checkpoint import METADATA_FILE, CheckpointError, load_checkpoint, read_metadata
+from metarestore.config import from_dict
+from metarestore.errors import UserError
+from metarestore.meta import MetaLearner
+from metarestore.model import RestorationNet
+
+CACHE = Path(os.environ.get("METARESTORE_CACHE", Path.home() / ".cache" / "metarestore"))
+
+
+class ModelNotFoundError(UserError, LookupError):
+    """No model at that URI."""
+
+
+@dataclass
+class ModelRef:
+    uri: str  # what the user gave
+    path: Path  # the local checkpoint directory
+    name: str | None = None  # registered model name, when from the registry
+    version: str | None = None
+
+
+def _find_checkpoint(root: Path) -> Path:
+    if (root / METADATA_FILE).is_file():
+        return root
+    found = sorted(p.parent for p in root.rglob(METADATA_FILE))
+    if not found:
+        raise ModelNotFoundError(f"no metarestore checkpoint inside {root}")
+    return found[0]
+
+
+def resolve(uri: str, tracking_uri: str | None = None) -> ModelRef:
+    """Turn a model URI into a local checkpoint directory (downloaded and cached for MLflow URIs)."""
+    uri = str(uri)
+    if not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"model not found: {uri} (give a checkpoint directory, models:/NAME@ALIAS, "
+                                     "models:/NAME/VERSION or runs:/RUN_ID/PATH)")
+        return ModelRef(uri, _find_checkpoint(path))
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from metarestore.tracking import fail_fast_http, resolve_uri
+
+    fail_fast_http()
+    tracking = resolve_uri(tracking_uri)
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    name = version = None
+    try:
+        stamp = ""
+        if uri.startswith("models:/"):
+            from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+            client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+            resolved = get_model_name_and_version(client, uri)
+            if len(resolved) == 2:
+                name, version = resolved
+                stamp = str(client.get_model_version(name, version).creation_timestamp)
+        source = f"models:/{name}/{version}" if version is not None else uri
+        key = hashlib.sha256(f"{tracking}|{source}|{stamp}".encode()).hexdigest()[:16]
+        target = CACHE / key
+        if not (target / ".complete").is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target))
+            (target / ".complete").write_text(uri)
+    except MlflowException as exc:
+        raise ModelNotFoundError(f"model not found: {uri} ({exc.message.splitlines()[0][:200]})") from None
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot fetch {uri}: {exc}") from None
+    return ModelRef(uri, _find_checkpoint(target), name, version)
+
+
+def learner_from_metadata(metadata: dict, device: torch.device | str = "cpu") -> MetaLearner:
+    cfg = from_dict(metadata["config"])
+    model = RestorationNet.from_config(cfg.model)
+    learner = MetaLearner(model, cfg.meta)
+    if learner.log_lr is not None:  # Meta-SGD: the learned inner rates are part of the model
+        with torch.no_grad():
+            for group, value in metadata["inner_lr"].items():
+                learner.log_lr[group].fill_(float(torch.tensor(value).log()))
+    else:
+        learner.fixed_lrs = {g: float(v) for g, v in metadata["inner_lr"].items()}
+    return learner.to(device)
+
+
+def load_learner(path: str | Path, device: torch.device | str = "cpu") -> tuple[MetaLearner, dict]:
+    """A ready MetaLearner (eval mode) and the checkpoint's metadata, from a checkpoint directory."""
+    ckpt = load_checkpoint(path, device="cpu")
+    learner = learner_from_metadata(ckpt.metadata, device)
+    learner.model.load_state_dict(ckpt.model)
+    learner.eval()
+    return learner, ckpt.metadata
+
+
+def load_model(uri: str, tracking_uri: str | None = None,
+               device: torch.device | str = "cpu") -> tuple[MetaLearner, dict, ModelRef]:
+    ref = resolve(uri, tracking_uri)
+    learner, metadata = load_learner(ref.path, device)
+    return learner, metadata, ref
+
+
+__all__ = ["CheckpointError", "ModelNotFoundError", "ModelRef", "load_learner", "load_model", "read_metadata",
+           "resolve"]

@@ -1,0 +1,74 @@
+"""Shared fixtures: one real local Ray per test session, real MLflow stores in temporary folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real Ray instance on 127.0.0.1 with token authentication left on (Ray 2.60's default)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run in a temporary folder so nothing (mlflow.db, runs/) lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("METARESTORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def tracking_uri(workdir):
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def smoke_config(out: Path, *overrides: str):
+    from metarestore.config import load_config
+
+    return load_config(CONFIGS / "smoke.yaml", [f"train.output_dir={out}", *overrides])
+
+
+@pytest.fixture
+def clean_image(workdir):
+    """A real photograph (scikit-image's astronaut, 128x128) written as PNG."""
+    import skimage.data
+    from PIL import Image
+
+    path = workdir / "clean.png"
+    Image.fromarray(skimage.data.astronaut()[100:228, 180:308]).save(path)
+    return path
+
+
+def pytest_collection_modifyitems(items):
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def smoke_model(tmp_path_factory):
+    """A model meta-trained in one process on the smoke config (a few seconds) and registered in a real
+    sqlite MLflow store. Returns a dict: checkpoint, tracking_uri, model_uri (models:/...), run_id."""
+    from metarestore.train_local import train_local
+
+    root = tmp_path_factory.mktemp("smoke_model")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = smoke_config(root / "run", "train.steps=60", "train.val_every=60", "tracking.registered_model=smoke")
+    info = train_local(cfg, tracking_uri=uri, progress=False)
+    return {"checkpoint": info["checkpoint"], "tracking_uri": uri, "model_uri": info["model_uri"],
+            "run_id": info["run_id"], "root": root}
