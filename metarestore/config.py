@@ -239,20 +239,28 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     return value
 
 
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping, creating sections as needed."""
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (value parsed as YAML) to a nested mapping, in place."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        value = yaml.safe_load(raw) if raw else ""
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+        set_path(data, key, value)
     return data
 
 

@@ -52,9 +52,9 @@ def artifact_root(uri: str) -> str | None:
 
 
 def fail_fast_http() -> None:
-    """Bound MLflow's HTTP retries so an outage costs seconds per call, not minutes."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    """No MLflow-internal HTTP retries: an outage would block each call for minutes. RunLogger queues
+    failed calls and retries them itself, without stalling training."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

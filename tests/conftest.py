@@ -19,8 +19,10 @@ def ray_local():
     """A real Ray instance on 127.0.0.1 with token authentication left on (Ray 2.60's default)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    from training.driver import init_ray
+
+    # the dashboard stays on: without its State API, placement groups of trials ASHA stops early leak
+    init_ray(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray
     ray.shutdown()
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -37,19 +39,33 @@ def absolute_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data, train=train)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (auto, ray://..., HOST:PORT) or start a local Ray in this process."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Join ``address`` (auto, ray://..., HOST:PORT) or start a new local Ray in this process.
+
+    A local Ray gets a GCS port chosen here and exported as ``RAY_ADDRESS`` before it starts, so its
+    processes inherit it: Ray Train's placement-group cleaner (State API) then finds *this* cluster
+    even when other Ray instances run on the machine (otherwise it gives up, and trials that ASHA stops
+    early leak their workers' resources).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"log_to_driver": True}
+    kwargs.setdefault("log_to_driver", True)
     if address:
-        kwargs["address"] = address
-    else:
-        # "local": always a new in-process Ray, never silently joining a cluster someone else started
-        kwargs.update(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1")
-    ray.init(**kwargs)
+        ray.init(address=address, **kwargs)
+        return
+    port = free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    # "local": always a new in-process Ray, never silently joining a cluster someone else started
+    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
 
 
 def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignment: list[list[str]],

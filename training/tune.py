@@ -1,0 +1,192 @@
+"""``metarestore tune``: Ray Tune over task weights, inner learning rates and any other config key.
+
+Each trial is a driver function that launches the distributed trainer (a ``TorchTrainer``, Train V2)
+and reports through ``TuneReportCallback``; ASHA stops weak trials on the validation metric reported
+every ``train.val_every`` steps. MLflow holds a parent run for the search and a nested child run per
+trial. Results land in ``--out``: ``trials.csv``, ``best.yaml`` (trainable as is), plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metarestore.config import ConfigError, dump, flatten
+from metarestore.errors import UserError
+from metarestore.tracking import RunLogger, check_reachable, resolve_uri
+from training.search_space import SearchSpec, parse_search, trial_config, tune_space
+
+STATE_FILE = "search.json"
+EXPERIMENT = "search"
+
+
+class SearchResumeError(UserError, RuntimeError):
+    """Nothing to resume under --out."""
+
+
+def load_search_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], SearchSpec]:
+    from metarestore.config import apply_overrides
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        base = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc.__class__.__name__})") from None
+    apply_overrides(base, overrides or [])
+    return base, parse_search(base)
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any], out: str, tracking_uri: str, parent_run_id: str,
+              workers: int | None) -> None:
+    """One Tune trial: a child MLflow run and a distributed meta-training run of the sampled config."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from training.driver import absolute_paths, build_trainer
+    from training.sharding import assign_families
+
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    cfg = trial_config(base, config)
+    # every report carries the validation metric ASHA decides on: checkpoint exactly when validating
+    cfg = absolute_paths(_with(cfg, output_dir=str(Path(out) / "trials" / trial_id),
+                               checkpoint_every=cfg.train.val_every))
+    ledger = Path(out) / "trials" / trial_id
+    ledger.mkdir(parents=True, exist_ok=True)
+    run_file = ledger / "mlflow_run_id"
+    if run_file.is_file():  # a relaunched trial keeps its MLflow run
+        logger = RunLogger(tracking_uri, cfg.tracking.experiment, trial_id, run_id=run_file.read_text().strip())
+    else:
+        logger = RunLogger(tracking_uri, cfg.tracking.experiment, f"trial-{trial_id}", parent_run_id=parent_run_id,
+                           tags={"mode": "tune", "trial_id": trial_id})
+        run_file.write_text(logger.run_id)
+        from metarestore.loop import run_params
+
+        logger.params({**run_params(cfg, workers or cfg.distributed.workers), "trial_id": trial_id,
+                       **{f"search.{k}": v for k, v in config.items()}})
+    with open(Path(out) / "trials" / "started.log", "a") as fh:
+        fh.write(f"{trial_id} {time.time():.0f}\n")
+    n = workers or cfg.distributed.workers
+    trainer = build_trainer(cfg, workers=n, gpus_per_worker=cfg.distributed.gpus_per_worker,
+                            assignment=assign_families(cfg.families.train, n, cfg.distributed.family_costs),
+                            tracking_uri=tracking_uri, mlflow_run_id=logger.run_id, run_name=f"train-{trial_id}",
+                            storage_path=str(Path(out) / "ray_train"), callbacks=[TuneReportCallback()])
+    trainer.fit()
+    logger.finish("FINISHED")
+
+
+def _with(cfg, **train_fields):
+    import dataclasses
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_fields))
+
+
+def _scheduler(spec: SearchSpec, steps: int):
+    if spec.scheduler.get("type", "asha") == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="step", max_t=steps, grace_period=int(spec.scheduler.get("grace_period", 1)),
+                         reduction_factor=float(spec.scheduler.get("reduction_factor", 2)))
+
+
+def _search_alg(spec: SearchSpec):
+    from ray.tune.search import ConcurrencyLimiter
+
+    if spec.algorithm == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(2, spec.num_samples // 3))
+        return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=spec.max_concurrent)
+    if spec.algorithm == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent)
+    return None  # grid: Tune's default generator expands grid_search
+
+
+def run_search(config_path: str | Path, out: str | Path, num_samples: int | None = None,
+               max_concurrent: int | None = None, tracking_uri: str | None = None, resume: bool = False,
+               address: str | None = None, workers: int | None = None, overrides: list[str] | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a search; returns a summary with the paths of what it wrote."""
+    from ray import tune
+
+    from training.driver import init_ray
+    from training.tune_report import write_results
+
+    out = Path(out).resolve()
+    state_file = out / STATE_FILE
+    if resume:
+        if not state_file.is_file():
+            raise SearchResumeError(f"nothing to resume: {state_file} not found")
+        state = json.loads(state_file.read_text())
+        base, spec = state["base"], parse_search(state["base"])
+    else:
+        base, spec = load_search_config(config_path, overrides)
+        if num_samples:
+            spec.num_samples = num_samples
+        if max_concurrent:
+            spec.max_concurrent = max_concurrent
+        if state_file.exists():
+            raise ConfigError(f"{out} already holds a search: pass --resume to continue it, or another --out")
+    base_cfg = trial_config(base, {})
+    if base_cfg.train.val_every < 1:
+        raise ConfigError("a search needs train.val_every >= 1: trials are compared on validation metrics")
+    uri = resolve_uri(tracking_uri or base_cfg.tracking.uri)
+    check_reachable(uri)
+
+    if resume:
+        parent = RunLogger(uri, base_cfg.tracking.experiment, "search", run_id=state["parent_run_id"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        parent = RunLogger(uri, base_cfg.tracking.experiment, f"search-{base_cfg.name}", tags={"mode": "tune-parent"})
+        parent.params({"search.algorithm": spec.algorithm, "search.metric": spec.metric, "search.mode": spec.mode,
+                       "search.num_samples": spec.num_samples, "search.max_concurrent": spec.max_concurrent,
+                       "search.space": json.dumps({k: [d, a] for k, (d, a) in spec.space.items()}),
+                       **{f"base.{k}": v for k, v in flatten(base_cfg.to_dict()).items()}})
+        state = {"base": base, "parent_run_id": parent.run_id, "num_samples": spec.num_samples,
+                 "max_concurrent": spec.max_concurrent, "workers": workers}
+        state_file.write_text(json.dumps(state, indent=1))
+        (out / "base.yaml").write_text(dump(base_cfg))
+    spec.num_samples, spec.max_concurrent = state["num_samples"], state["max_concurrent"]
+    workers = state.get("workers") or base_cfg.distributed.workers
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save experiment state often: resume loses little
+    init_ray(address)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, out=str(out), tracking_uri=uri, parent_run_id=state["parent_run_id"],
+                             workers=workers),
+        {"cpu": 0.01})
+    path = out / "ray_tune" / EXPERIMENT
+    started = time.time()
+    try:
+        if resume:
+            if not tune.Tuner.can_restore(str(path)):
+                raise SearchResumeError(f"nothing to resume: no Tune experiment under {path}")
+            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=tune_space(spec),
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=_search_alg(spec),
+                                            scheduler=_scheduler(spec, base_cfg.train.steps),
+                                            num_samples=spec.num_samples if spec.algorithm != "grid" else 1,
+                                            max_concurrent_trials=spec.max_concurrent),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray_tune"),
+                                          failure_config=tune.FailureConfig(max_failures=1),
+                                          verbose=1 if progress else 0))
+        grid = tuner.fit()
+        summary = write_results(grid, spec, base, base_cfg.train.steps, out, parent, time.time() - started)
+    except BaseException as exc:
+        parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    parent.finish()
+    return summary
