@@ -75,6 +75,8 @@ class TrainConfig:
     steps: int = 300
     optimizer: str = "adamw"  # adamw | sgd
     outer_lr: float = 1e-3
+    lr_schedule: str = "constant"  # constant | cosine (to outer_lr * min_lr_ratio at the last step)
+    min_lr_ratio: float = 0.01
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -142,6 +144,8 @@ class Config:
             problems.append(f"meta.algorithm must be one of {', '.join(ALGORITHMS)}")
         if self.model.adapt not in ADAPT_MODES:
             problems.append(f"model.adapt must be one of {', '.join(ADAPT_MODES)}")
+        if self.train.lr_schedule not in ("constant", "cosine"):
+            problems.append("train.lr_schedule must be constant or cosine")
         if self.train.optimizer not in OPTIMIZERS:
             problems.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.meta.loss not in LOSSES:
@@ -199,6 +203,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
             where = f"{path}." if path else ""
             raise ConfigError(f"unknown config key {where}{key!r}; known: {', '.join(known)}")
         kwargs[key] = _coerce(hints[key], value, f"{path}.{key}" if path else key)
+        default = known[key].default_factory
+        if isinstance(kwargs[key], dict) and default is not dataclasses.MISSING and not dataclasses.is_dataclass(
+                hints[key]):
+            kwargs[key] = {**default(), **kwargs[key]}  # a mapping refines its default (inner_lr keeps "default")
     return cls(**kwargs)
 
 

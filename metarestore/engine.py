@@ -8,6 +8,7 @@ sum over *all* tasks of the step, so the summed update equals the single-process
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,16 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.opti
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.outer_lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.outer_lr, weight_decay=t.weight_decay)
+
+
+def outer_lr_at(cfg: Config, step: int) -> float:
+    """The outer learning rate of a step: a pure function of the step, so resuming needs no scheduler state."""
+    t = cfg.train
+    if t.lr_schedule == "cosine":
+        progress = min(1.0, step / max(1, t.steps - 1))
+        floor = t.outer_lr * t.min_lr_ratio
+        return floor + (t.outer_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return t.outer_lr
 
 
 def build_learner(cfg: Config, device: torch.device | str = "cpu") -> MetaLearner:
@@ -115,10 +126,14 @@ class MetaTrainer:
         stats = flat[n:].double().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.grad_clip) if cfg.train.grad_clip > 0 \
             else torch.linalg.vector_norm(flat[:n])
+        lr = outer_lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.step += 1
         f = len(self.families)
-        metrics = {"meta_loss": float(stats[:f].sum()), "grad_norm": float(grad_norm), "tasks": float(stats[-1])}
+        metrics = {"meta_loss": float(stats[:f].sum()), "grad_norm": float(grad_norm), "tasks": float(stats[-1]),
+                   "outer_lr": lr}
         for family, i in index.items():
             if stats[2 * f + i] > 0:
                 metrics[f"loss/{family}"] = float(stats[f + i] / stats[2 * f + i])

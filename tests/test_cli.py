@@ -1,0 +1,120 @@
+"""The metarestore command as a new user meets it: help, families, degrade, restore, train --local,
+and one clear line (no traceback, exit 2) for every mistake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CONFIGS
+from metarestore.cli import app
+
+CLI = str(Path(sys.executable).with_name("metarestore"))
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_command_has_useful_help():
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    names += [g.name for g in app.registered_groups]
+    assert {"families", "degrade", "train", "restore", "tune"} <= set(names)
+    for name in names:
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, name
+        assert "Usage:" in result.output and len(result.output.splitlines()) > 4, name
+
+
+def test_families_json_lists_every_family_with_ranges():
+    result = CliRunner().invoke(app, ["families", "--json"])
+    families = json.loads(result.output)
+    names = [f["name"] for f in families]
+    assert len(names) >= 12 and {"gaussian_noise", "jpeg", "haze", "inpainting"} <= set(names)
+    for family in families:
+        assert family["params"], family["name"]
+        for spec in family["params"].values():
+            assert spec["min"] <= spec["max"] and spec["description"]
+
+
+def test_degrade_writes_a_degraded_image_of_the_same_size(clean_image, workdir):
+    from metarestore.data import read_image
+    from metarestore.meta import psnr
+
+    out = workdir / "out.png"
+    result = run("degrade", str(clean_image), "-o", str(out), "--family", "jpeg", "--severity", "0.5")
+    assert result.returncode == 0, result.stderr
+    clean, degraded = read_image(clean_image)[0], read_image(out)[0]
+    assert degraded.shape == clean.shape
+    value = psnr(degraded[None] / 255.0, clean[None] / 255.0)
+    assert 20 < value < 40
+    again = workdir / "again.png"
+    run("degrade", str(clean_image), "-o", str(again), "--family", "jpeg", "--severity", "0.5")
+    assert np.array_equal(read_image(again)[0].numpy(), degraded.numpy()), "seeded: the same output"
+
+
+def test_user_mistakes_are_one_line(clean_image, workdir):
+    assert_one_line_error(run("degrade", "missing.png", "-o", "x.png", "--family", "jpeg"), "image not found")
+    assert_one_line_error(run("degrade", str(clean_image), "-o", "x.png", "--family", "fog"),
+                          "unknown degradation family 'fog'")
+    bad = workdir / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    assert_one_line_error(run("train", "--local", "--config", str(bad)), "unknown config key train.'stepz'")
+    assert_one_line_error(run("train", "--local", "--config", "nope.yaml"), "config file not found")
+    assert_one_line_error(run("restore", str(clean_image), "-o", "x.png", "--model", "no/such/dir"),
+                          "model not found")
+    assert_one_line_error(run("restore", str(clean_image), "-o", "x.png", "--model", str(workdir)),
+                          "no metarestore checkpoint")
+    result = run("degrade", str(clean_image), "-o", "x.png", "--family", "jpeg", "--severity", "3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # click's own range check
+
+
+def test_restore_with_a_checkpoint_and_with_a_registered_model(smoke_model, clean_image, workdir):
+    from metarestore.data import read_image
+
+    degraded = workdir / "noisy.png"
+    run("degrade", str(clean_image), "-o", str(degraded), "--family", "gaussian_noise", "--severity", "0.6")
+    for model in (smoke_model["checkpoint"], smoke_model["model_uri"], "models:/smoke@latest",
+                  f"runs:/{smoke_model['run_id']}/checkpoint"):
+        out = workdir / "restored.png"
+        result = run("restore", str(degraded), "-o", str(out), "--model", model,
+                     "--tracking-uri", smoke_model["tracking_uri"])
+        assert result.returncode == 0, (model, result.stderr)
+        assert read_image(out)[0].shape == read_image(degraded)[0].shape
+
+
+def test_train_local_logs_params_metrics_and_checkpoint(smoke_model):
+    client = mlflow.tracking.MlflowClient(smoke_model["tracking_uri"])
+    logged = client.get_run(smoke_model["run_id"])
+    assert logged.info.status == "FINISHED"
+    assert logged.data.params["mode"] == "local" and logged.data.params["train.steps"] == "60"
+    assert {"meta_loss", "val/psnr_adapted", "val/psnr_adapted/haze", "loss/jpeg"} <= set(logged.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(smoke_model["run_id"])}
+    assert {"checkpoint", "config.yaml"} <= artifacts
+    history = client.get_metric_history(smoke_model["run_id"], "meta_loss")
+    assert [m.step for m in history] == list(range(10, 61, 10))
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "demo.yaml", "cbsd432.yaml", "tune-smoke.yaml"])
+def test_shipped_configs_are_valid(name):
+    from metarestore.config import load_config
+
+    cfg = load_config(CONFIGS / name)
+    assert cfg.families.train and cfg.train.steps > 0

@@ -1,0 +1,37 @@
+"""Configs: defaults, overrides, and one clear message for each kind of mistake."""
+
+import pytest
+
+from metarestore.config import ConfigError, apply_overrides, flatten, from_dict, load_config
+
+
+def test_defaults_are_valid_and_overrides_use_yaml():
+    cfg = load_config(None, ["train.steps=7", "families.weights={jpeg: 2}", "meta.inner_lr.decoder=0.5"])
+    assert cfg.train.steps == 7 and cfg.families.weight("jpeg") == 2.0 and cfg.families.weight("haze") == 1.0
+    assert cfg.meta.inner_lr == {"default": 0.01, "decoder": 0.5}
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"trian": {}}, "unknown config key 'trian'"),
+    ({"train": {"steps": "many"}}, "train.steps: expected a number"),
+    ({"train": {"steps": 1.5}}, "expected an integer"),
+    ({"meta": {"algorithm": "magic"}}, "meta.algorithm must be one of"),
+    ({"families": {"train": ["fog"]}}, "unknown degradation family 'fog'"),
+    ({"families": {"train": ["jpeg"], "held_out": ["jpeg"]}}, "both trained and held out"),
+    ({"families": {"weights": {"jpeg": -1}}}, "must be >= 0"),
+    ({"families": {"severity": [0.8, 0.2]}}, "families.severity"),
+    ({"data": {"patch_size": 60}}, "multiple of 8"),
+    ({"meta": {"inner_lr": {"head": 0.1}}}, "unknown group"),
+])
+def test_mistakes_are_reported(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(data)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["train.steps"])
+
+
+def test_flatten_for_mlflow_params():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
