@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +76,31 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelRef:
         source = f"models:/{name}/{version}" if version is not None else uri
         key = hashlib.sha256(f"{tracking}|{source}|{stamp}".encode()).hexdigest()[:16]
         target = CACHE / key
-        if not (target / ".complete").is_file():
-            target.mkdir(parents=True, exist_ok=True)
-            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(target))
-            (target / ".complete").write_text(uri)
+        if not target.is_dir():
+            _download(source, target)
     except MlflowException as exc:
         raise ModelNotFoundError(f"model not found: {uri} ({exc.message.splitlines()[0][:200]})") from None
     except OSError as exc:
         raise ModelNotFoundError(f"cannot fetch {uri}: {exc}") from None
     return ModelRef(uri, _find_checkpoint(target), name, version)
+
+
+def _download(source: str, target: Path) -> None:
+    """Download into a private folder, then rename it into place: replicas starting together never read
+    each other's half-written files, and an interrupted download leaves nothing behind."""
+    import mlflow
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process got there first: theirs is complete too
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def learner_from_metadata(metadata: dict, device: torch.device | str = "cpu") -> MetaLearner:

@@ -5,8 +5,193 @@ Only typer at import time: heavy imports belong inside the command functions.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from typer.core import TyperCommand
+
+from metarestore.errors import UserError
+
+APP_NAME = "metarestore"
+
+
+class _ListOptionsCommand(TyperCommand):
+    """Lets ``--degraded a.png b.png`` mean ``--degraded a.png --degraded b.png`` (like argparse's nargs='+')."""
+
+    list_options = ("--degraded", "--clean")
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        expanded: list[str] = []
+        current, has_value = None, True  # the list option being read; whether it has had its first value
+        for i, arg in enumerate(args):
+            if arg == "--":
+                expanded += args[i:]
+                break
+            if arg.startswith("-") and arg != "-":
+                name = arg.split("=", 1)[0]
+                current = name if name in self.list_options else None
+                has_value = "=" in arg
+                expanded.append(arg)
+            elif current is not None and has_value:
+                expanded += [current, arg]  # one more value for the same option
+            else:
+                expanded.append(arg)
+                has_value = True
+        return super().parse_args(ctx, expanded)
+
+
+def _free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _failure(serve, exc: Exception) -> str:
+    """The last line of the failing deployment's message (the replica's exception), else of ``exc``."""
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments.values()
+        text = "\n".join(d.message for d in deployments if d.message)
+    except Exception:  # the status is only a nicer message; never hide the failure itself
+        text = ""
+    lines = [line.strip() for line in (text or str(exc)).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else exc.__class__.__name__
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_command(
+    model: Annotated[str, typer.Option("--model", help="Checkpoint directory, models:/NAME@ALIAS, "
+                                       "models:/NAME/VERSION or runs:/RUN_ID/PATH.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on: 127.0.0.1 is this machine only; "
+                                      "0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    replicas: Annotated[int, typer.Option(min=1, help="Model replicas (Ray Serve deployment replicas).")] = 1,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Restore requests of the same size served by one "
+                                                "forward pass (dynamic batching; 1 disables it).")] = 8,
+    token_env: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer <token>' on every route "
+                                                  "but /healthz; the token is read from this environment "
+                                                  "variable.")] = None,
+    cpus_per_replica: Annotated[float, typer.Option(min=0.01, help="CPUs Ray reserves per replica; also its "
+                                                    "torch threads (rounded, at least 1).")] = 1.0,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image accepted, in pixels.")] = 16_000_000,
+    max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 64.0,
+    adapter_ttl: Annotated[float, typer.Option(min=1, help="Seconds an adapter lives after creation.")] = 3600.0,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to deploy on (auto, HOST:6379); default: "
+                                                "start a local Ray in this process.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: "
+                                                     "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+) -> None:
+    """Serve the restorer over HTTP with Ray Serve until Ctrl-C (API docs at /docs)."""
+    import signal
+    import time
+
+    from pydantic import ValidationError
+
+    from metarestore.hub import load_model
+    from metarestore.tracking import resolve_uri
+
+    token = None
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            raise UserError(f"--token-env {token_env}: that environment variable is not set or empty")
+    tracking = resolve_uri(tracking_uri)
+    if not model.startswith(("models:/", "runs:/")):
+        model = str(Path(model).expanduser().resolve())
+    # A wrong URI or a corrupt checkpoint fails here, in seconds and before Ray starts (this also fills
+    # the download cache that the replicas on this machine then read).
+    _, _, ref = load_model(model, tracking)
+    _free(host, port)
+
+    from serving.app import AppArgs, build_app
+
+    try:
+        args = AppArgs(model=model, tracking_uri=tracking, token=token, num_replicas=replicas,
+                       num_cpus=cpus_per_replica, threads=max(1, round(cpus_per_replica)),
+                       max_batch_size=max_batch_size, max_pixels=max_pixels, max_body_mb=max_body_mb,
+                       adapter_ttl_s=adapter_ttl)
+    except ValidationError as exc:
+        raise UserError(str(exc).splitlines()[-1]) from None
+
+    if not address and replicas * cpus_per_replica > (os.cpu_count() or 1):
+        raise UserError(f"{replicas} replica(s) x {cpus_per_replica:g} CPU need more than this machine's "
+                        f"{os.cpu_count()} CPUs: lower --replicas or --cpus-per-replica")
+
+    import ray
+    from ray import serve
+
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+    # After ray.init (which installs its own SIGTERM handler): `kill PID` stops as cleanly as Ctrl-C, and
+    # Ctrl-C works even where the shell started us with SIGINT ignored (a background job).
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # a replica could not start: its exception is the end of Serve's message
+            raise UserError(f"the application did not start: {_failure(serve, exc)}") from None
+        what = f"{ref.name} version {ref.version}" if ref.version else str(ref.path)
+        auth = f", bearer token from ${token_env}" if token_env else ""
+        typer.echo(f"serving {what} at http://{host}:{port} ({replicas} replica(s){auth}); "
+                   f"API docs at http://{host}:{port}/docs. Ctrl-C to stop.", err=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("shutting down", err=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
+        if address:
+            serve.delete(APP_NAME)  # a shared cluster keeps Serve for its other applications
+        else:
+            serve.shutdown()
+        ray.shutdown()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def adapt_command(
+    degraded: Annotated[list[Path], typer.Option("--degraded", help="Degraded example images, one or more "
+                                                 "(1 to 16; PNG or JPEG), in the same order as --clean.")],
+    clean: Annotated[list[Path], typer.Option("--clean", help="The clean originals of the --degraded images, "
+                                              "in the same order; each the same size as its pair.")],
+    endpoint: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000.")],
+    steps: Annotated[int | None, typer.Option(min=1, max=50, help="adapt() gradient steps (default: the "
+                                              "server's, 10).")] = None,
+    token: Annotated[str | None, typer.Option(envvar="METARESTORE_TOKEN", help="Bearer token, if the server "
+                                              "requires one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the adapter's JSON instead of its id.")] = False,
+) -> None:
+    """Create an adapter on a server from (degraded, clean) example pairs; prints its id.
+
+    Use it with: metarestore restore IN -o OUT --endpoint URL --adapter ID
+    """
+    import json
+
+    from serving.client import RestorerClient
+
+    info = RestorerClient(endpoint, token=token).create_adapter(degraded, clean, steps=steps)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    typer.echo(info["adapter_id"])
+    typer.echo(f"{info['shots']} pair(s), {info['steps']} steps, {info['elapsed_ms']:.0f} ms: PSNR on the pairs "
+               f"{info['psnr_before']:.2f} dB without the adapter, {info['psnr_after']:.2f} dB with it "
+               f"(degraded: {info['psnr_input']:.2f} dB); expires {info['expires_at']}", err=True)
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the metarestore CLI."""
+    app.command("serve")(serve_command)
+    app.command("adapt", cls=_ListOptionsCommand)(adapt_command)

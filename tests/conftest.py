@@ -74,3 +74,54 @@ def smoke_model(tmp_path_factory):
     info = train_local(cfg, tracking_uri=uri, progress=False)
     return {"checkpoint": info["checkpoint"], "tracking_uri": uri, "model_uri": info["model_uri"],
             "run_id": info["run_id"], "root": root}
+
+
+def start_mlflow_server(root: Path, port: int | None = None):
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts). Returns (process, uri)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
+                return proc, uri
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    stop_process_group(proc)
+    raise RuntimeError("mlflow server did not start")
+
+
+def stop_process_group(proc, timeout: float = 10.0) -> None:
+    """Stop a process we started (and its children) by its id: SIGTERM, then SIGKILL."""
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass

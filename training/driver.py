@@ -45,8 +45,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
-    """Join ``address`` (auto, ray://..., HOST:PORT) or start a new local Ray in this process.
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> bool:
+    """Join ``address`` (auto, ray://..., HOST:PORT) or start a new local Ray in this process; True when
+    this call connected (so the caller may shut it down), False when Ray was already initialised.
 
     A local Ray gets a GCS port chosen here and exported as ``RAY_ADDRESS`` before it starts, so its
     processes inherit it: Ray Train's placement-group cleaner (State API) then finds *this* cluster
@@ -56,16 +57,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     kwargs.setdefault("log_to_driver", True)
     if address:
         ray.init(address=address, **kwargs)
-        return
+        return True
     port = free_port()
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     # "local": always a new in-process Ray, never silently joining a cluster someone else started
     ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+    return True
 
 
 def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignment: list[list[str]],

@@ -1,0 +1,386 @@
+"""The Ray Serve application: a FastAPI ingress that restores images and makes few-shot adapters.
+
+``build_app(args)`` is the application builder: ``metarestore serve`` calls it, and ``serve run`` /
+``serve deploy`` reach it through ``import_path: serving.app:build_app`` in ``serving/config.yaml``.
+Two deployments: ``Restorer`` (the model; as many replicas as wanted) and ``AdapterStore`` (one
+replica; adapters made on any replica are used on every replica).
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real types on the class-based routes.
+import asyncio
+import hmac
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from serving.adapters import AdapterStoreDeployment, Delta
+from serving.limits import (
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_MAX_PIXELS,
+    MEDIA_TYPES,
+    MULTIPART,
+    ApiError,
+    decode_image,
+    encode_png,
+    media_type,
+    parse_form,
+    read_body,
+)
+
+
+class AppArgs(BaseModel):
+    """Everything the application is built from (``args:`` in the YAML, options of ``metarestore serve``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Checkpoint directory, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/...")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ and runs:/ URIs.")
+    token: SecretStr | None = Field(None, description="Bearer token required on every route but /healthz.")
+    token_env: str | None = Field(None, description="Read the token from this environment variable of the "
+                                  "replicas instead (for serve deploy; keeps it out of the YAML).")
+    num_replicas: int | None = Field(None, ge=1, description="Restorer replicas (default: the deployment's).")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica.")
+    threads: int = Field(1, ge=1, description="torch threads per replica.")
+    max_batch_size: int = Field(8, ge=1, description="Restore requests batched into one forward pass.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill up.")
+    tile: int = Field(512, ge=64, description="Images larger than this go through in overlapping tiles.")
+    tile_overlap: int = Field(32, ge=0)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image accepted (pixels).")
+    max_body_mb: float = Field(DEFAULT_MAX_BODY_MB, gt=0, description="Largest request body (MiB).")
+    max_shots: int = Field(16, ge=1, description="Most (degraded, clean) pairs per adapter.")
+    max_steps: int = Field(50, ge=1, description="Most adapt() steps per adapter.")
+    adapt_steps: int = Field(10, ge=1, description="adapt() steps when the request does not say.")
+    max_adapt_pixels: int = Field(4_000_000, ge=1, description="Most pixels over all support pairs' degraded "
+                                  "images of one adapter (adapt() back-propagates through all of them).")
+    adapter_ttl_s: float = Field(3600.0, gt=0, description="Adapters expire this long after creation.")
+    adapter_max_mb: float = Field(256.0, gt=0, description="Memory for adapters; least recently used go first.")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    source: str
+    algorithm: str
+    adapt: str
+    families: dict[str, list[str]]
+    inner_steps: int
+    parameters: int
+    adaptable_parameters: int
+    limits: dict[str, int | float]
+
+
+class AdapterInfo(BaseModel):
+    adapter_id: str
+    shots: int
+    steps: int
+    height: int
+    width: int
+    psnr_input: float = Field(description="PSNR (dB) of the degraded support images.")
+    psnr_before: float = Field(description="PSNR (dB) on the support pairs restored without the adapter.")
+    psnr_after: float = Field(description="PSNR (dB) on the support pairs restored with the adapter.")
+    elapsed_ms: float
+    created_at: str
+    expires_at: str
+    bytes: int
+    model_version: str
+
+
+app = FastAPI(title="metarestore", version="1",
+              description="Restore degraded images; adapt to a new degradation from a few example pairs.")
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return error_response(422, "invalid_request", f"{where}: {first.get('msg', 'invalid request')}")
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, "internal_error", f"{exc.__class__.__name__} (see the replica's log)")
+
+
+@app.middleware("http")
+async def _authenticate(request: Request, call_next):
+    """With a token configured, every route but /healthz needs ``Authorization: Bearer <token>``."""
+    token: str | None = getattr(request.app.state, "token", None)
+    path, root = request.url.path, request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    if token is not None and path != "/healthz":
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            return error_response(401, "unauthorized", "missing or wrong bearer token")
+    return await call_next(request)
+
+
+@dataclass
+class _Job:
+    x: torch.Tensor  # (1, 3, H, W)
+    adapter: str | None
+    delta: Delta | None
+
+
+def _form_file_body(*fields: str) -> dict:
+    """OpenAPI request body for routes that parse their multipart form themselves (to bound its size)."""
+    props = {f: {"type": "array", "items": {"type": "string", "format": "binary"}} for f in fields}
+    return {"requestBody": {"required": True, "content": {MULTIPART: {"schema": {"type": "object",
+                                                                                  "properties": props}}}}}
+
+
+_RESTORE_BODY = _form_file_body("image")
+_RESTORE_BODY["requestBody"]["content"].update({t: {"schema": {"type": "string", "format": "binary"}}
+                                                for t in ("image/png", "image/jpeg")})
+_ADAPTER_BODY = _form_file_body("degraded", "clean")
+_ADAPTER_BODY["requestBody"]["content"][MULTIPART]["schema"]["properties"]["steps"] = {"type": "integer"}
+
+
+# Helpers come before the deployment: Serve serialises the class when it is decorated.
+def _centre(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top:top + h, left:left + w]
+
+
+def _db(value: float) -> float:
+    """PSNR for JSON: identical images give infinity, reported as 100 dB."""
+    return round(min(value, 100.0), 3)
+
+
+def _no_adapter(adapter_id: str) -> ApiError:
+    return ApiError(404, "adapter_not_found", f"adapter {adapter_id[:64]!r} does not exist or has expired")
+
+
+@serve.deployment(name="Restorer", num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(app)
+class Restorer:
+    """One replica: the model, its forward pass (batched) and adapt()."""
+
+    def __init__(self, cfg: AppArgs, store: DeploymentHandle):
+        from metarestore.hub import load_model
+        from metarestore.model.network import count_parameters
+
+        self.cfg, self.store = cfg, store
+        torch.set_num_threads(cfg.threads)
+        Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard agrees with ours
+        self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri)
+        self.version = str(self.ref.version) if self.ref.version else "local"
+        self.model_sha256 = self.metadata.get("files", {}).get("model.safetensors", "")
+        self.counts = count_parameters(self.learner.model)
+        self.replica = serve.get_replica_context().replica_tag
+        self._restore_batch.set_max_batch_size(cfg.max_batch_size)
+        self._restore_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        app.state.token = self._token()
+
+    def _token(self) -> str | None:
+        if self.cfg.token is not None:
+            return self.cfg.token.get_secret_value()
+        if self.cfg.token_env:
+            value = os.environ.get(self.cfg.token_env)
+            if not value:  # fail closed: never serve open when a token was asked for
+                raise RuntimeError(f"token_env {self.cfg.token_env} is not set in the replica's environment")
+            return value
+        return None
+
+    @property
+    def max_body(self) -> int:
+        return int(self.cfg.max_body_mb * 2**20)
+
+    def _headers(self, adapter: str | None = None) -> dict[str, str]:
+        return {"X-Model-Version": self.version, "X-Adapter": adapter or "none", "X-Replica": self.replica}
+
+    # routes -----------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/model", response_model=ModelInfo)
+    def model_info(self) -> ModelInfo:
+        meta, cfg = self.metadata, self.cfg
+        return ModelInfo(
+            name=self.ref.name or meta.get("name", "metarestore"), version=self.version, source=self.ref.uri,
+            algorithm=meta["algorithm"], adapt=meta.get("adapt", ""), families=meta.get("families", {}),
+            inner_steps=self.learner.inner_steps, parameters=self.counts[0], adaptable_parameters=self.counts[1],
+            limits={"max_pixels": cfg.max_pixels, "max_body_mb": cfg.max_body_mb, "max_shots": cfg.max_shots,
+                    "max_steps": cfg.max_steps, "adapt_steps": cfg.adapt_steps, "adapter_ttl_s": cfg.adapter_ttl_s,
+                    "max_batch_size": cfg.max_batch_size, "tile": cfg.tile})
+
+    @app.post("/v1/restore", response_class=Response, openapi_extra=_RESTORE_BODY,
+              responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size."}})
+    async def restore(self, request: Request, adapter: str | None = None) -> Response:
+        """Restore one PNG/JPEG (raw body with Content-Type image/png|jpeg, or multipart field ``image``)."""
+        body = await read_body(request, self.max_body)
+        kind = media_type(request)
+        if kind == MULTIPART:
+            form = await parse_form(request, body, max_files=1)
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(400, "missing_field", "the multipart body needs a file field 'image'")
+            data = await upload.read()
+        elif kind in MEDIA_TYPES:
+            data = body
+        else:
+            raise ApiError(415, "unsupported_media_type", f"Content-Type {kind or '(none)'} is not accepted: send "
+                           "image/png or image/jpeg bytes, or multipart/form-data with a file field 'image'")
+        delta = await self._adapter_delta(adapter) if adapter else None
+        x, grey = await asyncio.to_thread(decode_image, data, self.cfg.max_pixels)
+        y, batch = await self._restore_batch(_Job(x, adapter, delta))
+        png = await asyncio.to_thread(encode_png, y, grey)
+        return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch)})
+
+    @app.post("/v1/adapters", response_model=AdapterInfo, openapi_extra=_ADAPTER_BODY)
+    async def create_adapter(self, request: Request) -> JSONResponse:
+        """Adapt to the degradation shown by K (degraded, clean) pairs; returns the adapter's id."""
+        start = time.perf_counter()
+        body = await read_body(request, self.max_body)
+        if media_type(request) != MULTIPART:
+            raise ApiError(415, "unsupported_media_type", "send multipart/form-data with file fields 'degraded' "
+                           "and 'clean' (once per pair, in order) and an optional field 'steps'")
+        form = await parse_form(request, body, max_files=4 * self.cfg.max_shots)
+        degraded, clean = form.getlist("degraded"), form.getlist("clean")
+        if not all(isinstance(f, UploadFile) for f in degraded + clean):
+            raise ApiError(400, "missing_field", "'degraded' and 'clean' must be files")
+        if not degraded or not clean:
+            raise ApiError(400, "missing_field", "send at least one pair: file fields 'degraded' and 'clean'")
+        if len(degraded) != len(clean):
+            raise ApiError(400, "pair_count_mismatch", f"{len(degraded)} degraded but {len(clean)} clean images")
+        if len(degraded) > self.cfg.max_shots:
+            raise ApiError(400, "too_many_shots", f"{len(degraded)} pairs; at most {self.cfg.max_shots}")
+        steps = self._steps(form.get("steps"))
+        pairs = [(await d.read(), await c.read()) for d, c in zip(degraded, clean, strict=True)]
+        support_x, support_y = await asyncio.to_thread(self._decode_pairs, pairs)
+        found, params = await asyncio.to_thread(self._adapt, support_x, support_y, steps)
+        found["elapsed_ms"] = round((time.perf_counter() - start) * 1000, 1)
+        try:
+            info = await self.store.put.remote(params, found)
+        except ValueError as exc:
+            raise ApiError(413, "adapter_too_large", str(exc)) from None
+        return JSONResponse(AdapterInfo(**info).model_dump(), headers=self._headers(info["adapter_id"]))
+
+    @app.get("/v1/adapters/{adapter_id}", response_model=AdapterInfo)
+    async def get_adapter(self, adapter_id: str) -> AdapterInfo:
+        info = await self.store.info.remote(adapter_id)
+        if info is None:
+            raise _no_adapter(adapter_id)
+        return AdapterInfo(**info)
+
+    @app.delete("/v1/adapters/{adapter_id}")
+    async def delete_adapter(self, adapter_id: str) -> dict:
+        if not await self.store.delete.remote(adapter_id):
+            raise _no_adapter(adapter_id)
+        return {"adapter_id": adapter_id, "deleted": True}
+
+    # work -------------------------------------------------------------------------------------------
+    async def _adapter_delta(self, adapter_id: str) -> Delta:
+        found = await self.store.get.remote(adapter_id)
+        if found is None:
+            raise _no_adapter(adapter_id)
+        info, delta = found
+        if info.get("model_sha256") != self.model_sha256:
+            raise ApiError(409, "adapter_model_mismatch", f"adapter {adapter_id} was made for another model; "
+                           "create it again")
+        return delta
+
+    def _steps(self, value) -> int:
+        if value is None or value == "":
+            return self.cfg.adapt_steps
+        try:
+            steps = int(value)
+        except (TypeError, ValueError):
+            raise ApiError(400, "invalid_steps", f"steps must be an integer, got {str(value)[:20]!r}") from None
+        if steps < 1:
+            raise ApiError(400, "invalid_steps", "steps must be at least 1")
+        if steps > self.cfg.max_steps:
+            raise ApiError(400, "too_many_steps", f"steps={steps}; at most {self.cfg.max_steps}")
+        return steps
+
+    def _decode_pairs(self, pairs: list[tuple[bytes, bytes]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode and check the pairs; pairs of different sizes are centre-cropped to the smallest."""
+        xs, ys, total = [], [], 0
+        for i, (d, c) in enumerate(pairs, 1):
+            x, _ = decode_image(d, self.cfg.max_pixels, f"degraded image {i}")
+            total += x.shape[-1] * x.shape[-2]
+            if total > self.cfg.max_adapt_pixels:  # checked as we go: memory stays bounded
+                raise ApiError(413, "too_many_pixels", f"the support images hold more than "
+                               f"{self.cfg.max_adapt_pixels / 1e6:g} MP (send fewer or smaller pairs)")
+            y, _ = decode_image(c, self.cfg.max_pixels, f"clean image {i}")
+            if x.shape != y.shape:
+                raise ApiError(400, "pair_size_mismatch", f"pair {i}: degraded is {x.shape[-1]}x{x.shape[-2]}, "
+                               f"clean is {y.shape[-1]}x{y.shape[-2]}; each pair must be the same size")
+            xs.append(x)
+            ys.append(y)
+        h, w = min(x.shape[-2] for x in xs), min(x.shape[-1] for x in xs)
+        return torch.cat([_centre(x, h, w) for x in xs]), torch.cat([_centre(y, h, w) for y in ys])
+
+    def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> tuple[dict, Delta]:
+        from metarestore.meta.adapt import delta
+        from metarestore.meta.losses import psnr
+
+        learner = self.learner
+        params = learner.adapt(support_x, support_y, steps=steps)
+        info = {"shots": len(support_x), "steps": steps, "height": support_x.shape[-2], "width": support_x.shape[-1],
+                "psnr_input": _db(psnr(support_x, support_y)),
+                "psnr_before": _db(psnr(learner.restore(support_x), support_y)),
+                "psnr_after": _db(psnr(learner.restore(support_x, params), support_y)),
+                "model_version": self.version, "model_sha256": self.model_sha256}
+        return info, delta(learner.model, params)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _restore_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
+        """Requests that arrive together; same-size ones (and the same adapter) share a forward pass."""
+        return await asyncio.to_thread(self._run_batch, jobs)
+
+    def _run_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
+        from metarestore.inference import restore_image
+        from metarestore.meta.adapt import apply_delta
+
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            h, w = job.x.shape[-2:]
+            alone = i if max(h, w) > self.cfg.tile else -1  # tiled images go one by one: bounded memory
+            groups.setdefault((h, w, job.adapter, alone), []).append(i)
+        results: list[tuple[torch.Tensor, int]] = [None] * len(jobs)  # type: ignore[list-item]
+        for members in groups.values():
+            first = jobs[members[0]]
+            params = None if first.delta is None else apply_delta(self.learner.model, first.delta)
+            batch = torch.cat([jobs[i].x for i in members])
+            out = restore_image(self.learner, batch, params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
+            for j, i in enumerate(members):
+                results[i] = (out[j:j + 1], len(members))
+        return results
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application builder (``import_path: serving.app:build_app``); ``args`` are AppArgs fields."""
+    cfg = args if isinstance(args, AppArgs) else AppArgs(**args)
+    store = AdapterStoreDeployment.bind(cfg.adapter_ttl_s, int(cfg.adapter_max_mb * 2**20))
+    options: dict = {"ray_actor_options": {"num_cpus": cfg.num_cpus}}
+    if cfg.num_replicas is not None:
+        options["num_replicas"] = cfg.num_replicas
+    return Restorer.options(**options).bind(cfg, store)

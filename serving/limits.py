@@ -1,0 +1,127 @@
+"""What the server accepts: body size, image formats and pixel counts, checked before any costly work.
+
+Decoding reads the image header first and refuses too many pixels before a single pixel is
+decompressed, so a small file that claims a huge image (a decompression bomb) costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import AsyncIterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from metarestore.data.images import to_chw_uint8
+from metarestore.errors import UserError
+
+DEFAULT_MAX_PIXELS = 16_000_000  # 16 MP per image
+DEFAULT_MAX_BODY_MB = 64.0
+FORMATS = ("PNG", "JPEG")  # the only decoders PIL may use on request bytes
+MEDIA_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/pjpeg"}
+MULTIPART = "multipart/form-data"
+GREY_MODES = ("L", "LA", "I", "I;16", "1", "F")
+
+
+class ApiError(UserError):
+    """A bad request: the server answers ``status`` with ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_bytes`` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"request body is larger than {max_bytes / 2**20:g} MiB")
+
+
+async def parse_form(request: Request, body: bytes, max_files: int) -> FormData:
+    """Parse an already size-checked multipart body (files spool to disk above 1 MiB)."""
+    async def once() -> AsyncIterator[bytes]:
+        yield body
+        yield b""
+
+    try:
+        return await MultiPartParser(request.headers, once(), max_files=max_files, max_fields=16).parse()
+    except MultiPartException as exc:
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.message}") from None
+
+
+def _sniff(data: bytes) -> str | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int, what: str = "image") -> tuple[torch.Tensor, bool]:
+    """PNG or JPEG bytes -> ((1, 3, H, W) float in [0, 1], was_grey).
+
+    Raises ApiError: 400 empty or corrupt, 415 another format, 413 more than ``max_pixels``.
+    """
+    if not data:
+        raise ApiError(400, "empty_body", f"{what} is empty")
+    if _sniff(data) is None:
+        raise _not_png_or_jpeg(data, what)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check follows
+            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+                width, height = im.size  # from the header; nothing decompressed yet
+                if width * height > max_pixels:
+                    raise ApiError(413, "too_many_pixels", f"{what} is {width}x{height} = "
+                                   f"{width * height / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP")
+                grey = im.mode in GREY_MODES
+                rgb = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError:  # PIL's own guard, when it trips before ours
+        raise ApiError(413, "too_many_pixels", f"{what} has more than {max_pixels / 1e6:g} MP") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ApiError(400, "invalid_image", f"{what} is not a valid PNG or JPEG image ({exc})") from None
+    return to_chw_uint8(rgb)[None].float().div(255), grey
+
+
+def _not_png_or_jpeg(data: bytes, what: str) -> ApiError:
+    """415 when it is some other image format (PIL knows it), 400 when it is not an image at all."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # header only
+            fmt = im.format
+    except Exception:  # any failure just means "not an image"
+        return ApiError(400, "invalid_image", f"{what} is not a PNG or JPEG image (unrecognised bytes)")
+    return ApiError(415, "unsupported_format", f"{what} is {fmt}; send PNG or JPEG")
+
+
+def encode_png(image: torch.Tensor, grey: bool = False) -> bytes:
+    """A float (1, 3, H, W) or (3, H, W) tensor in [0, 1] -> PNG bytes (grey in, grey out)."""
+    if image.ndim == 4:
+        image = image[0]
+    array = (image.detach().clamp(0, 1).cpu() * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    im = Image.fromarray(array)
+    if grey:
+        im = im.convert("L")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)  # speed over size: the response is transient
+    return buf.getvalue()

@@ -1,0 +1,60 @@
+"""MLflow tracking against a real ``mlflow server`` on 127.0.0.1: a server down at start is a clear
+error within seconds; an outage mid-run does not kill training, and what was queued is sent later."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import mlflow
+import pytest
+
+from conftest import smoke_config, start_mlflow_server, stop_process_group
+from metarestore.engine import MetaTrainer
+from metarestore.loop import LoopHooks, run_loop
+from metarestore.tracking import RunLogger, TrackingError, check_reachable
+from metarestore.train_local import train_local
+
+pytestmark = pytest.mark.slow
+
+
+def test_server_down_at_start_is_a_clear_error_within_seconds(workdir):
+    start = time.time()
+    with pytest.raises(TrackingError, match="not reachable"):
+        train_local(smoke_config(workdir / "out"), tracking_uri="http://127.0.0.1:9")
+    assert time.time() - start < 10
+    assert not (workdir / "out").exists(), "nothing was trained or written"
+
+
+def test_outage_mid_run_does_not_kill_training(workdir):
+    proc, uri = start_mlflow_server(workdir / "server")
+    port = int(uri.rsplit(":", 1)[1])
+    try:
+        check_reachable(uri)
+        cfg = smoke_config(workdir / "out", "train.steps=30", "train.log_every=2", "train.val_every=30",
+                           "train.checkpoint_every=30")
+        trainer = MetaTrainer(cfg, device="cpu")
+        logger = RunLogger(uri, cfg.tracking.experiment, "outage")
+        events = {}
+
+        def outage(step: int) -> None:
+            nonlocal proc
+            if step == 8:  # the server dies after four metric batches went through
+                stop_process_group(proc)
+                events["down"] = step
+            if step == 20:  # ... and comes back: queued calls are sent in order
+                proc, _ = start_mlflow_server(workdir / "server", port=port)
+                events["up"] = step
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_loop(trainer, LoopHooks(chief=True, after_step=outage), logger, progress=False)
+            assert logger.finish()
+        assert events == {"down": 8, "up": 20} and trainer.step == 30
+        assert any("MLflow logging failed" in str(w.message) for w in caught)
+
+        history = mlflow.tracking.MlflowClient(uri).get_metric_history(logger.run_id, "meta_loss")
+        assert sorted(m.step for m in history) == list(range(2, 31, 2)), "nothing logged was lost"
+        assert mlflow.tracking.MlflowClient(uri).get_run(logger.run_id).info.status == "FINISHED"
+    finally:
+        stop_process_group(proc)
