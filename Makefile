@@ -33,8 +33,11 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Timing benchmarks for docs/benchmarks.md: run on a quiet machine.
 benchmarks: setup
 	$(BIN)/python benchmarks/core.py
+	$(BIN)/python benchmarks/distributed.py
+	$(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf runs mlruns mlflow.db .pytest_cache

@@ -276,18 +276,23 @@ def from_dict(data: dict[str, Any]) -> Config:
     return _build(Config, data, "").validate()
 
 
+def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of a YAML config file with ``--set`` overrides applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return apply_overrides(data, overrides or [])
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc.__class__.__name__})") from None
-    apply_overrides(data, overrides or [])
+    data = read_yaml(path, overrides) if path is not None else apply_overrides({}, overrides or [])
     return from_dict(data)
 
 

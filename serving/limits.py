@@ -17,7 +17,7 @@ from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from metarestore.data.images import to_chw_uint8
+from metarestore.data.images import to_chw_uint8, to_pil
 from metarestore.errors import UserError
 
 DEFAULT_MAX_PIXELS = 16_000_000  # 16 MP per image
@@ -116,12 +116,6 @@ def _not_png_or_jpeg(data: bytes, what: str) -> ApiError:
 
 def encode_png(image: torch.Tensor, grey: bool = False) -> bytes:
     """A float (1, 3, H, W) or (3, H, W) tensor in [0, 1] -> PNG bytes (grey in, grey out)."""
-    if image.ndim == 4:
-        image = image[0]
-    array = (image.detach().clamp(0, 1).cpu() * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    im = Image.fromarray(array)
-    if grey:
-        im = im.convert("L")
     buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=1)  # speed over size: the response is transient
+    to_pil(image, grey).save(buf, format="PNG", compress_level=1)  # speed over size: the response is transient
     return buf.getvalue()

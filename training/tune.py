@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from metarestore.config import ConfigError, dump, flatten
+from metarestore.config import ConfigError, dump, flatten, read_yaml
 from metarestore.errors import UserError
 from metarestore.tracking import RunLogger, check_reachable, resolve_uri
 from training.search_space import SearchSpec, parse_search, trial_config, tune_space
@@ -30,16 +28,7 @@ class SearchResumeError(UserError, RuntimeError):
 
 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], SearchSpec]:
-    from metarestore.config import apply_overrides
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        base = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc.__class__.__name__})") from None
-    apply_overrides(base, overrides or [])
+    base = read_yaml(path, overrides)
     return base, parse_search(base)
 
 

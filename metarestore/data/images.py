@@ -87,15 +87,19 @@ def read_image(path: str | Path) -> tuple[torch.Tensor, bool]:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-def write_image(path: str | Path, image: torch.Tensor, grey: bool = False) -> None:
-    """Write a float [0,1] (3,H,W) or (1,3,H,W) tensor; the format follows the file extension."""
-    path = Path(path)
+def to_pil(image: torch.Tensor, grey: bool = False) -> Image.Image:
+    """A float [0,1] (3,H,W) or (1,3,H,W) tensor -> an 8-bit PIL image (grey when the input was grey)."""
     if image.ndim == 4:
         image = image[0]
     array = (image.detach().clamp(0, 1).cpu() * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
     im = Image.fromarray(array)
-    if grey:
-        im = im.convert("L")
+    return im.convert("L") if grey else im
+
+
+def write_image(path: str | Path, image: torch.Tensor, grey: bool = False) -> None:
+    """Write a float [0,1] (3,H,W) or (1,3,H,W) tensor; the format follows the file extension."""
+    path = Path(path)
+    im = to_pil(image, grey)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         im.save(path)
