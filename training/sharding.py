@@ -18,8 +18,6 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-import torch
-
 from metarestore.config import Config
 from metarestore.data import TaskSpec
 
@@ -60,21 +58,21 @@ def shard_tasks(tasks: list[TaskSpec], assignment: list[list[str]], rank: int) -
     return mine
 
 
-def measure_family_costs(cfg: Config, repeats: int = 2) -> dict[str, float]:
-    """Seconds per task for each training family (episode plus its meta-gradient), median of ``repeats``,
-    measured once in the driver. Families differ by their operator (JPEG, Poisson, masks...)."""
+def measure_family_costs(cfg: Config, repeats: int = 3) -> dict[str, float]:
+    """Seconds per task for each training family (episode plus its meta-gradient), measured once in the
+    driver. Families differ by their operator (JPEG, Poisson, masks...). Rounds go over all families in
+    turn and each family keeps its fastest time, so a moment of load elsewhere on the machine cannot make
+    one family look expensive and unbalance the assignment."""
     from metarestore.engine import MetaTrainer, plan_step
 
     trainer = MetaTrainer(cfg, device="cpu")
     by_family = {t.family: t for t in plan_step(cfg, 0)}
-    costs = {}
-    for family, task in by_family.items():
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up
+    times: dict[str, list[float]] = {family: [] for family in by_family}
+    for round_ in range(repeats + 1):
+        for family, task in by_family.items():
             start = time.perf_counter()
             trainer.learner.task_gradient(trainer.sampler.episode(task), 0.0)
-            times.append(time.perf_counter() - start)
-        trainer.learner.zero_grad(set_to_none=True)
-        costs[family] = round(sorted(times[1:])[len(times[1:]) // 2], 4)
-    torch.set_grad_enabled(True)
-    return costs
+            if round_ > 0:  # the first round warms up
+                times[family].append(time.perf_counter() - start)
+    trainer.learner.zero_grad(set_to_none=True)
+    return {family: round(min(values), 4) for family, values in times.items()}
