@@ -148,3 +148,20 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir, tracki
     assert all("val/psnr_adapted" in r.data.metrics for r in children)
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"trials.csv", "best.yaml",
                                                                                "objective.png", "importance.png"}
+
+
+def test_default_point_is_the_base_configs_own_values():
+    from training.search_space import default_point
+
+    base = base_with({"task_weights": {"loguniform": [0.5, 2.0]}, "meta.inner_lr.decoder": {"loguniform": [1e-3, 1]},
+                      "train.outer_lr": {"loguniform": [1e-4, 1e-2]}}, include_default=True)
+    base["families"]["weights"] = {"jpeg": 2.0}
+    point = default_point(base, parse_search(base))
+    assert point["families.weights.jpeg"] == 2.0 and point["families.weights.low_light"] == 1.0
+    assert point["meta.inner_lr.decoder"] == 0.02 and point["train.outer_lr"] == 0.003
+
+
+@pytest.mark.parametrize("name", ["tune-smoke.yaml", "tune-cbsd432.yaml"])
+def test_shipped_search_configs_parse(name):
+    spec = parse_search(yaml.safe_load((CONFIGS / name).read_text()))
+    assert spec.num_samples >= 4 and spec.space

@@ -36,6 +36,10 @@ def tune(
     metric = summary["best"]
     typer.echo(format_summary(summary, "objective"))
     typer.echo(f"best: {metric['trial_id']} objective {metric['objective']:.4f} -> {summary['best_yaml']}")
+    if summary.get("default"):
+        default = summary["default"]
+        typer.echo(f"default config: {default['trial_id']} objective {default['objective']:.4f} "
+                   f"(step {default['last_step']})")
     typer.echo(f"trials: {summary['csv']} | plots: {', '.join(summary['plots'])} | "
                f"MLflow parent run {summary['parent_run_id']}")
 

@@ -11,6 +11,7 @@ without the awkward constraint. Example::
       num_samples: 4
       max_concurrent: 2
       scheduler: {type: asha, grace_period: 20, reduction_factor: 2}   # grace period in steps; or type: none
+      include_default: false        # true: the first trial is the base config itself (a fair baseline)
       space:
         task_weights: {loguniform: [0.25, 4.0]}
         meta.inner_lr.default: {loguniform: [0.003, 0.1]}
@@ -45,6 +46,7 @@ class SearchSpec:
     max_concurrent: int = 2
     seed: int = 0
     scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
+    include_default: bool = False  # the first trial runs the base config's own values, for comparison
 
 
 def _parse_distribution(key: str, spec: Any) -> tuple[str, list]:
@@ -73,7 +75,8 @@ def parse_search(base: dict[str, Any]) -> SearchSpec:
     raw = dict(base.get("search") or {})
     if not raw.get("space"):
         raise ConfigError("the config has no search.space to search over")
-    known = {"space", "metric", "mode", "algorithm", "num_samples", "max_concurrent", "seed", "scheduler"}
+    known = {"space", "metric", "mode", "algorithm", "num_samples", "max_concurrent", "seed", "scheduler",
+             "include_default"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"unknown key search.{sorted(unknown)[0]}; known: {', '.join(sorted(known))}")
@@ -114,6 +117,27 @@ def _extremes(space: dict[str, tuple[str, list]]) -> list[dict[str, Any]]:
             picks[key] = [args[0], args[1]]
     width = max(len(v) for v in picks.values())
     return [{k: v[i % len(v)] for k, v in picks.items()} for i in range(width)]
+
+
+def default_point(base: dict[str, Any], spec: SearchSpec) -> dict[str, Any]:
+    """The base config's own value of every searched key (a missing task weight is 1.0)."""
+    from metarestore.config import flatten
+
+    cfg = trial_config(base, {})
+    flat = flatten(cfg.to_dict())
+    point = {}
+    for key in spec.space:
+        if key.startswith("families.weights."):
+            point[key] = cfg.families.weight(key.rsplit(".", 1)[1])
+        elif key.startswith("meta.inner_lr."):
+            from metarestore.meta.adapt import group_lr
+
+            point[key] = float(group_lr(key.rsplit(".", 1)[1], cfg.meta.inner_lr))
+        elif key in flat:
+            point[key] = flat[key]
+        else:
+            raise ConfigError(f"search.include_default: the base config has no value for {key}")
+    return point
 
 
 def trial_config(base: dict[str, Any], values: dict[str, Any]):

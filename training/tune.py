@@ -17,7 +17,7 @@ from typing import Any
 from metarestore.config import ConfigError, dump, flatten, read_yaml
 from metarestore.errors import UserError
 from metarestore.tracking import RunLogger, check_reachable, resolve_uri
-from training.search_space import SearchSpec, parse_search, trial_config, tune_space
+from training.search_space import SearchSpec, default_point, parse_search, trial_config, tune_space
 
 STATE_FILE = "search.json"
 EXPERIMENT = "search"
@@ -86,19 +86,22 @@ def _scheduler(spec: SearchSpec, steps: int):
                          reduction_factor=float(spec.scheduler.get("reduction_factor", 2)))
 
 
-def _search_alg(spec: SearchSpec):
+def _search_alg(spec: SearchSpec, base: dict[str, Any]):
     from ray.tune.search import ConcurrencyLimiter
 
+    first = [default_point(base, spec)] if spec.include_default else None
     if spec.algorithm == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(2, spec.num_samples // 3))
-        return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=spec.max_concurrent)
+        return ConcurrencyLimiter(OptunaSearch(sampler=sampler, points_to_evaluate=first),
+                                  max_concurrent=spec.max_concurrent)
     if spec.algorithm == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent)
+        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent,
+                                     points_to_evaluate=first)
     return None  # grid: Tune's default generator expands grid_search
 
 
@@ -165,7 +168,7 @@ def run_search(config_path: str | Path, out: str | Path, num_samples: int | None
         else:
             tuner = tune.Tuner(
                 trainable, param_space=tune_space(spec),
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=_search_alg(spec),
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=_search_alg(spec, base),
                                             scheduler=_scheduler(spec, base_cfg.train.steps),
                                             num_samples=spec.num_samples if spec.algorithm != "grid" else 1,
                                             max_concurrent_trials=spec.max_concurrent),

@@ -14,10 +14,11 @@ import pandas as pd  # noqa: E402
 
 from metarestore.config import dump  # noqa: E402
 from metarestore.tracking import RunLogger  # noqa: E402
-from training.search_space import SearchSpec, trial_config  # noqa: E402
+from training.search_space import SearchSpec, default_point, trial_config  # noqa: E402
 
 
-def trial_rows(grid, spec: SearchSpec, steps: int, out: Path) -> list[dict[str, Any]]:
+def trial_rows(grid, spec: SearchSpec, steps: int, out: Path, base: dict) -> list[dict[str, Any]]:
+    default = default_point(base, spec) if spec.include_default else None
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -36,10 +37,18 @@ def trial_rows(grid, spec: SearchSpec, steps: int, out: Path) -> list[dict[str, 
             "last_step": last_step,
             "duration_s": round(float(metrics.get("time_total_s", 0.0) or 0.0), 1),
             "mlflow_run_id": run_file.read_text().strip() if run_file.is_file() else None,
+            "is_default": default is not None and all(
+                _same((result.config or {}).get(k), v) for k, v in default.items()),
             **{f"config/{k}": v for k, v in (result.config or {}).items()},
             "_curve": curve,
         })
     return rows
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+    return a == b
 
 
 def plot_objective(rows: list[dict], spec: SearchSpec, path: Path) -> Path:
@@ -117,7 +126,7 @@ def plot_importances(values: dict[str, float], path: Path) -> Path:
 
 def write_results(grid, spec: SearchSpec, base: dict, steps: int, out: Path, parent: RunLogger,
                   duration_s: float) -> dict[str, Any]:
-    rows = trial_rows(grid, spec, steps, out)
+    rows = trial_rows(grid, spec, steps, out, base)
     finished = [r for r in rows if r["objective"] is not None and r["status"] != "ERROR"]
     if not finished:
         raise RuntimeError(f"no trial reported {spec.metric}; see {out / 'ray_tune'}")
@@ -154,7 +163,8 @@ def write_results(grid, spec: SearchSpec, base: dict, steps: int, out: Path, par
     for path in (csv, best_yaml, objective_png, importance_png):
         parent.artifact(path)
     parent.flush()
-    return {"rows": rows, "best": best, "csv": str(csv), "best_yaml": str(best_yaml),
+    default = next((r for r in rows if r["is_default"]), None)
+    return {"rows": rows, "best": best, "default": default, "csv": str(csv), "best_yaml": str(best_yaml),
             "plots": [str(objective_png), str(importance_png)], "importances": importance,
             "duration_s": duration_s, "parent_run_id": parent.run_id}
 
