@@ -68,6 +68,9 @@ class MetaConfig:
     inner_lr: dict[str, float] = field(default_factory=lambda: {"default": 0.01})
     tasks_per_family: int = 1  # every step holds this many tasks of every training family
     loss: str = "l1"
+    # maml/fomaml/metasgd: weight of the query loss *before* adaptation in each task's objective, so the
+    # meta-learned initialisation also restores well on its own (a request without an adapter)
+    zero_shot_weight: float = 1.0
 
 
 @dataclass
@@ -175,6 +178,8 @@ class Config:
                            "distributed.workers": self.distributed.workers}.items():
             if value < 1:
                 problems.append(f"{key} must be >= 1")
+        if self.meta.zero_shot_weight < 0:
+            problems.append("meta.zero_shot_weight must be >= 0")
         if self.meta.inner_steps < 0:
             problems.append("meta.inner_steps must be >= 0")
         unknown_groups = set(self.meta.inner_lr) - set(INNER_LR_GROUPS)

@@ -26,8 +26,9 @@ def episode(seed=0, dtype=torch.float64, size=8):
     return Episode(TaskSpec("gaussian_noise", 0.5, seed), {}, x[:2], y[:2], x[2:], y[2:])
 
 
-def learner(model, algorithm, steps=2, lr=0.05):
-    cfg = MetaConfig(algorithm=algorithm, inner_steps=steps, inner_lr={"default": lr}, loss="charbonnier")
+def learner(model, algorithm, steps=2, lr=0.05, zero_shot_weight=0.0):
+    cfg = MetaConfig(algorithm=algorithm, inner_steps=steps, inner_lr={"default": lr}, loss="charbonnier",
+                     zero_shot_weight=zero_shot_weight)
     return MetaLearner(model, cfg).to(torch.float64)
 
 
@@ -151,6 +152,21 @@ def test_reptile_direction_is_mean_inner_gradient_for_one_step():
                             torch.autograd.grad(loss, list(model.parameters())), strict=True))
     for name in reptile:
         torch.testing.assert_close(reptile[name], support_grad[name], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd"])
+def test_zero_shot_term_adds_the_plain_query_gradient(algorithm):
+    """w * grad L_q(theta) on top of the meta-gradient: the initialisation must also restore on its own."""
+    model, ep = tiny("decoder"), episode()
+    learner(model, algorithm, zero_shot_weight=0.5).task_gradient(ep, scale=1.0)
+    combined = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    learner(model, algorithm).task_gradient(ep, scale=1.0)
+    meta_only = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    zero_shot = torch.autograd.grad(charbonnier(model(ep.query_x), ep.query_y), list(model.parameters()))
+    for (name, value), extra in zip(meta_only.items(), zero_shot, strict=True):
+        torch.testing.assert_close(combined[name], value + 0.5 * extra, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

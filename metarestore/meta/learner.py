@@ -6,6 +6,9 @@ workers with an all-reduce) gives the weighted multi-task meta-gradient
 ``sum_t w_f(t) * grad L_t / sum_t w_f(t)``.
 
 - ``maml``: second-order MAML, query loss after ``adapt()`` differentiated through the inner loop.
+  With ``zero_shot_weight`` w > 0 (default 1) the task objective is ``L_q(adapted) + w * L_q(initial)``:
+  a plain MAML initialisation only has to be good *after* adaptation and can restore badly on its own,
+  but a server restores most images without an adapter. The same holds for ``fomaml`` and ``metasgd``.
 - ``fomaml``: first-order MAML, the same with the inner Jacobian dropped.
 - ``metasgd``: MAML with learned per-group inner learning rates (log-parameterised, second order).
 - ``reptile``: adaptable parameters move towards the adapted ones, ``(theta - phi) / (lr * steps)``
@@ -36,6 +39,7 @@ class MetaLearner(nn.Module):
         self.model = model
         self.algorithm = cfg.algorithm
         self.inner_steps = cfg.inner_steps
+        self.zero_shot_weight = cfg.zero_shot_weight
         self.loss_fn = get_loss(cfg.loss)
         self.groups = sorted({param_group(n) for n in adaptable_names(model)})
         initial = {g: float(group_lr(g, cfg.inner_lr)) for g in self.groups}
@@ -81,7 +85,10 @@ class MetaLearner(nn.Module):
         fast = adapt(self.model, ep.support_x, ep.support_y, steps=self.inner_steps, lrs=self.inner_lrs(),
                      loss_fn=loss_fn, first_order=first_order)
         loss = loss_fn(forward_with(self.model, fast, ep.query_x), ep.query_y)
-        (loss * scale).backward()
+        objective = loss
+        if self.zero_shot_weight > 0:
+            objective = loss + self.zero_shot_weight * loss_fn(self.model(ep.query_x), ep.query_y)
+        (objective * scale).backward()
         return float(loss.detach())
 
     def _reptile(self, ep: Episode, scale: float) -> float:
