@@ -35,9 +35,9 @@ lint: setup
 
 # Timing benchmarks for docs/benchmarks.md: run on a quiet machine.
 benchmarks: setup
-	$(BIN)/python benchmarks/core.py
-	$(BIN)/python benchmarks/distributed.py
-	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_distributed.py
+	$(BIN)/python benchmarks/bench_serving.py
 
 clean:
 	rm -rf runs mlruns mlflow.db .pytest_cache

@@ -4,7 +4,7 @@ worker and with 2 workers, at equal total cores (2) and equal tasks per step (th
 Throughput is read from the ``tasks_per_s`` metric the chief logs every ``log_every`` steps (windows
 without validation or checkpoints), the first window dropped as warm-up; start-up is reported apart.
 
-    python benchmarks/distributed.py [--config configs/demo.yaml] [--steps 60]
+    python benchmarks/bench_distributed.py [--config configs/demo.yaml] [--steps 60]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Core benchmarks (docs/benchmarks.md): episode sampler throughput against the meta-step time, and the
 meta-step time of every algorithm, at the demo config. CPU threads: all available (torch default).
 
-    python benchmarks/core.py [--config configs/demo.yaml] [--steps 10]
+    python benchmarks/bench_core.py [--config configs/demo.yaml] [--steps 10]
 """
 
 from __future__ import annotations

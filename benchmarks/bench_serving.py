@@ -1,8 +1,8 @@
 """Serving benchmark: restore latency against the bare forward pass, throughput with and without dynamic
 batching, adapter creation time. Prints a markdown table for docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/serving.py                        # trains the smoke model first (~1 min)
-    .venv/bin/python benchmarks/serving.py --model runs/demo/final --requests 400
+    .venv/bin/python benchmarks/bench_serving.py                        # trains the smoke model first (~1 min)
+    .venv/bin/python benchmarks/bench_serving.py --model runs/demo/final --requests 400
 
 Starts its own local Ray (2 CPUs) and Serve on 127.0.0.1, one Restorer replica; everything is stopped
 at the end. Run it on a quiet machine: the clients share the CPU with the server.
@@ -16,7 +16,6 @@ import os
 import platform
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +28,6 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-# This file is named like the `serving` package: take its folder off sys.path, or Ray would hand that
-# folder to every worker and the replicas would import this script as `serving`.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
 def png(array: np.ndarray) -> bytes:
@@ -156,8 +151,9 @@ def main() -> None:
     forward = forward_times(model, args.tracking_uri, args.threads, max(20, args.requests // 2))
     bodies = [png(c) for c in crops(256, args.requests)]
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    from training.driver import init_ray
+
+    init_ray(num_cpus=2)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
