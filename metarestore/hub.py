@@ -52,16 +52,13 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelRef:
                                      "models:/NAME/VERSION or runs:/RUN_ID/PATH)")
         return ModelRef(uri, _find_checkpoint(path))
 
-    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from metarestore.tracking import fail_fast_http, resolve_uri
+    from metarestore.tracking import fail_fast_http, mlflow_uris, resolve_uri
 
     fail_fast_http()
     tracking = resolve_uri(tracking_uri)
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
     name = version = None
     try:
         stamp = ""
@@ -77,7 +74,8 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelRef:
         key = hashlib.sha256(f"{tracking}|{source}|{stamp}".encode()).hexdigest()[:16]
         target = CACHE / key
         if not target.is_dir():
-            _download(source, target)
+            with mlflow_uris(tracking):
+                _download(source, target)
     except MlflowException as exc:
         raise ModelNotFoundError(f"model not found: {uri} ({exc.message.splitlines()[0][:200]})") from None
     except OSError as exc:

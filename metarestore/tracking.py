@@ -13,7 +13,8 @@ import subprocess
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -49,6 +50,33 @@ def artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
     return None
+
+
+@contextmanager
+def mlflow_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's tracking and registry URIs at ``uri`` for a block, then restore them.
+
+    Some MLflow calls (``start_run``, ``log_model``, ``download_artifacts``) only read the process-global
+    URIs, and setting them also exports ``MLFLOW_*_URI`` to the environment: left behind, they would send a
+    later client in this process, or a subprocess it starts, to the wrong store.
+    """
+    import mlflow
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        _model_registry.utils._registry_uri = saved[1]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def fail_fast_http() -> None:
@@ -197,9 +225,7 @@ def register_checkpoint(uri: str | None, run_id: str, checkpoint_dir: str | Path
 
     fail_fast_http()
     uri = resolve_uri(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with mlflow_uris(uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*type hints.*")
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(checkpoint_dir)},

@@ -58,3 +58,19 @@ def test_outage_mid_run_does_not_kill_training(workdir):
         assert mlflow.tracking.MlflowClient(uri).get_run(logger.run_id).info.status == "FINISHED"
     finally:
         stop_process_group(proc)
+
+
+def test_registering_and_loading_leave_mlflow_globals_untouched(smoke_model, workdir):
+    """Registering or fetching a model must not re-point this process (or its subprocesses) at that store:
+    a later client for another store would otherwise read the wrong registry."""
+    import os
+
+    from metarestore.hub import resolve
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_REGISTRY_URI")
+    resolve(smoke_model["model_uri"], smoke_model["tracking_uri"])
+    after = mlflow.get_tracking_uri(), mlflow.get_registry_uri(), os.environ.get("MLFLOW_REGISTRY_URI")
+    assert after == before
+    assert smoke_model["tracking_uri"] not in (os.environ.get("MLFLOW_REGISTRY_URI"), mlflow.get_registry_uri())
+    other = f"sqlite:///{workdir / 'other.db'}"
+    assert mlflow.tracking.MlflowClient(other).search_registered_models() == []

@@ -50,7 +50,7 @@ def test_sharded_step_equals_single_process(ray_local, workdir, tracking_uri):
     would show; Adam's first step would hide it. Three steps, each compared: the network starts as the
     identity (zero last layer, zero NAFNet block scales), so the deeper layers only move from step 3.
     """
-    overrides = ["train.steps=3", "train.optimizer=sgd", "train.momentum=0", "train.outer_lr=0.5",
+    overrides = ["train.steps=3", "train.optimizer=sgd", "train.momentum=0", "train.outer_lr=0.05", "meta.loss=l1",
                  "train.grad_clip=0", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=3",
                  COSTS]
     cfg = smoke_config(workdir / "ray", *overrides)
