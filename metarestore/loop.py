@@ -86,9 +86,9 @@ def run_loop(trainer: MetaTrainer, hooks: LoopHooks, logger: RunLogger | None = 
                 if logger:
                     logger.metrics(result.metrics, step)
                 if progress:
-                    print(f"  validation @ {step}: input {result.metrics['val/psnr_input']:.2f} dB | zero-shot "
-                          f"{result.metrics['val/psnr_zero_shot']:.2f} dB | adapted "
-                          f"{result.metrics['val/psnr_adapted']:.2f} dB", flush=True)
+                    bar.write(f"  validation @ {step}: input {result.metrics['val/psnr_input']:.2f} dB | zero-shot "
+                              f"{result.metrics['val/psnr_zero_shot']:.2f} dB | adapted "
+                              f"{result.metrics['val/psnr_adapted']:.2f} dB")
                 if step == last:
                     grid = Path(tempfile.mkdtemp()) / "validation_grid.png"
                     save_grid(result.examples, GRID_COLUMNS, grid, title=f"{cfg.name}: held-out families, step {step}")

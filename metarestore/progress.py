@@ -33,4 +33,10 @@ class Progress:
         return " | ".join(parts)
 
     def print(self, done: int, **fields: float | str) -> None:
-        print(self.line(done, **fields), file=self.stream, flush=True)
+        self.write(self.line(done, **fields))
+
+    def write(self, text: str) -> None:
+        """One line straight to the stream, not through ``print``: Ray Train patches ``print`` in its
+        workers to tee into its logger, and the driver would show every line twice."""
+        self.stream.write(text + "\n")
+        self.stream.flush()

@@ -96,9 +96,16 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_killed_search_resumes_without_rerunning_finished_trials(workdir, tracking_uri):
+    """Also trains from a folder given relative to the caller's directory: trials run in their own."""
+    import skimage.data
+    from PIL import Image
+
+    (workdir / "photos").mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(skimage.data, name)()).save(workdir / "photos" / f"{name}.png")
     out = workdir / "search"
     command = [CLI, "tune", "--config", str(CONFIGS / "tune-smoke.yaml"), "--out", str(out),
-               "--tracking-uri", tracking_uri]
+               "--tracking-uri", tracking_uri, "--set", "data.train=photos"]
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     ray_processes: list[int] = []
@@ -137,6 +144,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir, tracki
 
     best = load_config(out / "best.yaml")  # trainable as is: a valid experiment without a search section
     assert best.search == {} and best.name == "tune-smoke-best"
+    assert best.data.train == str((workdir / "photos").resolve())
     assert "best:" in resumed.stdout
 
     client = mlflow.tracking.MlflowClient(tracking_uri)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metarestore.config import ConfigError, dump, flatten, read_yaml
+from metarestore.data import EMBEDDED
 from metarestore.errors import UserError
 from metarestore.tracking import RunLogger, check_reachable, resolve_uri
 from training.search_space import SearchSpec, default_point, parse_search, trial_config, tune_space
@@ -28,7 +29,13 @@ class SearchResumeError(UserError, RuntimeError):
 
 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], SearchSpec]:
+    """The base config and its search space. Data folders become absolute here, against the caller's
+    directory: Tune runs every trial in a directory of its own, where a relative path means nothing."""
     base = read_yaml(path, overrides)
+    data = base.get("data") or {}
+    for key in ("train", "val"):
+        if isinstance(data.get(key), str) and data[key] != EMBEDDED:
+            data[key] = str(Path(data[key]).expanduser().resolve())
     return base, parse_search(base)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def train_func(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             trainer.load_state(load_checkpoint(directory, training=True, device=str(device)))
         if rank == 0:
-            print(f"[rank 0] resumed from step {trainer.step}", flush=True)
+            sys.stdout.write(f"[rank 0] resumed from step {trainer.step}\n")  # not print: Train tees it twice
 
     chief = rank == 0
     logger = None

@@ -55,7 +55,7 @@ class MetaLearner(nn.Module):
         return dict(self.fixed_lrs)
 
     def inner_lr_values(self) -> dict[str, float]:
-        return {g: float(v) for g, v in self.inner_lrs().items()}
+        return {g: float(v.detach()) if torch.is_tensor(v) else float(v) for g, v in self.inner_lrs().items()}
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None) -> Params:
         """Inference-time adaptation: fresh leaves, first order, the model itself untouched."""
