@@ -22,6 +22,7 @@ from training.search_space import SearchSpec, default_point, parse_search, trial
 
 STATE_FILE = "search.json"
 EXPERIMENT = "search"
+DRIVER_MEMORY = 64 * 2**20  # bytes of logical memory a trial's driver function reserves
 
 
 class SearchResumeError(UserError, RuntimeError):
@@ -161,10 +162,13 @@ def run_search(config_path: str | Path, out: str | Path, num_samples: int | None
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save experiment state often: resume loses little
     init_ray(address)
+    # The trial function only drives a TorchTrainer, whose workers reserve their own CPUs/GPUs. It asks for
+    # no CPU at all (a token of memory, as Tune needs a non-empty request): even 0.01 CPU per trial would
+    # leave 2 trials x 1-CPU workers unable to share a 2-CPU machine, and run them one after the other.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, out=str(out), tracking_uri=uri, parent_run_id=state["parent_run_id"],
                              workers=workers),
-        {"cpu": 0.01})
+        tune.PlacementGroupFactory([{"memory": DRIVER_MEMORY}]))
     path = out / "ray_tune" / EXPERIMENT
     started = time.time()
     try:
