@@ -96,7 +96,7 @@ def start_mlflow_server(root: Path, port: int | None = None):
          "--artifacts-destination", str(root / "artifacts")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 180  # seconds on a quiet machine; generous for a loaded one
     while time.time() < deadline:
         try:
             if requests.get(f"{uri}/health", timeout=2).status_code == 200:
