@@ -13,12 +13,11 @@ import os
 import shutil
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 from metarestore.checkpoint import load_checkpoint
 from metarestore.config import Config
-from metarestore.data import EMBEDDED
+from metarestore.data import absolute_source
 from metarestore.errors import UserError
 from metarestore.loop import archive_existing, finalize, run_params
 from metarestore.tracking import RunLogger, check_reachable, resolve_uri
@@ -33,8 +32,7 @@ class ResumeError(UserError, RuntimeError):
 
 def absolute_paths(cfg: Config) -> Config:
     """Ray workers run in their own directories: make every path in the config absolute."""
-    data = dataclasses.replace(cfg.data, **{k: v if v == EMBEDDED else str(Path(v).expanduser().resolve())
-                                            for k, v in (("train", cfg.data.train), ("val", cfg.data.val))})
+    data = dataclasses.replace(cfg.data, train=absolute_source(cfg.data.train), val=absolute_source(cfg.data.val))
     train = dataclasses.replace(cfg.train, output_dir=str(cfg.output_dir.resolve()))
     return dataclasses.replace(cfg, data=data, train=train)
 

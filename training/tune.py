@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metarestore.config import ConfigError, dump, flatten, read_yaml
-from metarestore.data import EMBEDDED
+from metarestore.data import absolute_source
 from metarestore.errors import UserError
 from metarestore.tracking import RunLogger, check_reachable, resolve_uri
 from training.search_space import SearchSpec, default_point, parse_search, trial_config, tune_space
@@ -35,8 +35,8 @@ def load_search_config(path: str | Path, overrides: list[str] | None = None) -> 
     base = read_yaml(path, overrides)
     data = base.get("data") or {}
     for key in ("train", "val"):
-        if isinstance(data.get(key), str) and data[key] != EMBEDDED:
-            data[key] = str(Path(data[key]).expanduser().resolve())
+        if isinstance(data.get(key), str):
+            data[key] = absolute_source(data[key])
     return base, parse_search(base)
 
 

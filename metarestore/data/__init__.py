@@ -5,6 +5,7 @@ from metarestore.data.images import (
     EMBEDDED,
     DataError,
     ImageSet,
+    absolute_source,
     load_embedded,
     load_folder,
     load_images,
@@ -13,4 +14,4 @@ from metarestore.data.images import (
 )
 
 __all__ = ["EMBEDDED", "DataError", "Episode", "EpisodeSampler", "ImageSet", "PatchSampler", "TaskSpec",
-           "dihedral", "load_embedded", "load_folder", "load_images", "read_image", "write_image"]
+           "absolute_source", "dihedral", "load_embedded", "load_folder", "load_images", "read_image", "write_image"]

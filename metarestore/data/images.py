@@ -149,8 +149,11 @@ def _cached(spec: str, split: str) -> ImageSet:
     return load_embedded(split) if spec == EMBEDDED else load_folder(spec)
 
 
+def absolute_source(spec: str) -> str:
+    """An image source with its folder made absolute against this process's directory (``embedded`` as is)."""
+    return spec if spec == EMBEDDED else str(Path(spec).expanduser().resolve())
+
+
 def load_images(spec: str, split: str = "train") -> ImageSet:
     """``"embedded"`` or a folder path; decoded once per process and then served from memory."""
-    if spec != EMBEDDED:
-        spec = str(Path(spec).expanduser().resolve())
-    return _cached(spec, split)
+    return _cached(absolute_source(spec), split)
