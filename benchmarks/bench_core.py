@@ -1,7 +1,13 @@
-"""Core benchmarks (docs/benchmarks.md): episode sampler throughput against the meta-step time, and the
-meta-step time of every algorithm, at the demo config. CPU threads: all available (torch default).
+"""Core benchmarks (docs/benchmarks.md): the episode sampler, and the meta-step of every algorithm with
+the reference per-task path and the batched path side by side (fp32, and bf16 autocast), in tasks/s,
+patches/s, achieved GFLOP/s and the fraction of this CPU's fp32 peak.
 
-    python benchmarks/bench_core.py [--config configs/demo.yaml] [--steps 10]
+    python benchmarks/bench_core.py [--config configs/demo.yaml] [--steps 6] [--threads 2]
+
+Model FLOPs come from ``torch.utils.flop_counter`` on one per-task step (convolutions and matrix
+products, forward and backward; both paths compute the same model FLOPs). The peak is
+cores x clock (``cpu MHz`` of /proc/cpuinfo) x 64 fp32 FLOP per cycle (two 512-bit FMA pipes, AVX-512,
+as on AMD Zen 5; pass ``--flop-per-cycle`` for another CPU).
 """
 
 from __future__ import annotations
@@ -10,11 +16,14 @@ import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from metarestore.config import load_config
 from metarestore.engine import MetaTrainer, plan_step
+from metarestore.meta import ALGORITHMS
 
 
 def time_sampler(trainer: MetaTrainer, episodes: int) -> float:
@@ -26,38 +35,76 @@ def time_sampler(trainer: MetaTrainer, episodes: int) -> float:
     return episodes / (time.perf_counter() - start)
 
 
-def time_steps(trainer: MetaTrainer, steps: int) -> list[float]:
-    trainer.run_step()  # warm-up
+def per_task_step(trainer: MetaTrainer) -> None:
+    """The reference path: the step's tasks one after another (what training ran before batching)."""
+    tasks = plan_step(trainer.cfg, trainer.step)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    for task in tasks:
+        trainer.learner.task_gradient(trainer.sampler.episode(task), 1.0 / len(tasks))
+    trainer.optimizer.step()
+    trainer.step += 1
+
+
+def median_time(step, trainer: MetaTrainer, steps: int) -> float:
+    step(trainer)  # warm-up
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        trainer.run_step()
+        step(trainer)
         times.append(time.perf_counter() - start)
-    return times
+    return statistics.median(times)
+
+
+def step_flops(trainer: MetaTrainer) -> int:
+    with FlopCounterMode(display=False) as counter:
+        per_task_step(trainer)
+    return counter.get_total_flops()
+
+
+def peak_gflops(cores: int, flop_per_cycle: int) -> tuple[float, float]:
+    mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("cpu MHz")]
+    clock = max(mhz) / 1000 if mhz else 0.0
+    return clock, cores * clock * flop_per_cycle
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides (key=value)")
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--flop-per-cycle", type=int, default=64)
+    parser.add_argument("--algorithms", default=",".join(sorted(ALGORITHMS)))
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    base = load_config(args.config)
+    torch.set_num_threads(args.threads)
+    overrides = ["data.train=embedded", "data.val=embedded", *args.set]  # the data does not change the cost
+    base = load_config(args.config, overrides)
+    clock, peak = peak_gflops(args.threads, args.flop_per_cycle)
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} "
+          f"threads; fp32 peak {peak:.0f} GFLOP/s ({args.threads} x {clock:.2f} GHz x {args.flop_per_cycle})")
     trainer = MetaTrainer(base, device="cpu")
     eps = time_sampler(trainer, args.episodes)
-    tasks_per_step = len(plan_step(base, 0))
-    print(f"\nepisode sampler: {eps:.0f} episodes/s ({1000 / eps:.1f} ms per episode of "
-          f"{base.data.support}+{base.data.query} pairs at {base.data.patch_size}px)\n")
-    print(f"| algorithm | meta-step (s), median of {args.steps} | tasks/s | sampling share of a step |")
-    print("|---|---|---|---|")
-    for algorithm in ("multitask", "fomaml", "reptile", "maml", "metasgd"):
-        cfg = load_config(args.config, [f"meta.algorithm={algorithm}"])
-        times = time_steps(MetaTrainer(cfg, device="cpu"), args.steps)
-        step = statistics.median(times)
-        share = tasks_per_step / eps / step
-        print(f"| {algorithm} | {step:.3f} | {tasks_per_step / step:.1f} | {100 * share:.1f}% |")
+    tasks = len(plan_step(base, 0))
+    patches = tasks * (base.data.support + base.data.query)
+    print(f"config {args.config}: {tasks} tasks per step, {base.data.support}+{base.data.query} patches of "
+          f"{base.data.patch_size}px, width {base.model.width}")
+    print(f"episode sampler: {eps:.0f} episodes/s\n")
+    print("| algorithm | GFLOP per step | per-task: s/step | tasks/s | GFLOP/s | % peak | batched: s/step | tasks/s "
+          "| patches/s | GFLOP/s | % peak | speed-up | batched bf16: s/step | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for algorithm in args.algorithms.split(","):
+        cfg = load_config(args.config, [*overrides, f"meta.algorithm={algorithm}"])
+        flops = step_flops(MetaTrainer(cfg, device="cpu")) / 1e9
+        old = median_time(per_task_step, MetaTrainer(cfg, device="cpu"), args.steps)
+        new = median_time(lambda t: t.run_step(), MetaTrainer(cfg, device="cpu"), args.steps)
+        bf16_cfg = load_config(args.config, [*overrides, f"meta.algorithm={algorithm}", "train.precision=bf16"])
+        bf16 = median_time(lambda t: t.run_step(), MetaTrainer(bf16_cfg, device="cpu"), args.steps)
+        print(f"| {algorithm} | {flops:.1f} | {old:.3f} | {tasks / old:.1f} | {flops / old:.0f} | "
+              f"{100 * flops / old / peak:.0f}% | {new:.3f} | {tasks / new:.1f} | {patches / new:.0f} | "
+              f"{flops / new:.0f} | {100 * flops / new / peak:.0f}% | {old / new:.2f}x | {bf16:.3f} | "
+              f"{old / bf16:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

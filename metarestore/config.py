@@ -17,7 +17,6 @@ import yaml
 
 from metarestore.errors import UserError
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "multitask")
 ADAPT_MODES = ("all", "decoder", "norm_bias", "film")
 LOSSES = ("l1", "charbonnier", "psnr")
 OPTIMIZERS = ("adamw", "sgd")
@@ -88,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the meta-step; see docs/benchmarks.md for the A/B)
     output_dir: str = "runs/{name}"
 
 
@@ -141,6 +141,7 @@ class Config:
 
     def validate(self) -> Config:
         from metarestore import degradations
+        from metarestore.meta.learner import ALGORITHMS  # the registry is the one source of names
 
         problems = []
         if self.meta.algorithm not in ALGORITHMS:
@@ -149,6 +150,8 @@ class Config:
             problems.append(f"model.adapt must be one of {', '.join(ADAPT_MODES)}")
         if self.train.lr_schedule not in ("constant", "cosine"):
             problems.append("train.lr_schedule must be constant or cosine")
+        if self.train.precision not in ("fp32", "bf16"):
+            problems.append("train.precision must be fp32 or bf16")
         if self.train.optimizer not in OPTIMIZERS:
             problems.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.meta.loss not in LOSSES:

@@ -19,7 +19,7 @@ from metarestore.checkpoint import Checkpoint, optimizer_from_tensors, optimizer
 from metarestore.config import Config
 from metarestore.data import EMBEDDED, EpisodeSampler, PatchSampler, TaskSpec, load_images
 from metarestore.degradations.base import cpu_generator, reseed
-from metarestore.meta import MetaLearner, flat_grad, psnr, set_flat_grad
+from metarestore.meta import MetaLearner, flat_grad, make_learner, psnr, set_flat_grad
 from metarestore.model import RestorationNet, count_parameters
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -70,7 +70,7 @@ def outer_lr_at(cfg: Config, step: int) -> float:
 def build_learner(cfg: Config, device: torch.device | str = "cpu") -> MetaLearner:
     torch.manual_seed(cfg.seed)  # identical initial weights in every worker
     model = RestorationNet.from_config(cfg.model)
-    return MetaLearner(model, cfg.meta).to(device)
+    return make_learner(model, cfg.meta).to(device)
 
 
 def validation_images(cfg: Config):
@@ -109,14 +109,18 @@ class MetaTrainer:
         stats = torch.zeros(3 * len(self.families) + 1, dtype=torch.float64)  # weighted, loss, count, n
         self.optimizer.zero_grad(set_to_none=True)
         self.learner.train()
-        for task in tasks:
-            episode = self.sampler.episode(task, self.device)
-            weight = cfg.families.weight(task.family)
-            loss = self.learner.task_gradient(episode, weight / total_weight)
-            i = index[task.family]
-            stats[i] += weight * loss / total_weight
-            stats[len(self.families) + i] += loss
-            stats[2 * len(self.families) + i] += 1
+        if tasks:
+            weights = torch.tensor([cfg.families.weight(t.family) for t in tasks], dtype=torch.float64)
+            scales = weights / total_weight
+            with self.autocast():
+                losses = self.learner.batch_gradient(self.sampler.batch(tasks, self.device),
+                                                     scales.to(self.device, torch.float32))
+            losses = losses.double().cpu()
+            for task, scale, loss in zip(tasks, scales, losses, strict=True):
+                i = index[task.family]
+                stats[i] += scale * loss
+                stats[len(self.families) + i] += loss
+                stats[2 * len(self.families) + i] += 1
         stats[-1] = len(tasks)
         flat = torch.cat([flat_grad(self.params), stats.to(self.device, torch.float32)])
         if reduce is not None:
@@ -137,9 +141,13 @@ class MetaTrainer:
         for family, i in index.items():
             if stats[2 * f + i] > 0:
                 metrics[f"loss/{family}"] = float(stats[f + i] / stats[2 * f + i])
-        if self.learner.log_lr is not None:
+        if self.learner.learns_inner_lrs:
             metrics.update({f"inner_lr/{g}": v for g, v in self.learner.inner_lr_values().items()})
         return metrics
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast of the meta-step's forward and backward passes when ``train.precision`` asks."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
     # validation ------------------------------------------------------------------------------------
     def validate(self) -> ValidationResult:
@@ -158,7 +166,7 @@ class MetaTrainer:
 
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, optimizer_info = optimizer_to_tensors(self.optimizer)
-        if self.learner.log_lr is not None:
+        if self.learner.learns_inner_lrs:
             tensors.update({f"learner.log_lr.{g}": p.detach() for g, p in self.learner.log_lr.items()})
         return tensors, {"step": self.step, "optimizer": optimizer_info,
                          "sampler": {"seed": self.cfg.seed, "next_step": self.step}}
@@ -166,7 +174,7 @@ class MetaTrainer:
     def load_state(self, ckpt: Checkpoint) -> None:
         """Resume: weights, optimizer, learned inner rates and the sampler's position."""
         self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.model.items()})
-        if self.learner.log_lr is not None:
+        if self.learner.learns_inner_lrs:
             with torch.no_grad():
                 for g, p in self.learner.log_lr.items():
                     p.copy_(ckpt.training_tensors[f"learner.log_lr.{g}"])

@@ -15,7 +15,7 @@ import torch
 from metarestore.checkpoint import METADATA_FILE, CheckpointError, load_checkpoint, read_metadata
 from metarestore.config import from_dict
 from metarestore.errors import UserError
-from metarestore.meta import MetaLearner
+from metarestore.meta import MetaLearner, make_learner
 from metarestore.model import RestorationNet
 
 CACHE = Path(os.environ.get("METARESTORE_CACHE", Path.home() / ".cache" / "metarestore"))
@@ -104,13 +104,8 @@ def _download(source: str, target: Path) -> None:
 def learner_from_metadata(metadata: dict, device: torch.device | str = "cpu") -> MetaLearner:
     cfg = from_dict(metadata["config"])
     model = RestorationNet.from_config(cfg.model)
-    learner = MetaLearner(model, cfg.meta)
-    if learner.log_lr is not None:  # Meta-SGD: the learned inner rates are part of the model
-        with torch.no_grad():
-            for group, value in metadata["inner_lr"].items():
-                learner.log_lr[group].fill_(float(torch.tensor(value).log()))
-    else:
-        learner.fixed_lrs = {g: float(v) for g, v in metadata["inner_lr"].items()}
+    learner = make_learner(model, cfg.meta)
+    learner.set_inner_lrs(metadata["inner_lr"])  # Meta-SGD's learned rates, or the configured ones
     return learner.to(device)
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from metarestore.config import MetaConfig
-from metarestore.data import Episode, TaskSpec
-from metarestore.meta import MetaLearner, adapt, adaptable_params, forward_with
+from metarestore.data import Episode, EpisodeBatch, TaskSpec
+from metarestore.meta import ALGORITHMS, adapt, adaptable_params, forward_with, make_learner
 from metarestore.meta.losses import charbonnier
 from metarestore.model import RestorationNet, adaptable_names
 
@@ -29,7 +29,7 @@ def episode(seed=0, dtype=torch.float64, size=8):
 def learner(model, algorithm, steps=2, lr=0.05, zero_shot_weight=0.0):
     cfg = MetaConfig(algorithm=algorithm, inner_steps=steps, inner_lr={"default": lr}, loss="charbonnier",
                      zero_shot_weight=zero_shot_weight)
-    return MetaLearner(model, cfg).to(torch.float64)
+    return make_learner(model, cfg).to(torch.float64)
 
 
 def meta_objective(model, ep, steps, lr):
@@ -179,3 +179,35 @@ def test_adapt_on_cuda_matches_cpu():
                 params=adaptable_params(model_cuda, detach=True), first_order=True)
     for name in cpu:
         torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["film", "decoder", "all"])
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_batched_step_equals_per_task_gradients(algorithm, mode):
+    """All tasks through the network at once (the training path) == one task at a time (the reference)."""
+    model = tiny(mode)
+    lrn = learner(model, algorithm, zero_shot_weight=0.7)
+    episodes = [episode(seed) for seed in range(3)]
+    scales = [0.5, 0.2, 0.3]
+    expected_losses = [lrn.task_gradient(ep, scale) for ep, scale in zip(episodes, scales, strict=True)]
+    per_task = grads_of(lrn)
+    lrn.zero_grad(set_to_none=True)
+    losses = lrn.batch_gradient(EpisodeBatch.stack(episodes), torch.tensor(scales, dtype=torch.float64))
+    batched = grads_of(lrn)
+    torch.testing.assert_close(losses, torch.tensor(expected_losses, dtype=torch.float64), rtol=1e-9, atol=0)
+    for name, value in per_task.items():
+        assert value.abs().sum() > 0 or algorithm == "reptile", f"{name} got no gradient"
+        torch.testing.assert_close(batched[name], value, rtol=1e-5, atol=1e-12, msg=name)
+
+
+def test_batched_adapt_equals_adapting_each_task():
+    model = tiny("film")
+    episodes = [episode(seed) for seed in range(3)]
+    batch = EpisodeBatch.stack(episodes)
+    together = adapt(model, batch.support_x, batch.support_y, steps=3, lrs={"default": 0.05}, loss_fn=charbonnier,
+                     first_order=True)
+    for t, ep in enumerate(episodes):
+        alone = adapt(model, ep.support_x, ep.support_y, steps=3, lrs={"default": 0.05}, loss_fn=charbonnier,
+                      first_order=True)
+        for name in alone:
+            torch.testing.assert_close(together[name][t], alone[name], rtol=1e-9, atol=1e-12)

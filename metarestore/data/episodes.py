@@ -68,6 +68,25 @@ class PatchSampler:
         return out.float().div_(255.0)
 
 
+@dataclass
+class EpisodeBatch:
+    """The episodes of a meta-step stacked on a leading task dimension: (T, K or Q, C, H, W)."""
+
+    tasks: list[TaskSpec]
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    @classmethod
+    def stack(cls, episodes: list[Episode]) -> EpisodeBatch:
+        fields = ("support_x", "support_y", "query_x", "query_y")
+        return cls([e.task for e in episodes], *(torch.stack([getattr(e, f) for e in episodes]) for f in fields))
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
 class EpisodeSampler:
     """Builds an Episode from a TaskSpec: clean patches, the task's parameters, degraded copies."""
 
@@ -84,3 +103,6 @@ class EpisodeSampler:
         degraded = family(clean, params)
         k = self.support
         return Episode(task, params, degraded[:k], clean[:k], degraded[k:], clean[k:])
+
+    def batch(self, tasks: list[TaskSpec], device: torch.device | str = "cpu") -> EpisodeBatch:
+        return EpisodeBatch.stack([self.episode(task, device) for task in tasks])

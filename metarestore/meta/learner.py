@@ -1,9 +1,13 @@
-"""Meta-learning algorithms as one per-task gradient rule each.
+"""Meta-learning algorithms: one class each (learn2learn's shape), registered by name.
 
-Every algorithm turns one episode into a gradient contribution, scaled by the task's weight over the
+Every algorithm turns episodes into a gradient contribution, scaled by each task's weight over the
 global weight sum, accumulated into ``.grad``. Summing those over tasks (in one process, or across
 workers with an all-reduce) gives the weighted multi-task meta-gradient
 ``sum_t w_f(t) * grad L_t / sum_t w_f(t)``.
+
+Two paths compute the same thing: ``batch_gradient`` runs all tasks of a step through the network
+together (``adapt()`` with a task dimension), the one training uses; ``task_gradient`` runs one task at a
+time with plain autograd, the reference the tests compare the batched path against.
 
 - ``maml``: second-order MAML, query loss after ``adapt()`` differentiated through the inner loop.
   With ``zero_shot_weight`` w > 0 (default 1) the task objective is ``L_q(adapted) + w * L_q(initial)``:
@@ -25,37 +29,65 @@ import torch
 from torch import nn
 
 from metarestore.config import MetaConfig
-from metarestore.data import Episode
-from metarestore.meta.adapt import Params, adapt, adaptable_params, forward_with, group_lr, lr_for
+from metarestore.data import Episode, EpisodeBatch
+from metarestore.meta.adapt import (
+    Params,
+    adapt,
+    adaptable_params,
+    forward_with,
+    group_lr,
+    lr_for,
+    per_task,
+    task_losses,
+)
 from metarestore.meta.losses import get_loss
 from metarestore.model import adaptable_names, param_group
 
+ALGORITHMS: dict[str, type[MetaLearner]] = {}
+
+
+def register(name: str):
+    def add(cls: type[MetaLearner]) -> type[MetaLearner]:
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+    return add
+
+
+def make_learner(model: nn.Module, cfg: MetaConfig) -> MetaLearner:
+    """The learner of ``cfg.algorithm`` around ``model``."""
+    return ALGORITHMS[cfg.algorithm](model, cfg)
+
 
 class MetaLearner(nn.Module):
-    """A restoration network plus the inner-loop settings (and, for Meta-SGD, learned rates)."""
+    """A restoration network plus the inner-loop settings; subclasses are the algorithms."""
+
+    name = ""
+    learns_inner_lrs = False  # Meta-SGD: the rates are parameters, saved with the training state
 
     def __init__(self, model: nn.Module, cfg: MetaConfig):
         super().__init__()
         self.model = model
-        self.algorithm = cfg.algorithm
         self.inner_steps = cfg.inner_steps
         self.zero_shot_weight = cfg.zero_shot_weight
         self.loss_fn = get_loss(cfg.loss)
         self.groups = sorted({param_group(n) for n in adaptable_names(model)})
-        initial = {g: float(group_lr(g, cfg.inner_lr)) for g in self.groups}
-        self.fixed_lrs = initial
-        self.log_lr = None
-        if self.algorithm == "metasgd":
-            self.log_lr = nn.ParameterDict({g: nn.Parameter(torch.tensor(math.log(v))) for g, v in initial.items()})
+        self.fixed_lrs = {g: float(group_lr(g, cfg.inner_lr)) for g in self.groups}
+
+    @property
+    def algorithm(self) -> str:
+        return self.name
 
     # inner loop -----------------------------------------------------------------------------------
     def inner_lrs(self) -> dict[str, float | torch.Tensor]:
-        if self.log_lr is not None:
-            return {g: self.log_lr[g].exp() for g in self.groups}
         return dict(self.fixed_lrs)
 
     def inner_lr_values(self) -> dict[str, float]:
         return {g: float(v.detach()) if torch.is_tensor(v) else float(v) for g, v in self.inner_lrs().items()}
+
+    def set_inner_lrs(self, values: dict[str, float]) -> None:
+        """Restore the inner rates a checkpoint recorded (``inner_lr_values`` of the trained learner)."""
+        self.fixed_lrs = {g: float(values[g]) for g in self.groups}
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None) -> Params:
         """Inference-time adaptation: fresh leaves, first order, the model itself untouched."""
@@ -71,44 +103,124 @@ class MetaLearner(nn.Module):
 
     # outer loop -----------------------------------------------------------------------------------
     def task_gradient(self, episode: Episode, scale: float) -> float:
-        """Accumulate ``scale * gradient`` of this task into ``.grad``; returns its query loss."""
-        ep, loss_fn = episode, self.loss_fn
-        if self.algorithm == "multitask":
-            x = torch.cat([ep.support_x, ep.query_x])
-            y = torch.cat([ep.support_y, ep.query_y])
-            loss = loss_fn(self.model(x), y)
-            (loss * scale).backward()
-            return float(loss.detach())
-        if self.algorithm == "reptile":
-            return self._reptile(ep, scale)
-        first_order = self.algorithm == "fomaml"
+        """Accumulate ``scale * gradient`` of one task into ``.grad``; returns its query loss."""
+        raise NotImplementedError
+
+    def batch_gradient(self, batch: EpisodeBatch, scales: torch.Tensor) -> torch.Tensor:
+        """Accumulate ``sum_t scales[t] * gradient_t`` into ``.grad``; returns the (T,) query losses."""
+        raise NotImplementedError
+
+    def _zero_shot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-task losses of the unadapted model on (T, N, ...) images: one forward for all tasks."""
+        return task_losses(self.loss_fn, self.model(x.flatten(0, 1)).view_as(y), y)
+
+
+@register("multitask")
+class MultiTask(MetaLearner):
+    def task_gradient(self, episode: Episode, scale: float) -> float:
+        ep = episode
+        x, y = torch.cat([ep.support_x, ep.query_x]), torch.cat([ep.support_y, ep.query_y])
+        loss = self.loss_fn(self.model(x), y)
+        (loss * scale).backward()
+        return float(loss.detach())
+
+    def batch_gradient(self, batch: EpisodeBatch, scales: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([batch.support_x, batch.query_x], dim=1)
+        y = torch.cat([batch.support_y, batch.query_y], dim=1)
+        losses = self._zero_shot(x, y)
+        (losses * scales).sum().backward()
+        return losses.detach()
+
+
+@register("fomaml")
+class FOMAML(MetaLearner):
+    first_order = True
+
+    def task_gradient(self, episode: Episode, scale: float) -> float:
+        ep = episode
         fast = adapt(self.model, ep.support_x, ep.support_y, steps=self.inner_steps, lrs=self.inner_lrs(),
-                     loss_fn=loss_fn, first_order=first_order)
-        loss = loss_fn(forward_with(self.model, fast, ep.query_x), ep.query_y)
+                     loss_fn=self.loss_fn, first_order=self.first_order)
+        loss = self.loss_fn(forward_with(self.model, fast, ep.query_x), ep.query_y)
         objective = loss
         if self.zero_shot_weight > 0:
-            objective = loss + self.zero_shot_weight * loss_fn(self.model(ep.query_x), ep.query_y)
+            objective = loss + self.zero_shot_weight * self.loss_fn(self.model(ep.query_x), ep.query_y)
         (objective * scale).backward()
         return float(loss.detach())
 
-    def _reptile(self, ep: Episode, scale: float) -> float:
-        lrs = self.fixed_lrs
-        theta = adaptable_params(self.model)
-        fast = adapt(self.model, ep.support_x, ep.support_y, steps=self.inner_steps, lrs=lrs,
-                     params=adaptable_params(self.model, detach=True), loss_fn=self.loss_fn, first_order=True)
+    def batch_gradient(self, batch: EpisodeBatch, scales: torch.Tensor) -> torch.Tensor:
+        b = batch
+        fast = adapt(self.model, b.support_x, b.support_y, steps=self.inner_steps, lrs=self.inner_lrs(),
+                     loss_fn=self.loss_fn, first_order=self.first_order)
+        losses = task_losses(self.loss_fn, forward_with(self.model, fast, b.query_x), b.query_y)
+        objective = losses
+        if self.zero_shot_weight > 0:
+            objective = losses + self.zero_shot_weight * self._zero_shot(b.query_x, b.query_y)
+        (objective * scales).sum().backward()
+        return losses.detach()
+
+
+@register("maml")
+class MAML(FOMAML):
+    first_order = False
+
+
+@register("metasgd")
+class MetaSGD(MAML):
+    """MAML whose per-group inner learning rates are learned (log-parameterised) with the network."""
+
+    learns_inner_lrs = True
+
+    def __init__(self, model: nn.Module, cfg: MetaConfig):
+        super().__init__(model, cfg)
+        self.log_lr = nn.ParameterDict({g: nn.Parameter(torch.tensor(math.log(v)))
+                                        for g, v in self.fixed_lrs.items()})
+
+    def inner_lrs(self) -> dict[str, float | torch.Tensor]:
+        return {g: self.log_lr[g].exp() for g in self.groups}
+
+    def set_inner_lrs(self, values: dict[str, float]) -> None:
+        with torch.no_grad():
+            for g in self.groups:
+                self.log_lr[g].fill_(math.log(float(values[g])))
+
+
+@register("reptile")
+class Reptile(MetaLearner):
+    def task_gradient(self, episode: Episode, scale: float) -> float:
+        ep = episode
+        fast = self._adapted(ep.support_x, ep.support_y)
         loss = self.loss_fn(forward_with(self.model, fast, ep.query_x), ep.query_y)
-        frozen = [(n, p) for n, p in self.model.named_parameters() if n not in theta]
-        if frozen:
-            grads = torch.autograd.grad(loss, [p for _, p in frozen])
-            _accumulate([p for _, p in frozen], [scale * g for g in grads])
-        if self.inner_steps > 0:
-            steps = self.inner_steps
-            directions = [(theta[n].detach() - fast[n].detach()) / (lr_for(n, lrs) * steps) for n in theta]
-            _accumulate(list(theta.values()), [scale * d for d in directions])
+        self._accumulate(loss * scale, fast, lambda d: scale * d)
         return float(loss.detach())
 
+    def batch_gradient(self, batch: EpisodeBatch, scales: torch.Tensor) -> torch.Tensor:
+        b = batch
+        fast = self._adapted(b.support_x, b.support_y)
+        losses = task_losses(self.loss_fn, forward_with(self.model, fast, b.query_x), b.query_y)
+        self._accumulate((losses * scales).sum(), fast,
+                         lambda d: (scales.view(-1, *[1] * (d.dim() - 1)) * d).sum(0))
+        return losses.detach()
 
-def _accumulate(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def _adapted(self, x: torch.Tensor, y: torch.Tensor) -> Params:
+        start = adaptable_params(self.model, detach=True)
+        if x.dim() == 5:
+            start = per_task(start, x.shape[0])
+        return adapt(self.model, x, y, steps=self.inner_steps, lrs=self.fixed_lrs, params=start,
+                     loss_fn=self.loss_fn, first_order=True)
+
+    def _accumulate(self, objective: torch.Tensor, fast: Params, weigh) -> None:
+        """Frozen parameters: the query gradient at phi; adaptable ones: the (weighted) Reptile direction."""
+        theta = adaptable_params(self.model)
+        frozen = [p for n, p in self.model.named_parameters() if n not in theta]
+        if frozen:
+            _accumulate(frozen, torch.autograd.grad(objective, frozen))
+        if self.inner_steps > 0:
+            directions = [weigh((theta[n].detach() - fast[n].detach()) / (lr_for(n, self.fixed_lrs) * self.inner_steps))
+                          for n in theta]
+            _accumulate(list(theta.values()), directions)
+
+
+def _accumulate(params: list[torch.Tensor], grads) -> None:
     for p, g in zip(params, grads, strict=True):
         p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
 
