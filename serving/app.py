@@ -52,6 +52,8 @@ class AppArgs(BaseModel):
     num_replicas: int | None = Field(None, ge=1, description="Restorer replicas (default: the deployment's).")
     num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica.")
     threads: int = Field(1, ge=1, description="torch threads per replica.")
+    compute_slots: int = Field(2, ge=1, description="Forward passes and adaptations a replica runs at once, "
+                               "each on its own copy of the model (bounds their memory too).")
     max_batch_size: int = Field(8, ge=1, description="Restore requests batched into one forward pass.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill up.")
     tile: int = Field(512, ge=64, description="Images larger than this go through in overlapping tiles.")
@@ -184,12 +186,14 @@ class Restorer:
 
     def __init__(self, cfg: AppArgs, store: DeploymentHandle):
         from metarestore.hub import load_model
+        from metarestore.inference import ModelPool
         from metarestore.model.network import count_parameters
 
         self.cfg, self.store = cfg, store
         torch.set_num_threads(cfg.threads)
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard agrees with ours
         self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri)
+        self.pool = ModelPool(self.learner, cfg.compute_slots)  # self.learner itself never runs
         self.version = str(self.ref.version) if self.ref.version else "local"
         self.model_sha256 = self.metadata.get("files", {}).get("model.safetensors", "")
         self.counts = count_parameters(self.learner.model)
@@ -342,14 +346,15 @@ class Restorer:
         from metarestore.meta.adapt import delta
         from metarestore.meta.losses import psnr
 
-        learner = self.learner
-        params = learner.adapt(support_x, support_y, steps=steps)
+        with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
+            params = learner.adapt(support_x, support_y, steps=steps)
+            before, after = learner.restore(support_x), learner.restore(support_x, params)
+            found = delta(learner.model, params)
         info = {"shots": len(support_x), "steps": steps, "height": support_x.shape[-2], "width": support_x.shape[-1],
-                "psnr_input": _db(psnr(support_x, support_y)),
-                "psnr_before": _db(psnr(learner.restore(support_x), support_y)),
-                "psnr_after": _db(psnr(learner.restore(support_x, params), support_y)),
-                "model_version": self.version, "model_sha256": self.model_sha256}
-        return info, delta(learner.model, params)
+                "psnr_input": _db(psnr(support_x, support_y)), "psnr_before": _db(psnr(before, support_y)),
+                "psnr_after": _db(psnr(after, support_y)), "model_version": self.version,
+                "model_sha256": self.model_sha256}
+        return info, found
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _restore_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
@@ -368,9 +373,10 @@ class Restorer:
         results: list[tuple[torch.Tensor, int]] = [None] * len(jobs)  # type: ignore[list-item]
         for members in groups.values():
             first = jobs[members[0]]
-            params = None if first.delta is None else apply_delta(self.learner.model, first.delta)
             batch = torch.cat([jobs[i].x for i in members])
-            out = restore_image(self.learner, batch, params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
+            with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
+                params = None if first.delta is None else apply_delta(learner.model, first.delta)
+                out = restore_image(learner, batch, params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
             for j, i in enumerate(members):
                 results[i] = (out[j:j + 1], len(members))
         return results
