@@ -77,3 +77,24 @@ class ModelPool:
             yield learner
         finally:
             self._free.put(learner)
+
+
+def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
+    """Estimated peak memory of ``adapt()`` per support pixel: the model's activations per pixel (counted
+    on a small probe) x 4 bytes x 4 (kept for backward, their gradients, and the forward's temporaries).
+    A server derives the most pixels it adapts on from its memory budget with it."""
+    floats = 0
+
+    def count(module, inputs, output):
+        nonlocal floats
+        if torch.is_tensor(output) and not list(module.children()):
+            floats += output.numel()
+
+    hooks = [m.register_forward_hook(count) for m in learner.model.modules()]
+    try:
+        with torch.no_grad():
+            learner.model(torch.zeros(1, 3, probe, probe))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(1, floats * 4 * 4 // (probe * probe))
