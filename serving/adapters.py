@@ -1,25 +1,42 @@
 """The adapter store: the one place every replica finds the adapters that any replica made.
 
 An adapter is the small delta of the adapted parameters (``metarestore.meta.adapt.delta``). The store
-keeps them in memory with a time-to-live and a byte budget, evicting the least recently used first.
-It runs as a single-replica Serve deployment next to the restorer, so it lives and dies with the
-application; a restart loses the adapters, which clients simply create again.
+keeps them in memory with a time-to-live and a byte budget, evicting the least recently used first,
+and writes each one through to storage on creation: ``ID.safetensors`` (the tensors) and ``ID.json``
+(what the API reports), each written atomically (a temporary name, then a rename; the JSON last, so a
+JSON file means a complete adapter). Storage is a local directory or any fsspec URI (``s3://``,
+``gs://``, a shared volume), so a restarted store replica, application or redeploy reloads every
+adapter that has not expired. Expired, evicted and deleted adapters are removed from storage too.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import torch
 from ray import serve
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+logger = logging.getLogger(__name__)
 
 Delta = dict[str, torch.Tensor]
+
+
+def default_adapter_dir() -> str:
+    """METARESTORE_CACHE/adapters (~/.cache/metarestore/adapters) of the machine that asks."""
+    from metarestore.hub import CACHE
+
+    return str(CACHE / "adapters")
 
 
 def iso(timestamp: float) -> str:
@@ -35,9 +52,12 @@ class _Entry:
 
 
 class AdapterStore:
-    """Adapters by id, with a time-to-live from creation and an LRU byte budget."""
+    """Adapters by id, with a time-to-live from creation and an LRU byte budget; optionally durable.
 
-    def __init__(self, ttl_s: float = 3600.0, max_bytes: int = 256 * 2**20,
+    ``root``: a directory or fsspec URI to persist adapters under (None: memory only).
+    """
+
+    def __init__(self, ttl_s: float = 3600.0, max_bytes: int = 256 * 2**20, root: str | None = None,
                  clock: Callable[[], float] = time.time):
         if ttl_s <= 0 or max_bytes <= 0:
             raise ValueError("adapter ttl_s and max_bytes must be positive")
@@ -45,6 +65,15 @@ class AdapterStore:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._bytes = 0
         self._lock = threading.Lock()
+        self._dropped: list[str] = []  # forgotten under the lock, removed from storage after it
+        self.fs, self.root = None, None
+        if root is not None:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(root)
+            self.root = self.root.rstrip("/")
+            self.fs.makedirs(self.root, exist_ok=True)
+            self._reload()
 
     def put(self, delta: Delta, info: dict) -> dict:
         """Store a delta under a new unguessable id; returns ``info`` plus id, size and expiry."""
@@ -55,18 +84,15 @@ class AdapterStore:
         adapter_id = secrets.token_urlsafe(12)
         info = {**info, "adapter_id": adapter_id, "bytes": nbytes, "created_at": iso(now),
                 "expires_at": iso(now + self.ttl_s)}
-        with self._lock:
-            self._expire(now)
-            while self._entries and self._bytes + nbytes > self.max_bytes:
-                self._drop(next(iter(self._entries)))
-            self._entries[adapter_id] = _Entry({k: v.detach().cpu() for k, v in delta.items()}, info, nbytes,
-                                               now + self.ttl_s)
-            self._bytes += nbytes
+        entry = _Entry({k: v.detach().cpu().contiguous() for k, v in delta.items()}, info, nbytes,
+                       now + self.ttl_s)
+        self._persist(adapter_id, entry)  # on storage before anyone is told the id
+        self._insert(adapter_id, entry, now)
         return dict(info)
 
     def get(self, adapter_id: str) -> tuple[dict, Delta] | None:
         """(info, delta) and mark it recently used; None when unknown, expired or evicted."""
-        with self._lock:
+        with self._locked():
             entry = self._live(adapter_id)
             if entry is None:
                 return None
@@ -74,22 +100,101 @@ class AdapterStore:
             return dict(entry.info), entry.delta
 
     def info(self, adapter_id: str) -> dict | None:
-        with self._lock:
+        with self._locked():
             entry = self._live(adapter_id)
             return None if entry is None else dict(entry.info)
 
+    def infos(self) -> list[dict]:
+        """Every live adapter's info, oldest first."""
+        with self._locked():
+            self._expire(self.clock())
+            infos = [dict(e.info) for e in self._entries.values()]
+        return sorted(infos, key=lambda i: i["created_at"])
+
     def delete(self, adapter_id: str) -> bool:
-        with self._lock:
+        with self._locked():
             if self._live(adapter_id) is None:
                 return False
             self._drop(adapter_id)
             return True
 
     def stats(self) -> dict:
-        with self._lock:
+        with self._locked():
             self._expire(self.clock())
             return {"adapters": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes,
                     "ttl_s": self.ttl_s}
+
+    # storage ----------------------------------------------------------------------------------------
+    def _path(self, adapter_id: str, suffix: str) -> str:
+        return f"{self.root}/{adapter_id}{suffix}"
+
+    def _write(self, path: str, data: bytes) -> None:
+        """Atomically: a reader sees the whole file or none (rename on a file system, one PUT on a bucket)."""
+        tmp = f"{self.root}/.tmp-{secrets.token_hex(8)}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, path)
+
+    def _persist(self, adapter_id: str, entry: _Entry) -> None:
+        if self.fs is None:
+            return
+        self._write(self._path(adapter_id, ".safetensors"), save_tensors(entry.delta))
+        record = {"info": entry.info, "expires": entry.expires}
+        self._write(self._path(adapter_id, ".json"), json.dumps(record).encode())  # last: marks it complete
+
+    def _unpersist(self, adapter_ids: list[str]) -> None:
+        if self.fs is None:
+            return
+        for adapter_id in adapter_ids:
+            for suffix in (".json", ".safetensors"):  # the JSON first: a half-deleted adapter is no adapter
+                try:
+                    self.fs.rm(self._path(adapter_id, suffix))
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # storage trouble must not fail the request that evicted it
+                    logger.warning("could not delete adapter %s%s: %s", adapter_id, suffix, exc)
+
+    def _reload(self) -> None:
+        """Load every stored adapter; expired or unreadable ones are removed, the oldest go first if over budget."""
+        now, loaded, gone = self.clock(), [], []
+        for path in self.fs.glob(f"{self.root}/*.json"):
+            adapter_id = path.rsplit("/", 1)[-1][: -len(".json")]
+            try:
+                record = json.loads(self.fs.cat_file(path))
+                if record["expires"] <= now:
+                    gone.append(adapter_id)
+                    continue
+                delta = load_tensors(self.fs.cat_file(self._path(adapter_id, ".safetensors")))
+            except Exception as exc:  # one bad file must not keep the store from starting
+                logger.warning("skipping stored adapter %s: %s", adapter_id, exc)
+                continue
+            nbytes = sum(t.element_size() * t.nelement() for t in delta.values())
+            loaded.append((record["info"]["created_at"], adapter_id, _Entry(delta, record["info"], nbytes,
+                                                                             record["expires"])))
+        self._unpersist(gone)
+        for _, adapter_id, entry in sorted(loaded, key=lambda t: t[0]):
+            self._insert(adapter_id, entry, now)
+        logger.info("adapter store at %s: %d adapter(s) loaded, %d expired", self.root, len(self._entries),
+                    len(gone))
+
+    def _insert(self, adapter_id: str, entry: _Entry, now: float) -> None:
+        with self._locked():
+            self._expire(now)
+            while self._entries and self._bytes + entry.nbytes > self.max_bytes:
+                self._drop(next(iter(self._entries)))
+            self._entries[adapter_id] = entry
+            self._bytes += entry.nbytes
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The lock; what was dropped under it leaves storage after it is released (no I/O under the lock)."""
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._lock:
+                dropped, self._dropped = self._dropped, []
+            self._unpersist(dropped)
 
     # under the lock ---------------------------------------------------------------------------------
     def _live(self, adapter_id: str) -> _Entry | None:
@@ -104,7 +209,9 @@ class AdapterStore:
             self._drop(adapter_id)
 
     def _drop(self, adapter_id: str) -> None:
+        """Forget it; its stored copy is removed by the caller once the lock is released."""
         self._bytes -= self._entries.pop(adapter_id).nbytes
+        self._dropped.append(adapter_id)
 
 
 # One replica by design (the store is the single source of truth); it needs no CPU of its own.

@@ -24,8 +24,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from serving.adapters import AdapterStoreDeployment, Delta
+from serving.adapters import AdapterStoreDeployment, Delta, default_adapter_dir
 from serving.limits import (
+    DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_BODY_MB,
     DEFAULT_MAX_PIXELS,
     MEDIA_TYPES,
@@ -52,19 +53,38 @@ class AppArgs(BaseModel):
     num_replicas: int | None = Field(None, ge=1, description="Restorer replicas (default: the deployment's).")
     num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica.")
     threads: int = Field(1, ge=1, description="torch threads per replica.")
+    compute_slots: int = Field(2, ge=1, description="Forward passes and adaptations a replica runs at once, "
+                               "each on its own copy of the model (bounds their memory too).")
     max_batch_size: int = Field(8, ge=1, description="Restore requests batched into one forward pass.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill up.")
     tile: int = Field(512, ge=64, description="Images larger than this go through in overlapping tiles.")
     tile_overlap: int = Field(32, ge=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image accepted (pixels).")
     max_body_mb: float = Field(DEFAULT_MAX_BODY_MB, gt=0, description="Largest request body (MiB).")
+    max_aspect: float = Field(DEFAULT_MAX_ASPECT, ge=1, description="Most one side of an image may exceed "
+                              "the other (a 16,000,000 x 1 strip would hold a replica for minutes).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a Restorer replica holds at once (more "
+                                      "wait at the proxy). Cheap: computation is bounded by compute_slots.")
+    max_uploads: int = Field(32, ge=1, description="Request bodies a replica reads at once; more are answered "
+                             "503 with Retry-After (bounds body memory: max_uploads x max_body_mb).")
+    body_timeout_s: float = Field(5.0, gt=0, description="A request body that sends nothing for this long "
+                                  "is answered 408 (stalled clients give their slot back).")
+    body_deadline_s: float = Field(120.0, gt=0, description="A request body must be complete within this.")
+    max_header_kb: float = Field(16.0, gt=0, description="Largest request headers (KiB), refused with 431 "
+                                 "before authentication and before the body is read.")
     max_shots: int = Field(16, ge=1, description="Most (degraded, clean) pairs per adapter.")
     max_steps: int = Field(50, ge=1, description="Most adapt() steps per adapter.")
     adapt_steps: int = Field(10, ge=1, description="adapt() steps when the request does not say.")
     max_adapt_pixels: int = Field(4_000_000, ge=1, description="Most pixels over all support pairs' degraded "
-                                  "images of one adapter (adapt() back-propagates through all of them).")
+                                  "images of one adapter (accepted and decoded).")
+    adapt_memory_mb: float = Field(2048.0, gt=0, description="Memory one adaptation may use: pairs holding "
+                                   "more pixels than fit are adapted on random crops (same place in both "
+                                   "images of a pair), so memory is bounded whatever the request.")
     adapter_ttl_s: float = Field(3600.0, gt=0, description="Adapters expire this long after creation.")
     adapter_max_mb: float = Field(256.0, gt=0, description="Memory for adapters; least recently used go first.")
+    adapter_dir: str | None = Field(None, description="Where adapters are persisted: a directory or an fsspec "
+                                    "URI (s3://, gs://, a shared volume). Default: METARESTORE_CACHE/adapters "
+                                    "(~/.cache/metarestore/adapters) on the store's node.")
 
 
 class ModelInfo(BaseModel):
@@ -94,6 +114,11 @@ class AdapterInfo(BaseModel):
     expires_at: str
     bytes: int
     model_version: str
+    label: str | None = Field(None, description="The label given at creation, if any.")
+
+
+class AdapterList(BaseModel):
+    adapters: list[AdapterInfo]
 
 
 app = FastAPI(title="metarestore", version="1",
@@ -106,7 +131,9 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message)
+    response = error_response(exc.status, exc.code, exc.message)
+    response.headers.update(exc.headers)
+    return response
 
 
 @app.exception_handler(HTTPException)
@@ -130,6 +157,9 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 @app.middleware("http")
 async def _authenticate(request: Request, call_next):
     """With a token configured, every route but /healthz needs ``Authorization: Bearer <token>``."""
+    max_header = getattr(request.app.state, "max_header_bytes", None)
+    if max_header is not None and sum(len(k) + len(v) for k, v in request.scope["headers"]) > max_header:
+        return error_response(431, "headers_too_large", f"request headers exceed {max_header // 1024} KiB")
     token: str | None = getattr(request.app.state, "token", None)
     path, root = request.url.path, request.scope.get("root_path", "")
     if root and path.startswith(root):
@@ -159,7 +189,8 @@ _RESTORE_BODY = _form_file_body("image")
 _RESTORE_BODY["requestBody"]["content"].update({t: {"schema": {"type": "string", "format": "binary"}}
                                                 for t in ("image/png", "image/jpeg")})
 _ADAPTER_BODY = _form_file_body("degraded", "clean")
-_ADAPTER_BODY["requestBody"]["content"][MULTIPART]["schema"]["properties"]["steps"] = {"type": "integer"}
+_ADAPTER_BODY["requestBody"]["content"][MULTIPART]["schema"]["properties"].update(
+    steps={"type": "integer"}, label={"type": "string", "maxLength": 200})
 
 
 # Helpers come before the deployment: Serve serialises the class when it is decorated.
@@ -168,28 +199,56 @@ def _centre(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x[..., top:top + h, left:left + w]
 
 
+def _crops(x: torch.Tensor, y: torch.Tensor, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``max_pixels`` over all pairs: one random crop per pair, the same place in both images.
+
+    Seeded by the images' size, so the same request makes the same adapter."""
+    k, _, h, w = x.shape
+    if k * h * w <= max_pixels:
+        return x, y
+    side = max(16, int((max_pixels / k) ** 0.5))
+    ch, cw = min(h, side), min(w, max(side, max_pixels // (k * min(h, side))))
+    cw = min(cw, w)
+    gen = torch.Generator().manual_seed(k * 1_000_003 + h * 1009 + w)
+    tops = torch.randint(0, h - ch + 1, (k,), generator=gen).tolist()
+    lefts = torch.randint(0, w - cw + 1, (k,), generator=gen).tolist()
+    cx = torch.stack([x[i, :, t:t + ch, lf:lf + cw] for i, (t, lf) in enumerate(zip(tops, lefts, strict=True))])
+    cy = torch.stack([y[i, :, t:t + ch, lf:lf + cw] for i, (t, lf) in enumerate(zip(tops, lefts, strict=True))])
+    return cx, cy
+
+
 def _db(value: float) -> float:
     """PSNR for JSON: identical images give infinity, reported as 100 dB."""
     return round(min(value, 100.0), 3)
+
+
+def _label(value) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 200 or not value.isprintable():
+        raise ApiError(400, "invalid_label", "label must be printable text of at most 200 characters")
+    return value
 
 
 def _no_adapter(adapter_id: str) -> ApiError:
     return ApiError(404, "adapter_not_found", f"adapter {adapter_id[:64]!r} does not exist or has expired")
 
 
-@serve.deployment(name="Restorer", num_replicas=1, max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(name="Restorer", num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(app)
 class Restorer:
     """One replica: the model, its forward pass (batched) and adapt()."""
 
     def __init__(self, cfg: AppArgs, store: DeploymentHandle):
         from metarestore.hub import load_model
+        from metarestore.inference import ModelPool, adapt_bytes_per_pixel
         from metarestore.model.network import count_parameters
 
         self.cfg, self.store = cfg, store
         torch.set_num_threads(cfg.threads)
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard agrees with ours
         self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri)
+        self.pool = ModelPool(self.learner, cfg.compute_slots)  # self.learner itself never runs
         self.version = str(self.ref.version) if self.ref.version else "local"
         self.model_sha256 = self.metadata.get("files", {}).get("model.safetensors", "")
         self.counts = count_parameters(self.learner.model)
@@ -197,6 +256,9 @@ class Restorer:
         self._restore_batch.set_max_batch_size(cfg.max_batch_size)
         self._restore_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         app.state.token = self._token()
+        app.state.max_header_bytes = int(cfg.max_header_kb * 1024)
+        self._uploads = asyncio.Semaphore(cfg.max_uploads)
+        self.adapt_pixels = max(256, int(cfg.adapt_memory_mb * 2**20) // adapt_bytes_per_pixel(self.learner))
 
     def _token(self) -> str | None:
         if self.cfg.token is not None:
@@ -208,9 +270,14 @@ class Restorer:
             return value
         return None
 
-    @property
-    def max_body(self) -> int:
-        return int(self.cfg.max_body_mb * 2**20)
+    async def _body(self, request: Request) -> bytes:
+        """The body, read under the upload cap and the read timeouts: stalled clients cannot hold slots."""
+        if self._uploads.locked():
+            raise ApiError(503, "too_many_uploads", f"{self.cfg.max_uploads} uploads are in progress on this "
+                           "replica; retry shortly", headers={"Retry-After": "1"})
+        async with self._uploads:
+            return await read_body(request, int(self.cfg.max_body_mb * 2**20), self.cfg.body_timeout_s,
+                                   self.cfg.body_deadline_s)
 
     def _headers(self, adapter: str | None = None) -> dict[str, str]:
         return {"X-Model-Version": self.version, "X-Adapter": adapter or "none", "X-Replica": self.replica}
@@ -229,13 +296,14 @@ class Restorer:
             inner_steps=self.learner.inner_steps, parameters=self.counts[0], adaptable_parameters=self.counts[1],
             limits={"max_pixels": cfg.max_pixels, "max_body_mb": cfg.max_body_mb, "max_shots": cfg.max_shots,
                     "max_steps": cfg.max_steps, "adapt_steps": cfg.adapt_steps, "adapter_ttl_s": cfg.adapter_ttl_s,
-                    "max_batch_size": cfg.max_batch_size, "tile": cfg.tile})
+                    "max_batch_size": cfg.max_batch_size, "tile": cfg.tile,
+                    "max_aspect": cfg.max_aspect, "adapt_pixels": self.adapt_pixels})
 
     @app.post("/v1/restore", response_class=Response, openapi_extra=_RESTORE_BODY,
               responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size."}})
     async def restore(self, request: Request, adapter: str | None = None) -> Response:
         """Restore one PNG/JPEG (raw body with Content-Type image/png|jpeg, or multipart field ``image``)."""
-        body = await read_body(request, self.max_body)
+        body = await self._body(request)
         kind = media_type(request)
         if kind == MULTIPART:
             form = await parse_form(request, body, max_files=1)
@@ -249,7 +317,7 @@ class Restorer:
             raise ApiError(415, "unsupported_media_type", f"Content-Type {kind or '(none)'} is not accepted: send "
                            "image/png or image/jpeg bytes, or multipart/form-data with a file field 'image'")
         delta = await self._adapter_delta(adapter) if adapter else None
-        x, grey = await asyncio.to_thread(decode_image, data, self.cfg.max_pixels)
+        x, grey = await asyncio.to_thread(decode_image, data, self.cfg.max_pixels, "image", self.cfg.max_aspect)
         y, batch = await self._restore_batch(_Job(x, adapter, delta))
         png = await asyncio.to_thread(encode_png, y, grey)
         return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch)})
@@ -258,7 +326,7 @@ class Restorer:
     async def create_adapter(self, request: Request) -> JSONResponse:
         """Adapt to the degradation shown by K (degraded, clean) pairs; returns the adapter's id."""
         start = time.perf_counter()
-        body = await read_body(request, self.max_body)
+        body = await self._body(request)
         if media_type(request) != MULTIPART:
             raise ApiError(415, "unsupported_media_type", "send multipart/form-data with file fields 'degraded' "
                            "and 'clean' (once per pair, in order) and an optional field 'steps'")
@@ -273,15 +341,22 @@ class Restorer:
         if len(degraded) > self.cfg.max_shots:
             raise ApiError(400, "too_many_shots", f"{len(degraded)} pairs; at most {self.cfg.max_shots}")
         steps = self._steps(form.get("steps"))
+        label = _label(form.get("label"))
         pairs = [(await d.read(), await c.read()) for d, c in zip(degraded, clean, strict=True)]
         support_x, support_y = await asyncio.to_thread(self._decode_pairs, pairs)
         found, params = await asyncio.to_thread(self._adapt, support_x, support_y, steps)
         found["elapsed_ms"] = round((time.perf_counter() - start) * 1000, 1)
+        found["label"] = label
         try:
             info = await self.store.put.remote(params, found)
         except ValueError as exc:
             raise ApiError(413, "adapter_too_large", str(exc)) from None
         return JSONResponse(AdapterInfo(**info).model_dump(), headers=self._headers(info["adapter_id"]))
+
+    @app.get("/v1/adapters", response_model=AdapterList)
+    async def list_adapters(self) -> AdapterList:
+        """Every adapter that has not expired, oldest first."""
+        return AdapterList(adapters=[AdapterInfo(**i) for i in await self.store.infos.remote()])
 
     @app.get("/v1/adapters/{adapter_id}", response_model=AdapterInfo)
     async def get_adapter(self, adapter_id: str) -> AdapterInfo:
@@ -324,32 +399,34 @@ class Restorer:
         """Decode and check the pairs; pairs of different sizes are centre-cropped to the smallest."""
         xs, ys, total = [], [], 0
         for i, (d, c) in enumerate(pairs, 1):
-            x, _ = decode_image(d, self.cfg.max_pixels, f"degraded image {i}")
+            x, _ = decode_image(d, self.cfg.max_pixels, f"degraded image {i}", self.cfg.max_aspect)
             total += x.shape[-1] * x.shape[-2]
             if total > self.cfg.max_adapt_pixels:  # checked as we go: memory stays bounded
                 raise ApiError(413, "too_many_pixels", f"the support images hold more than "
                                f"{self.cfg.max_adapt_pixels / 1e6:g} MP (send fewer or smaller pairs)")
-            y, _ = decode_image(c, self.cfg.max_pixels, f"clean image {i}")
+            y, _ = decode_image(c, self.cfg.max_pixels, f"clean image {i}", self.cfg.max_aspect)
             if x.shape != y.shape:
                 raise ApiError(400, "pair_size_mismatch", f"pair {i}: degraded is {x.shape[-1]}x{x.shape[-2]}, "
                                f"clean is {y.shape[-1]}x{y.shape[-2]}; each pair must be the same size")
             xs.append(x)
             ys.append(y)
         h, w = min(x.shape[-2] for x in xs), min(x.shape[-1] for x in xs)
-        return torch.cat([_centre(x, h, w) for x in xs]), torch.cat([_centre(y, h, w) for y in ys])
+        support_x, support_y = torch.cat([_centre(x, h, w) for x in xs]), torch.cat([_centre(y, h, w) for y in ys])
+        return _crops(support_x, support_y, self.adapt_pixels)
 
     def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> tuple[dict, Delta]:
         from metarestore.meta.adapt import delta
         from metarestore.meta.losses import psnr
 
-        learner = self.learner
-        params = learner.adapt(support_x, support_y, steps=steps)
+        with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
+            params = learner.adapt(support_x, support_y, steps=steps)
+            before, after = learner.restore(support_x), learner.restore(support_x, params)
+            found = delta(learner.model, params)
         info = {"shots": len(support_x), "steps": steps, "height": support_x.shape[-2], "width": support_x.shape[-1],
-                "psnr_input": _db(psnr(support_x, support_y)),
-                "psnr_before": _db(psnr(learner.restore(support_x), support_y)),
-                "psnr_after": _db(psnr(learner.restore(support_x, params), support_y)),
-                "model_version": self.version, "model_sha256": self.model_sha256}
-        return info, delta(learner.model, params)
+                "psnr_input": _db(psnr(support_x, support_y)), "psnr_before": _db(psnr(before, support_y)),
+                "psnr_after": _db(psnr(after, support_y)), "model_version": self.version,
+                "model_sha256": self.model_sha256}
+        return info, found
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _restore_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
@@ -368,9 +445,10 @@ class Restorer:
         results: list[tuple[torch.Tensor, int]] = [None] * len(jobs)  # type: ignore[list-item]
         for members in groups.values():
             first = jobs[members[0]]
-            params = None if first.delta is None else apply_delta(self.learner.model, first.delta)
             batch = torch.cat([jobs[i].x for i in members])
-            out = restore_image(self.learner, batch, params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
+            with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
+                params = None if first.delta is None else apply_delta(learner.model, first.delta)
+                out = restore_image(learner, batch, params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
             for j, i in enumerate(members):
                 results[i] = (out[j:j + 1], len(members))
         return results
@@ -379,8 +457,10 @@ class Restorer:
 def build_app(args: dict) -> serve.Application:
     """The application builder (``import_path: serving.app:build_app``); ``args`` are AppArgs fields."""
     cfg = args if isinstance(args, AppArgs) else AppArgs(**args)
-    store = AdapterStoreDeployment.bind(cfg.adapter_ttl_s, int(cfg.adapter_max_mb * 2**20))
-    options: dict = {"ray_actor_options": {"num_cpus": cfg.num_cpus}}
+    store = AdapterStoreDeployment.bind(cfg.adapter_ttl_s, int(cfg.adapter_max_mb * 2**20),
+                                        cfg.adapter_dir or default_adapter_dir())
+    options: dict = {"ray_actor_options": {"num_cpus": cfg.num_cpus},
+                     "max_ongoing_requests": cfg.max_ongoing_requests}
     if cfg.num_replicas is not None:
         options["num_replicas"] = cfg.num_replicas
     return Restorer.options(**options).bind(cfg, store)

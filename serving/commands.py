@@ -74,17 +74,26 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Interface to listen on: 127.0.0.1 is this machine only; "
                                       "0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
-    replicas: Annotated[int, typer.Option(min=1, help="Model replicas (Ray Serve deployment replicas).")] = 1,
-    max_batch_size: Annotated[int, typer.Option(min=1, help="Restore requests of the same size served by one "
-                                                "forward pass (dynamic batching; 1 disables it).")] = 8,
+    replicas: Annotated[int | None, typer.Option(min=1, help="Model replicas (Ray Serve deployment replicas; "
+                                                 "default 1).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Restore requests of the same size served by "
+                                                       "one forward pass (dynamic batching; 1 disables it; "
+                                                       "default 8).")] = None,
     token_env: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer <token>' on every route "
                                                   "but /healthz; the token is read from this environment "
                                                   "variable.")] = None,
-    cpus_per_replica: Annotated[float, typer.Option(min=0.01, help="CPUs Ray reserves per replica; also its "
-                                                    "torch threads (rounded, at least 1).")] = 1.0,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Largest image accepted, in pixels.")] = 16_000_000,
-    max_body_mb: Annotated[float, typer.Option(min=0.01, help="Largest request body, in MiB.")] = 64.0,
-    adapter_ttl: Annotated[float, typer.Option(min=1, help="Seconds an adapter lives after creation.")] = 3600.0,
+    cpus_per_replica: Annotated[float | None, typer.Option(min=0.01, help="CPUs Ray reserves per replica; also "
+                                                           "its torch threads (rounded, at least 1); default "
+                                                           "0.5 CPU, 1 thread.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help="Largest image accepted, in pixels (default "
+                                                   "16,000,000).")] = None,
+    max_body_mb: Annotated[float | None, typer.Option(min=0.01, help="Largest request body, in MiB (default "
+                                                      "64).")] = None,
+    adapter_ttl: Annotated[float | None, typer.Option(min=1, help="Seconds an adapter lives after creation "
+                                                      "(default 3600).")] = None,
+    adapter_dir: Annotated[str | None, typer.Option(help="Where adapters are kept across restarts: a directory "
+                                                    "or an fsspec URI such as s3://bucket/adapters (default "
+                                                    "~/.cache/metarestore/adapters).")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster to deploy on (auto, HOST:6379); default: "
                                                 "start a local Ray in this process.")] = None,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: "
@@ -114,16 +123,23 @@ def serve_command(
 
     from serving.app import AppArgs, build_app
 
+    if adapter_dir is not None and "://" not in adapter_dir:
+        adapter_dir = str(Path(adapter_dir).expanduser().resolve())  # replicas run in another directory
+    # Only what the user set: every default lives in AppArgs.
+    given = {"num_replicas": replicas, "num_cpus": cpus_per_replica, "max_batch_size": max_batch_size,
+             "max_pixels": max_pixels, "max_body_mb": max_body_mb, "adapter_ttl_s": adapter_ttl,
+             "adapter_dir": adapter_dir}
+    if cpus_per_replica is not None:
+        given["threads"] = max(1, round(cpus_per_replica))
     try:
-        args = AppArgs(model=model, tracking_uri=tracking, token=token, num_replicas=replicas,
-                       num_cpus=cpus_per_replica, threads=max(1, round(cpus_per_replica)),
-                       max_batch_size=max_batch_size, max_pixels=max_pixels, max_body_mb=max_body_mb,
-                       adapter_ttl_s=adapter_ttl)
+        args = AppArgs(model=model, tracking_uri=tracking, token=token,
+                       **{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise UserError(str(exc).splitlines()[-1]) from None
 
-    if not address and replicas * cpus_per_replica > (os.cpu_count() or 1):
-        raise UserError(f"{replicas} replica(s) x {cpus_per_replica:g} CPU need more than this machine's "
+    replicas = args.num_replicas or 1
+    if not address and replicas * args.num_cpus > (os.cpu_count() or 1):
+        raise UserError(f"{replicas} replica(s) x {args.num_cpus:g} CPU need more than this machine's "
                         f"{os.cpu_count()} CPUs: lower --replicas or --cpus-per-replica")
 
     import ray

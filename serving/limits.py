@@ -1,23 +1,27 @@
 """What the server accepts: body size, image formats and pixel counts, checked before any costly work.
 
-Decoding reads the image header first and refuses too many pixels before a single pixel is
-decompressed, so a small file that claims a huge image (a decompression bomb) costs nothing.
+Decoding reads the image header first and refuses too many pixels (or an extreme aspect ratio) before
+a single pixel is decompressed, so a small file that claims a huge image (a decompression bomb) costs
+nothing. Every PNG/JPEG mode becomes RGB in [0, 1] the way a viewer shows it: EXIF orientation applied,
+16-bit samples scaled (not clipped), palettes expanded, CMYK converted, transparency composited on
+white. The response is an 8-bit PNG: greyscale (``L``) when the input was greyscale, else RGB; never alpha.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
 from collections.abc import AsyncIterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from metarestore.data.images import to_chw_uint8, to_pil
+from metarestore.data.images import to_pil
 from metarestore.errors import UserError
 
 DEFAULT_MAX_PIXELS = 16_000_000  # 16 MP per image
@@ -25,28 +29,44 @@ DEFAULT_MAX_BODY_MB = 64.0
 FORMATS = ("PNG", "JPEG")  # the only decoders PIL may use on request bytes
 MEDIA_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/pjpeg"}
 MULTIPART = "multipart/form-data"
-GREY_MODES = ("L", "LA", "I", "I;16", "1", "F")
+GREY_MODES = ("L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "1", "F")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # more than 8 bits per sample
+DEFAULT_MAX_ASPECT = 32.0
 
 
 class ApiError(UserError):
     """A bad request: the server answers ``status`` with ``{"error": {"code", "message"}}``."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``max_bytes`` (declared or streamed)."""
+async def read_body(request: Request, max_bytes: int, idle_timeout_s: float | None = None,
+                    deadline_s: float | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_bytes`` (declared or streamed), and
+    with 408 when the client sends nothing for ``idle_timeout_s`` or is not done after ``deadline_s``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
+    loop = asyncio.get_running_loop()
+    end = None if deadline_s is None else loop.time() + deadline_s
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        waits = [t for t in (idle_timeout_s, None if end is None else end - loop.time()) if t is not None]
+        try:
+            chunk = await asyncio.wait_for(anext(stream), min(waits) if waits else None)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            await stream.aclose()
+            raise ApiError(408, "body_timeout", "the request body stopped arriving (or took too long); "
+                           "send it in one go") from None
         size += len(chunk)
         if size > max_bytes:
             raise _too_large(max_bytes)
@@ -78,10 +98,12 @@ def _sniff(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, max_pixels: int, what: str = "image") -> tuple[torch.Tensor, bool]:
+def decode_image(data: bytes, max_pixels: int, what: str = "image",
+                 max_aspect: float = DEFAULT_MAX_ASPECT) -> tuple[torch.Tensor, bool]:
     """PNG or JPEG bytes -> ((1, 3, H, W) float in [0, 1], was_grey).
 
-    Raises ApiError: 400 empty or corrupt, 415 another format, 413 more than ``max_pixels``.
+    Raises ApiError: 400 empty or corrupt, 415 another format, 413 more than ``max_pixels``,
+    422 a side more than ``max_aspect`` times the other (a 16,000,000 x 1 strip is thousands of tiles).
     """
     if not data:
         raise ApiError(400, "empty_body", f"{what} is empty")
@@ -95,13 +117,28 @@ def decode_image(data: bytes, max_pixels: int, what: str = "image") -> tuple[tor
                 if width * height > max_pixels:
                     raise ApiError(413, "too_many_pixels", f"{what} is {width}x{height} = "
                                    f"{width * height / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP")
+                if max(width, height) > max_aspect * min(width, height):
+                    raise ApiError(422, "extreme_aspect_ratio", f"{what} is {width}x{height}; one side may be "
+                                   f"at most {max_aspect:g} times the other")
                 grey = im.mode in GREY_MODES
-                rgb = np.asarray(im.convert("RGB"))
+                rgb = _as_rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError:  # PIL's own guard, when it trips before ours
         raise ApiError(413, "too_many_pixels", f"{what} has more than {max_pixels / 1e6:g} MP") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ApiError(400, "invalid_image", f"{what} is not a valid PNG or JPEG image ({exc})") from None
-    return to_chw_uint8(rgb)[None].float().div(255), grey
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous(), grey
+
+
+def _as_rgb(im: Image.Image) -> np.ndarray:
+    """Any PNG/JPEG mode -> (H, W, 3) float32 in [0, 1], as a viewer shows it on a white page."""
+    if im.mode in WIDE_MODES:  # 16-bit greyscale PNG (Pillow: I;16 or I): scale the full range
+        grey = np.asarray(im, dtype=np.float32) / 65535.0
+        return np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
+    if im.has_transparency_data:  # RGBA, LA, palette or colour-key transparency
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+        alpha = rgba[..., 3:]
+        return rgba[..., :3] * alpha + (1.0 - alpha)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # L, 1, P, RGB, CMYK, YCbCr
 
 
 def _not_png_or_jpeg(data: bytes, what: str) -> ApiError:
