@@ -16,6 +16,7 @@ import torch
 from conftest import smoke_config
 from metarestore.checkpoint import load_checkpoint
 from metarestore.engine import MetaTrainer, plan_step
+from tests.faults import slow_train_func
 from training.driver import train_distributed
 
 pytestmark = pytest.mark.slow
@@ -86,7 +87,8 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(ray_loc
     killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
     killer.start()
     faulty = train_distributed(smoke_config(out, *overrides), workers=2, tracking_uri=tracking_uri,
-                               register=False, extra={"pid_dir": str(pids), "step_delay_s": 1.0})
+                               register=False, extra={"pid_dir": str(pids), "step_delay_s": 1.0},
+                               train_loop=slow_train_func)
     killer.join(timeout=5)
     assert "pid" in killed, "the worker was killed mid-run"
     assert int((pids / "rank1.pid").read_text()) != killed["pid"], "the worker group was restarted"

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cluster.ray_runtime import init_ray
@@ -34,8 +35,10 @@ def absolute_paths(cfg: Config) -> Config:
 
 def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignment: list[list[str]],
                   tracking_uri: str, mlflow_run_id: str | None, run_name: str, storage_path: str,
-                  callbacks: list | None = None, extra: dict[str, Any] | None = None):
-    """A TorchTrainer for this experiment (also used by every Ray Tune trial)."""
+                  callbacks: list | None = None, extra: dict[str, Any] | None = None,
+                  train_loop: Callable[[dict[str, Any]], None] | None = None):
+    """A TorchTrainer for this experiment (also used by every Ray Tune trial). ``train_loop``: the
+    per-worker function (default ``training.worker.train_func``; fault-injection tests wrap it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -48,7 +51,7 @@ def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignme
                    "mlflow_run_id": mlflow_run_id, "threads": max(1, int(cfg.distributed.cpus_per_worker)),
                    "use_gpu": gpus_per_worker > 0, **(extra or {})}
     return TorchTrainer(
-        train_func, train_loop_config=loop_config,
+        train_loop or train_func, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
@@ -57,7 +60,8 @@ def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignme
 
 def train_distributed(cfg: Config, workers: int | None = None, gpus_per_worker: float | None = None,
                       address: str | None = None, tracking_uri: str | None = None, resume: bool = False,
-                      register: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      register: bool = True, extra: dict[str, Any] | None = None,
+                      train_loop: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     cfg = absolute_paths(cfg)
     uri = open_store(tracking_uri or cfg.tracking.uri)  # a down server is a clear error now, before any Ray work
     workers = workers or cfg.distributed.workers
@@ -91,7 +95,7 @@ def train_distributed(cfg: Config, workers: int | None = None, gpus_per_worker: 
         init_ray(address)
         trainer = build_trainer(cfg, workers=workers, gpus_per_worker=gpus, assignment=state["assignment"],
                                 tracking_uri=uri, mlflow_run_id=logger.run_id, run_name=state["run_name"],
-                                storage_path=state["storage_path"], extra=extra)
+                                storage_path=state["storage_path"], extra=extra, train_loop=train_loop)
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
