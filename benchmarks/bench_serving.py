@@ -151,7 +151,7 @@ def main() -> None:
     forward = forward_times(model, args.tracking_uri, args.threads, max(20, args.requests // 2))
     bodies = [png(c) for c in crops(256, args.requests)]
 
-    from training.driver import init_ray
+    from cluster.ray_runtime import init_ray
 
     init_ray(num_cpus=2)
     with socket.socket() as sock:

@@ -1,4 +1,4 @@
-"""CLI commands of the `evaluation` package, added to `metarestore` by `register(app)`.
+"""CLI commands of the `evaluation` package (``showcase``, ``evaluate``), added to `metarestore` by `register(app)`.
 
 Only typer at import time: heavy imports belong inside the command functions.
 """
@@ -28,8 +28,29 @@ def _numbers(text: str, flag: str, kind: type) -> list:
     return values
 
 
+def showcase(
+    model: Annotated[str, typer.Option(help="Checkpoint directory or MLflow model URI.")],
+    out: Annotated[Path, typer.Option(help="Folder for showcase.png.")] = Path("runs/showcase"),
+    severity: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    shots: Annotated[int, typer.Option(min=1, max=16, help="Support pairs for held-out families.")] = 4,
+    steps: Annotated[int, typer.Option(min=0, max=50, help="adapt() steps for held-out families.")] = 5,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: "
+                                                     "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+) -> None:
+    """Restore held-out images for every family and print PSNR before and after (``make demo``)."""
+    from evaluation.showcase import format_rows
+    from evaluation.showcase import showcase as run_showcase
+    from metarestore.hub import load_model
+
+    learner, metadata, _ = load_model(model, tracking_uri)
+    rows = run_showcase(learner, metadata, out, severity=severity, shots=shots, steps=steps)
+    typer.echo(format_rows(rows))
+    typer.echo(f"grid: {out / 'showcase.png'}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the metarestore CLI."""
+    app.command()(showcase)
 
     @app.command(context_settings={"allow_extra_args": True})
     def evaluate(

@@ -261,7 +261,7 @@ def run_units(units: list[Unit], datasets: list[Dataset], specs: list[ModelSpec]
     import ray
     from tqdm import tqdm
 
-    from training.driver import init_ray
+    from cluster.ray_runtime import init_ray
 
     started = init_ray(req.address)
     try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metarestore import degradations
 from metarestore.config import from_dict
 from metarestore.data import PatchSampler, load_images
-from metarestore.degradations.base import cpu_generator, reseed
+from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.engine import validation_images
-from metarestore.meta import MetaLearner, psnr
+from metarestore.fewshot import Task, few_shot
+from metarestore.meta import MetaLearner
 from metarestore.viz import save_grid
 
 
@@ -22,25 +22,23 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
     support = PatchSampler(load_images(cfg.data.train, "train"), size, augment=False)
     rows, grid = [], []
     device = next(learner.parameters()).device
-    for i, name in enumerate([*trained, *held_out]):
-        family = degradations.get(name)
-        g = cpu_generator(seed * 7907 + i)
-        params = family.sample(severity, g)
+    for name in [*trained, *held_out]:
+        task = Task.sample(name, severity, seed, "showcase", name)
+        g = cpu_generator(stable_seed(seed, "showcase", name, "patches"))
         clean = query.sample(2, g).to(device)
-        degraded = family(clean, reseed(params, 1))
-        zero_shot = learner.restore(degraded)
-        row = {"family": name, "held_out": name in held_out, "psnr_input": psnr(degraded, clean),
-               "psnr_restored": psnr(zero_shot, clean)}
-        images = [degraded[0], zero_shot[0]]
+        degraded = task.degrade(clean)
+        pairs = None
         if name in held_out:
             support_y = support.sample(shots, g).to(device)
-            fast = learner.adapt(family(support_y, params), support_y, steps=steps)
-            adapted = learner.restore(degraded, fast)
-            row["psnr_adapted"] = psnr(adapted, clean)
-            images.append(adapted[0])
-        else:
-            images.append(None)
-        grid.append((name + (" (held out)" if name in held_out else ""), [*images, clean[0]]))
+            pairs = (task.degrade_support(support_y), support_y)
+        run = few_shot(learner, degraded, pairs, steps=steps, query_y=clean)
+        row = {"family": name, "held_out": name in held_out, "psnr_input": run.scores["input"],
+               "psnr_restored": run.scores["zero_shot"]}
+        if "adapted" in run.scores:
+            row["psnr_adapted"] = run.scores["adapted"]
+        adapted = None if run.adapted is None else run.adapted[0]
+        grid.append((name + (" (held out)" if name in held_out else ""), [degraded[0], run.zero_shot[0], adapted,
+                                                                          clean[0]]))
         rows.append(row)
     out_dir = Path(out_dir)
     save_grid(grid, ["degraded", "restored", f"adapted ({shots} shots)", "clean"], out_dir / "showcase.png",

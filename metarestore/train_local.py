@@ -11,19 +11,14 @@ from pathlib import Path
 from metarestore.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints
 from metarestore.config import Config
 from metarestore.engine import MetaTrainer
-from metarestore.errors import UserError
-from metarestore.loop import LoopHooks, archive_existing, finalize, run_loop, run_params, write_checkpoint
-from metarestore.tracking import RunLogger, check_reachable, resolve_uri
-
-
-class ResumeError(UserError, RuntimeError):
-    """Nothing to resume."""
+from metarestore.errors import ResumeError
+from metarestore.loop import LoopHooks, finalize, run_loop, run_params, write_checkpoint
+from metarestore.runs import open_store, tracked_run
 
 
 def train_local(cfg: Config, tracking_uri: str | None = None, resume: bool = False, progress: bool = True,
                 register: bool = True) -> dict:
-    uri = resolve_uri(tracking_uri or cfg.tracking.uri)
-    check_reachable(uri)
+    uri = open_store(tracking_uri or cfg.tracking.uri)
     out = cfg.output_dir
     checkpoints = out / "checkpoints"
     trainer = MetaTrainer(cfg)
@@ -36,15 +31,6 @@ def train_local(cfg: Config, tracking_uri: str | None = None, resume: bool = Fal
         trainer.load_state(ckpt)
         run_id = ckpt.training_state.get("mlflow_run_id")
         print(f"resuming from {found[-1]} (step {trainer.step})", flush=True)
-    else:
-        archived = archive_existing(out)
-        if archived:
-            print(f"previous output moved to {archived}", flush=True)
-    logger = RunLogger(uri, cfg.tracking.experiment, cfg.name, run_id=run_id, tags={"mode": "local"})
-    if run_id is None:
-        logger.params(run_params(cfg, workers=1, extra={"mode": "local", "device": str(trainer.device)}))
-    print(f"MLflow run {logger.run_id} at {uri} | device {trainer.device} | "
-          f"{len(cfg.families.train)} families x {cfg.meta.tasks_per_family} task(s) per step", flush=True)
 
     def keep(step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
@@ -55,15 +41,15 @@ def train_local(cfg: Config, tracking_uri: str | None = None, resume: bool = Fal
             shutil.move(str(checkpoint_dir), target)
             prune_checkpoints(checkpoints, cfg.train.keep_checkpoints)
 
-    extra = {"mlflow_run_id": logger.run_id}
-    try:
+    with tracked_run(uri, cfg.tracking.experiment, cfg.name, run_id=run_id, tags={"mode": "local"},
+                     params=lambda: run_params(cfg, workers=1, extra={"mode": "local", "device": str(trainer.device)}),
+                     archive=None if resume else out) as logger:
+        print(f"MLflow run {logger.run_id} at {uri} | device {trainer.device} | "
+              f"{len(cfg.families.train)} families x {cfg.meta.tasks_per_family} task(s) per step", flush=True)
+        extra = {"mlflow_run_id": logger.run_id}
         metrics = run_loop(trainer, LoopHooks(chief=True, report=keep, extra_state=extra), logger, progress)
         final = write_checkpoint(trainer, out / "final", extra)
         info = finalize(cfg, final, logger, register, out)
-    except BaseException as exc:
-        logger.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    logger.finish()
     return {**info, "run_id": logger.run_id, "tracking_uri": uri, "metrics": metrics, "output_dir": str(out)}
 
 

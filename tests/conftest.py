@@ -19,7 +19,7 @@ def ray_local():
     """A real Ray instance on 127.0.0.1 with token authentication left on (Ray 2.60's default)."""
     import ray
 
-    from training.driver import init_ray
+    from cluster.ray_runtime import init_ray
 
     # the dashboard stays on: without its State API, placement groups of trials ASHA stops early leak
     init_ray(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

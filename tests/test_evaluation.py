@@ -156,7 +156,7 @@ def test_bad_input_gives_one_error_line(workdir):
         "protocol cbsd68-awgn needs --data": ["--model", model, "--protocol", "cbsd68-awgn"],
         "model not found": ["--model", model],
     }
-    procs = {message: subprocess.Popen([sys.executable, "-m", "metarestore.cli", "evaluate", "--no-track", *args],
+    procs = {message: subprocess.Popen([sys.executable, "-m", "metarestore_cli", "evaluate", "--no-track", *args],
                                        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for message, args in cases.items()}
     for message, proc in procs.items():

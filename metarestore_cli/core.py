@@ -1,25 +1,18 @@
-"""The ``metarestore`` command. Heavy imports (torch, Ray, MLflow) happen inside commands so that
-``--help`` is instant; user mistakes print one ``error:`` line and exit 2, never a traceback."""
+"""The core's commands (families, degrade, restore, info), added to ``metarestore`` by ``register(app)``.
+
+They live here, not in ``metarestore/``, because the core has no command line; ``restore --endpoint`` also
+reaches the serving client. Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from metarestore.errors import UserError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Meta-trained adaptable image restoration: train, tune, evaluate and serve.")
-
 TrackingUri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI "
                         "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")]
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Experiment YAML (see configs/).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set train.steps=50 "
-                   "(repeatable; the value is YAML).")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -27,7 +20,6 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-@app.command()
 def families(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
     """List the degradation families with their parameters and ranges."""
     from metarestore import degradations
@@ -42,7 +34,6 @@ def families(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON 
             typer.echo(f"{'':<17}{key:<12} {spec['min']:g} .. {spec['max']:g}   {spec['description']}")
 
 
-@app.command()
 def degrade(
     image: Annotated[Path, typer.Argument(help="Input image (PNG, JPEG, BMP, TIFF).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the degraded image.")],
@@ -65,39 +56,6 @@ def degrade(
     typer.echo(f"{output}: {fam.name} severity {severity:g} | PSNR {psnr(y, x):.2f} dB | params {json.dumps(params)}")
 
 
-@app.command()
-def train(
-    config: ConfigOpt = Path("configs/demo.yaml"),
-    local: Annotated[bool, typer.Option("--local", help="One process, no Ray (the reference implementation).")] = False,
-    workers: Annotated[int | None, typer.Option(min=1, help="Ray Train workers (default: distributed.workers).")] = None,
-    gpus_per_worker: Annotated[float | None, typer.Option(min=0.0, help="GPUs per worker (0: CPU).")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster: auto, ray://HOST:10001 or HOST:6379 "
-                                                "(default: start a local Ray in this process).")] = None,
-    tracking_uri: TrackingUri = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder.")] = False,
-    set_: SetOpt = None,
-    register: Annotated[bool, typer.Option(help="Register the final model in the MLflow Model Registry.")] = True,
-) -> None:
-    """Meta-train a restorer: Ray Train over family-sharded workers, or --local in one process."""
-    from metarestore.config import load_config
-
-    cfg = load_config(config, set_ or [])
-    if local:
-        from metarestore.train_local import train_local
-
-        info = train_local(cfg, tracking_uri=tracking_uri, resume=resume, register=register)
-    else:
-        from training.driver import train_distributed
-
-        info = train_distributed(cfg, workers=workers, gpus_per_worker=gpus_per_worker, address=address,
-                                 tracking_uri=tracking_uri, resume=resume, register=register)
-    typer.echo(f"checkpoint: {info['checkpoint']}")
-    if info.get("model_uri"):
-        typer.echo(f"registered: {info['model_uri']} (also models:/{info['model_name']}@latest)")
-    typer.echo(f"MLflow run: {info['run_id']} at {info['tracking_uri']}")
-
-
-@app.command()
 def restore(
     image: Annotated[Path, typer.Argument(help="Degraded input image.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the restored image.")],
@@ -137,7 +95,6 @@ def restore(
     typer.echo(f"{output}: restored with {ref.name or ref.path}{version} ({metadata['algorithm']}, step {metadata['step']})")
 
 
-@app.command()
 def info(model: Annotated[str, typer.Argument(help="Checkpoint directory or MLflow model URI.")],
          tracking_uri: TrackingUri = None) -> None:
     """Show a model's metadata: families, algorithm, inner learning rates, parameter counts."""
@@ -153,50 +110,7 @@ def info(model: Annotated[str, typer.Argument(help="Checkpoint directory or MLfl
     typer.echo(json.dumps(shown, indent=1))
 
 
-@app.command()
-def showcase(
-    model: Annotated[str, typer.Option(help="Checkpoint directory or MLflow model URI.")],
-    out: Annotated[Path, typer.Option(help="Folder for showcase.png.")] = Path("runs/showcase"),
-    severity: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
-    shots: Annotated[int, typer.Option(min=1, max=16, help="Support pairs for held-out families.")] = 4,
-    steps: Annotated[int, typer.Option(min=0, max=50, help="adapt() steps for held-out families.")] = 5,
-    tracking_uri: TrackingUri = None,
-) -> None:
-    """Restore held-out images for every family and print PSNR before and after (``make demo``)."""
-    from evaluation.showcase import format_rows
-    from evaluation.showcase import showcase as run_showcase
-    from metarestore.hub import load_model
-
-    learner, metadata, _ = load_model(model, tracking_uri)
-    rows = run_showcase(learner, metadata, out, severity=severity, shots=shots, steps=steps)
-    typer.echo(format_rows(rows))
-    typer.echo(f"grid: {out / 'showcase.png'}")
-
-
-def _register_packages() -> None:
-    """training (tune), serving (serve, adapt), evaluation (evaluate) and cluster (submit, jobs) commands."""
-    from cluster.commands import register as register_cluster
-    from evaluation.commands import register as register_evaluation
-    from serving.commands import register as register_serving
-    from training.commands import register as register_training
-
-    for register in (register_training, register_serving, register_evaluation, register_cluster):
-        register(app)
-
-
-_register_packages()
-
-
-def main() -> None:
-    try:
-        app()
-    except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    """Add the core's commands to the metarestore CLI."""
+    for command in (families, degrade, restore, info):
+        app.command()(command)
