@@ -6,14 +6,14 @@ import torch
 
 from metarestore.config import MetaConfig
 from metarestore.fewshot import Task, few_shot
-from metarestore.meta import MetaLearner
+from metarestore.meta import MetaLearner, make_learner
 from metarestore.model import RestorationNet
 
 
 def tiny_learner(steps: int = 5) -> MetaLearner:
     torch.manual_seed(0)
     model = RestorationNet(width=4, enc_blocks=(1,), middle_blocks=1, dec_blocks=(1,), adapt="decoder")
-    return MetaLearner(model, MetaConfig(algorithm="fomaml", inner_steps=steps, inner_lr={"default": 0.05})).eval()
+    return make_learner(model, MetaConfig(algorithm="fomaml", inner_steps=steps, inner_lr={"default": 0.05})).eval()
 
 
 def test_support_shares_the_task_but_not_its_noise():
