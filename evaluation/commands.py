@@ -29,7 +29,8 @@ def _numbers(text: str, flag: str, kind: type) -> list:
 
 
 def showcase(
-    model: Annotated[str, typer.Option(help="Checkpoint directory or MLflow model URI.")],
+    model: Annotated[str, typer.Option(help="builtin:base (the default), a checkpoint directory or an MLflow "
+                                       "model URI.")] = "builtin:base",
     out: Annotated[Path, typer.Option(help="Folder for showcase.png.")] = Path("runs/showcase"),
     severity: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
     shots: Annotated[int, typer.Option(min=1, max=16, help="Support pairs for held-out families.")] = 4,
@@ -55,8 +56,9 @@ def register(app: typer.Typer) -> None:
     @app.command(context_settings={"allow_extra_args": True})
     def evaluate(
         ctx: typer.Context,
-        model: Annotated[str, typer.Option(help="Model under test: checkpoint directory, models:/NAME@ALIAS, "
-                                           "models:/NAME/VERSION or runs:/RUN_ID/PATH.")],
+        model: Annotated[str, typer.Option(help="Model under test: builtin:base (the default), a checkpoint "
+                                           "directory, models:/NAME@ALIAS, models:/NAME/VERSION or "
+                                           "runs:/RUN_ID/PATH.")] = "builtin:base",
         data: Annotated[list[str] | None, typer.Option(
             "--data", metavar="DIR", help="Image folder(s) or 'embedded' (scikit-image validation samples): --data A B, "
                            "--data A --data B or --data A,B. Default: embedded.")] = None,

@@ -83,13 +83,30 @@ class ValidationResult:
     examples: list[tuple[str, list[torch.Tensor]]]  # family -> [degraded, zero-shot, adapted, clean]
 
 
+def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
+    """``train.init``: the weights to fine-tune from. The network's shape comes from that model, so
+    ``cfg.model`` is set to its model section (a fine-tune cannot change the architecture)."""
+    if not cfg.train.init:
+        return None
+    from metarestore.checkpoint import load_checkpoint
+    from metarestore.config import from_dict
+    from metarestore.hub import resolve
+
+    ckpt = load_checkpoint(resolve(cfg.train.init, cfg.tracking.uri).path)
+    cfg.model = from_dict(ckpt.metadata["config"]).model
+    return ckpt.model
+
+
 class MetaTrainer:
     """Model, learner, optimizer and episode sampler for one meta-training run."""
 
     def __init__(self, cfg: Config, device: torch.device | str | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
+        init = initial_weights(cfg)
         self.learner = build_learner(cfg, self.device)
+        if init is not None:
+            self.learner.model.load_state_dict({k: v.to(self.device) for k, v in init.items()})
         self.model = self.learner.model
         self.params = [p for p in self.learner.parameters()]
         self.optimizer = build_optimizer(self.params, cfg)

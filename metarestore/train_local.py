@@ -17,20 +17,27 @@ from metarestore.runs import open_store, tracked_run
 
 
 def train_local(cfg: Config, tracking_uri: str | None = None, resume: bool = False, progress: bool = True,
-                register: bool = True) -> dict:
+                register: bool = True, resume_from: str | Path | None = None) -> dict:
+    """``resume``: continue from the newest checkpoint in the output folder (and its MLflow run);
+    ``resume_from``: continue from a checkpoint folder copied from elsewhere (another machine, a commit)
+    in a new MLflow run."""
     uri = open_store(tracking_uri or cfg.tracking.uri)
     out = cfg.output_dir
     checkpoints = out / "checkpoints"
     trainer = MetaTrainer(cfg)
     run_id = None
-    if resume:
+    source = Path(resume_from) if resume_from is not None else None
+    if resume and source is None:
         found = list_checkpoints(checkpoints)
         if not found:
             raise ResumeError(f"nothing to resume: no checkpoint under {checkpoints}")
-        ckpt = load_checkpoint(found[-1], training=True, device=str(trainer.device))
+        source = found[-1]
+    if source is not None:
+        ckpt = load_checkpoint(source, training=True, device=str(trainer.device))
         trainer.load_state(ckpt)
-        run_id = ckpt.training_state.get("mlflow_run_id")
-        print(f"resuming from {found[-1]} (step {trainer.step})", flush=True)
+        if resume_from is None:
+            run_id = ckpt.training_state.get("mlflow_run_id")
+        print(f"resuming from {source} (step {trainer.step})", flush=True)
 
     def keep(step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
@@ -43,7 +50,7 @@ def train_local(cfg: Config, tracking_uri: str | None = None, resume: bool = Fal
 
     with tracked_run(uri, cfg.tracking.experiment, cfg.name, run_id=run_id, tags={"mode": "local"},
                      params=lambda: run_params(cfg, workers=1, extra={"mode": "local", "device": str(trainer.device)}),
-                     archive=None if resume else out) as logger:
+                     archive=None if source is not None else out) as logger:
         print(f"MLflow run {logger.run_id} at {uri} | device {trainer.device} | "
               f"{len(cfg.families.train)} families x {cfg.meta.tasks_per_family} task(s) per step", flush=True)
         extra = {"mlflow_run_id": logger.run_id}

@@ -59,8 +59,8 @@ def degrade(
 def restore(
     image: Annotated[Path, typer.Argument(help="Degraded input image.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the restored image.")],
-    model: Annotated[str | None, typer.Option(help="Checkpoint directory, models:/NAME@ALIAS, models:/NAME/VERSION "
-                                              "or runs:/RUN_ID/PATH.")] = None,
+    model: Annotated[str | None, typer.Option(help="The model: builtin:base (the default), a checkpoint directory, "
+                                              "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH.")] = None,
     endpoint: Annotated[str | None, typer.Option(help="A metarestore server URL instead of a local model.")] = None,
     adapter: Annotated[str | None, typer.Option(help="Adapter id (with --endpoint).")] = None,
     token: Annotated[str | None, typer.Option(envvar="METARESTORE_TOKEN", help="Bearer token for --endpoint.")] = None,
@@ -69,8 +69,8 @@ def restore(
     tile: Annotated[int, typer.Option(min=64, help="Tile size for large images.")] = 512,
 ) -> None:
     """Restore an image with a local model or through a running server."""
-    if (model is None) == (endpoint is None):
-        fail("give exactly one of --model or --endpoint")
+    if model is not None and endpoint is not None:
+        fail("give --model or --endpoint, not both")
     if endpoint is not None:
         from serving.client import RestorerClient
 
@@ -83,19 +83,20 @@ def restore(
         fail("--adapter needs --endpoint (adapters live on the server)")
     from metarestore.data import read_image, write_image
     from metarestore.engine import resolve_device
-    from metarestore.hub import load_model
+    from metarestore.hub import DEFAULT_MODEL, load_model
     from metarestore.inference import restore_image
 
     dev = resolve_device(device)
     clean, grey = read_image(image)
-    learner, metadata, ref = load_model(model, tracking_uri, dev)
+    learner, metadata, ref = load_model(model or DEFAULT_MODEL, tracking_uri, dev)
     y = restore_image(learner, clean[None].float().div(255).to(dev), tile=tile)
     write_image(output, y, grey=grey)
     version = f" version {ref.version}" if ref.version else ""
     typer.echo(f"{output}: restored with {ref.name or ref.path}{version} ({metadata['algorithm']}, step {metadata['step']})")
 
 
-def info(model: Annotated[str, typer.Argument(help="Checkpoint directory or MLflow model URI.")],
+def info(model: Annotated[str, typer.Argument(help="builtin:base, a checkpoint directory or an MLflow model "
+                                               "URI.")] = "builtin:base",
          tracking_uri: TrackingUri = None) -> None:
     """Show a model's metadata: families, algorithm, inner learning rates, parameter counts."""
     from metarestore.hub import read_metadata, resolve

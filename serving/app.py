@@ -45,7 +45,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Checkpoint directory, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/...")
+    model: str = Field("builtin:base", description="builtin:base (the shipped model), a checkpoint directory, "
+                       "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/...")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ and runs:/ URIs.")
     token: SecretStr | None = Field(None, description="Bearer token required on every route but /healthz.")
     token_env: str | None = Field(None, description="Read the token from this environment variable of the "

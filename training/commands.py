@@ -26,17 +26,30 @@ def train(
                                                 "(default: start a local Ray in this process).")] = None,
     tracking_uri: TrackingUri = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder.")] = False,
+    resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint "
+                                                     "folder (e.g. checkpoints/base-training), in a new MLflow "
+                                                     "run (--local only).")] = None,
+    init: Annotated[str | None, typer.Option("--init", help="Fine-tune from a model: base (the shipped "
+                                             "model), builtin:NAME, models:/..., runs:/... or a folder. The "
+                                             "network's shape comes from it.")] = None,
     set_: SetOpt = None,
     register: Annotated[bool, typer.Option(help="Register the final model in the MLflow Model Registry.")] = True,
 ) -> None:
     """Meta-train a restorer: Ray Train over family-sharded workers, or --local in one process."""
     from metarestore.config import load_config
+    from metarestore.errors import UserError
 
-    cfg = load_config(config, set_ or [])
+    overrides = list(set_ or [])
+    if init is not None:
+        overrides.append(f"train.init={init if ':' in init or '/' in init else 'builtin:' + init}")
+    cfg = load_config(config, overrides)
+    if resume_from is not None and not local:
+        raise UserError("--resume-from needs --local (Ray training resumes from its own storage with --resume)")
     if local:
         from metarestore.train_local import train_local
 
-        info = train_local(cfg, tracking_uri=tracking_uri, resume=resume, register=register)
+        info = train_local(cfg, tracking_uri=tracking_uri, resume=resume, register=register,
+                           resume_from=resume_from)
     else:
         from training.driver import train_distributed
 
