@@ -173,6 +173,22 @@ def showcase(
     typer.echo(f"grid: {out / 'showcase.png'}")
 
 
+@app.command()
+def export(
+    model: Annotated[str, typer.Option(help="Checkpoint directory or MLflow model URI.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The file to write (.onnx, .pt).")],
+    format: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    adapter: Annotated[Path | None, typer.Option(help="Adapter file (safetensors deltas) merged into the weights.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Export the model (an adapter merged in) to ONNX or TorchScript, with dynamic batch, height and width."""
+    from metarestore.export import export as run_export
+
+    info = run_export(model, format, output, adapter=adapter, tracking_uri=tracking_uri)
+    typer.echo(f"{info['path']}: {info['format']}, {info['bytes'] / 2**20:.1f} MiB; input '{info['input']}' "
+               f"(N, 3, H, W) float32 in [0, 1], H and W >= {info['min_size']}; output '{info['output']}'")
+
+
 def _register_packages() -> None:
     """training (tune), serving (serve, adapt), evaluation (evaluate) and cluster (submit, jobs) commands."""
     from cluster.commands import register as register_cluster
