@@ -104,7 +104,7 @@ function setInput(blob, name) {
 async function restore() {
   if (!state.input) return;
   clearError();
-  const adapter = $("adapter-select").value;
+  const input = state.input, adapter = $("adapter-select").value;
   document.body.dataset.restore = "working";
   $("restore-button").disabled = true;
   $("restore-state").textContent = "restoring…";
@@ -112,9 +112,14 @@ async function restore() {
   try {
     const query = adapter ? "?adapter=" + encodeURIComponent(adapter) : "";
     const response = await api("v1/restore" + query, {
-      method: "POST", body: state.input, headers: { "Content-Type": state.input.type || "application/octet-stream" },
+      method: "POST", body: input, headers: { "Content-Type": input.type || "application/octet-stream" },
     });
     const blob = await response.blob();
+    if (state.input !== input) {  // another image was chosen meanwhile: never show a result beside the wrong input
+      $("restore-state").textContent = "the image changed while it was restored: restore again";
+      document.body.dataset.restore = "stale";
+      return;
+    }
     if (state.afterUrl) URL.revokeObjectURL(state.afterUrl);
     state.afterUrl = URL.createObjectURL(blob);
     $("after").src = state.afterUrl;
