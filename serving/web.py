@@ -16,7 +16,7 @@ import json
 import threading
 from pathlib import Path
 
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 ASSETS = Path(__file__).parent / "web"
@@ -56,6 +56,9 @@ class PageMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
             path, root = scope["path"], scope.get("root_path", "")
+            if root and path == root.rstrip("/"):  # /prefix -> /prefix/: the page's relative links need the slash
+                await RedirectResponse(root.rstrip("/") + "/", status_code=308)(scope, receive, send)
+                return
             if root and path.startswith(root):
                 path = path[len(root):] or "/"
             found = await _lookup(path)

@@ -71,8 +71,8 @@ def server(ray_local, perturbed_smoke_checkpoint):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"model": perturbed_smoke_checkpoint, "token": TOKEN, "num_cpus": 0.5, "tile": 256}),
-                  name="restorer-web", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+                  name="restorer-web", route_prefix="/restorer")  # a prefix: the page's URLs are relative
+        yield f"http://127.0.0.1:{port}/restorer"
     finally:
         serve.shutdown()
 
@@ -122,7 +122,9 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
 
     driver = browser
     # the page needs no token; the API does, and the page says so
-    driver.get(server + "/")
+    redirect = requests.get(server, allow_redirects=False, timeout=60)
+    assert redirect.status_code == 308 and redirect.headers["location"].endswith("/restorer/")
+    driver.get(server)
     assert driver.title == "metarestore"
     WebDriverWait(driver, 60).until(lambda d: not d.find_element(By.ID, "message").get_attribute("hidden"))
     assert "unauthorized" in text(driver, "message") and "HTTP 401" in text(driver, "message")
