@@ -42,6 +42,9 @@ const HINTS = {
   unsupported_format: "Send a PNG or JPEG.",
   unsupported_media_type: "Send a PNG or JPEG.",
   invalid_image: "The file is not a readable PNG or JPEG.",
+  pair_size_mismatch: "Each degraded image must have the size of its clean image.",
+  too_many_shots: "Use fewer pairs.",
+  too_many_steps: "Use fewer steps.",
 };
 
 function showError(err, what) {
