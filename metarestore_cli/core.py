@@ -1,4 +1,4 @@
-"""The core's commands (families, degrade, restore, info), added to ``metarestore`` by ``register(app)``.
+"""The core's commands (families, degrade, restore, info, export), added to ``metarestore`` by ``register(app)``.
 
 They live here, not in ``metarestore/``, because the core has no command line; ``restore --endpoint`` also
 reaches the serving client. Heavy imports happen inside the commands."""
@@ -111,7 +111,23 @@ def info(model: Annotated[str, typer.Argument(help="builtin:base, a checkpoint d
     typer.echo(json.dumps(shown, indent=1))
 
 
+def export(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The file to write (.onnx, .pt).")],
+    model: Annotated[str, typer.Option(help="builtin:base (the default), a checkpoint directory or an MLflow "
+                                       "model URI.")] = "builtin:base",
+    format: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    adapter: Annotated[Path | None, typer.Option(help="Adapter file (safetensors deltas) merged into the weights.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Export the model (an adapter merged in) to ONNX or TorchScript, with dynamic batch, height and width."""
+    from metarestore.export import export as run_export
+
+    info = run_export(model, format, output, adapter=adapter, tracking_uri=tracking_uri)
+    typer.echo(f"{info['path']}: {info['format']}, {info['bytes'] / 2**20:.1f} MiB; input '{info['input']}' "
+               f"(N, 3, H, W) float32 in [0, 1], H and W >= {info['min_size']}; output '{info['output']}'")
+
+
 def register(app: typer.Typer) -> None:
     """Add the core's commands to the metarestore CLI."""
-    for command in (families, degrade, restore, info):
+    for command in (families, degrade, restore, info, export):
         app.command()(command)

@@ -38,6 +38,7 @@ from serving.limits import (
     parse_form,
     read_body,
 )
+from serving.web import add_page
 
 
 class AppArgs(BaseModel):
@@ -170,6 +171,9 @@ async def _authenticate(request: Request, call_next):
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             return error_response(401, "unauthorized", "missing or wrong bearer token")
     return await call_next(request)
+
+
+add_page(app)  # the web page at /: added last, so it answers before authentication (it holds no secret)
 
 
 @dataclass

@@ -143,6 +143,27 @@ def test_baseline_names_are_checked():
     assert baselines.for_family("gaussian_noise+jpeg") == []
 
 
+def test_bm3d_without_its_extra_is_named_by_its_extra_and_licence(monkeypatch):
+    assert baselines.missing("bm3d") is None, "the dev extra installs bm3d"
+    monkeypatch.setitem(sys.modules, "bm3d", None)  # what `import bm3d` sees when it is not installed
+    with pytest.raises(baselines.MissingExtraError, match=r"metarestore\[baselines\].*non-commercial"):
+        baselines.parse("wiener,bm3d")
+    everything = baselines.parse("all")
+    assert "bm3d" not in everything and set(everything) == set(baselines.names()) - {"bm3d"}
+    assert baselines.for_family("gaussian_noise", everything) == []
+
+
+def test_evaluate_bm3d_without_its_extra_is_one_error_line(workdir):
+    blocked = ("import sys; sys.modules['bm3d'] = None; sys.argv = ['metarestore', *sys.argv[1:]]; "
+               "from metarestore.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", blocked, "evaluate", "--no-track", "--model", str(workdir / "m"),
+                           "--baselines", "bm3d"], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: baseline 'bm3d' needs the optional extra: pip install 'metarestore[baselines]' "
+        "(bm3d's licence: free for non-commercial use only)"]
+
+
 # the CLI: one clear line for bad input -------------------------------------------------------------
 def test_bad_input_gives_one_error_line(workdir):
     """Every check runs before the model is loaded (except the model's own), so no real model is needed."""
