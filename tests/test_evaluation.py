@@ -155,7 +155,7 @@ def test_bm3d_without_its_extra_is_named_by_its_extra_and_licence(monkeypatch):
 
 def test_evaluate_bm3d_without_its_extra_is_one_error_line(workdir):
     blocked = ("import sys; sys.modules['bm3d'] = None; sys.argv = ['metarestore', *sys.argv[1:]]; "
-               "from metarestore.cli import main; main()")
+               "from metarestore_cli.app import main; main()")
     proc = subprocess.run([sys.executable, "-c", blocked, "evaluate", "--no-track", "--model", str(workdir / "m"),
                            "--baselines", "bm3d"], cwd=workdir, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
