@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-local test test-fast lint benchmarks clean
+.PHONY: setup demo demo-local test test-fast lint benchmarks base-train base-snapshot clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,18 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The shipped base model (docs/model-card-base.md): continue its training from the committed state, on any
+# machine (a GPU is used when there is one), then snapshot it: the resumable state goes to
+# checkpoints/base-training (commit it) and the weights alone to metarestore/weights/base (builtin:base).
+base-train: setup
+	$(BIN)/metarestore train --local --config configs/base.yaml --no-register \
+	  $$(test -d runs/base/checkpoints && echo --resume || echo --resume-from checkpoints/base-training)
+
+base-snapshot: setup
+	latest=$$(ls -d runs/base/checkpoints/step-* | tail -1) && rm -rf checkpoints/base-training && \
+	  mkdir -p checkpoints && cp -r $$latest checkpoints/base-training
+	$(BIN)/python -m metarestore.checkpoint publish checkpoints/base-training metarestore/weights/base
 
 # Timing benchmarks for docs/benchmarks.md: run on a quiet machine.
 benchmarks: setup
