@@ -46,6 +46,9 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
     return rows
 
 
+IMPROVED_DB = 0.5  # a family counts as improved only from this gain on: smaller is within the noise
+
+
 def format_rows(rows: list[dict]) -> str:
     lines = [f"{'family':<28}{'input':>9}{'restored':>10}{'adapted':>9}{'gain':>8}"]
     for r in rows:
@@ -53,6 +56,9 @@ def format_rows(rows: list[dict]) -> str:
         adapted = f"{r['psnr_adapted']:9.2f}" if "psnr_adapted" in r else f"{'-':>9}"
         label = r["family"] + (" (held out)" if r["held_out"] else "")
         lines.append(f"{label:<28}{r['psnr_input']:9.2f}{r['psnr_restored']:10.2f}{adapted}{best - r['psnr_input']:+8.2f}")
-    better = sum(r.get("psnr_adapted", r["psnr_restored"]) > r["psnr_input"] for r in rows)
-    lines.append(f"PSNR (dB) improved for {better} of {len(rows)} families")
+    gains = {r["family"]: r.get("psnr_adapted", r["psnr_restored"]) - r["psnr_input"] for r in rows}
+    improved = [f for f, gain in gains.items() if gain >= IMPROVED_DB]
+    lines.append(f"improved by >= {IMPROVED_DB} dB: {len(improved)} of {len(rows)} families")
+    worse = [f"{f} ({gain:+.2f} dB)" for f, gain in gains.items() if gain < 0]
+    lines.append(f"worse than the input: {', '.join(worse) if worse else 'none'}")
     return "\n".join(lines)

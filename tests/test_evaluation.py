@@ -321,3 +321,15 @@ def test_awgn_protocol_end_to_end_on_a_small_cbsd68_folder(ray_local, smoke_mode
         noisy = registry_degrade(clean, "gaussian_noise", json.loads(row.params), clip=False)
         eight_bit = np.round(np.clip(noisy, 0, 1) * 255) / 255
         assert row.psnr == pytest.approx(peak_signal_noise_ratio(clean, eight_bit, data_range=1.0), abs=2e-3)
+
+
+def test_showcase_summary_counts_only_clear_gains_and_names_the_losses():
+    from evaluation.showcase import format_rows
+
+    rows = [{"family": "jpeg", "held_out": False, "psnr_input": 30.0, "psnr_restored": 30.2},
+            {"family": "gaussian_noise", "held_out": False, "psnr_input": 20.0, "psnr_restored": 28.0},
+            {"family": "contrast", "held_out": False, "psnr_input": 25.0, "psnr_restored": 24.7},
+            {"family": "haze", "held_out": True, "psnr_input": 12.0, "psnr_restored": 11.0, "psnr_adapted": 12.6}]
+    text = format_rows(rows).splitlines()
+    assert text[-2] == "improved by >= 0.5 dB: 2 of 4 families"
+    assert text[-1] == "worse than the input: contrast (-0.30 dB)"
