@@ -35,6 +35,9 @@ def showcase(
     severity: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
     shots: Annotated[int, typer.Option(min=1, max=16, help="Support pairs for held-out families.")] = 4,
     steps: Annotated[int, typer.Option(min=0, max=50, help="adapt() steps for held-out families.")] = 5,
+    data: Annotated[str, typer.Option(help="Images: 'embedded' (scikit-image's samples; the validation split "
+                                      "restored, the training split as support pairs), 'model' (the model's "
+                                      "own validation and training folders) or a folder (both from it).")] = "embedded",
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: "
                                                      "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
 ) -> None:
@@ -44,7 +47,7 @@ def showcase(
     from metarestore.hub import load_model
 
     learner, metadata, _ = load_model(model, tracking_uri)
-    rows = run_showcase(learner, metadata, out, severity=severity, shots=shots, steps=steps)
+    rows = run_showcase(learner, metadata, out, severity=severity, shots=shots, steps=steps, data=data)
     typer.echo(format_rows(rows))
     typer.echo(f"grid: {out / 'showcase.png'}")
 

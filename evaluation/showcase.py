@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from metarestore.config import from_dict
-from metarestore.data import PatchSampler, load_images
+from metarestore.data import EMBEDDED, PatchSampler, load_images
 from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.engine import validation_images
 from metarestore.fewshot import Task, few_shot
@@ -15,11 +15,19 @@ from metarestore.viz import save_grid
 
 
 def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity: float = 0.5, shots: int = 4,
-             steps: int = 5, size: int = 128, seed: int = 0) -> list[dict]:
+             steps: int = 5, size: int = 128, seed: int = 0, data: str = EMBEDDED) -> list[dict]:
+    """``data``: ``embedded`` (always there), ``model`` (the folders the model was trained and validated
+    on, when this machine has them) or a folder."""
     cfg = from_dict(metadata["config"])
     trained, held_out = metadata["families"]["train"], metadata["families"]["held_out"]
-    query = PatchSampler(validation_images(cfg), size, augment=False)
-    support = PatchSampler(load_images(cfg.data.train, "train"), size, augment=False)
+    if data == "model":
+        query_images, support_images = validation_images(cfg), load_images(cfg.data.train, "train")
+    elif data == EMBEDDED:
+        query_images, support_images = load_images(EMBEDDED, "val"), load_images(EMBEDDED, "train")
+    else:
+        query_images = support_images = load_images(data, "all")
+    query = PatchSampler(query_images, size, augment=False)
+    support = PatchSampler(support_images, size, augment=False)
     rows, grid = [], []
     device = next(learner.parameters()).device
     for name in [*trained, *held_out]:
