@@ -92,7 +92,7 @@ def _jpeg(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         buf = io.BytesIO()
         arr = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(arr).save(buf, format="JPEG", quality=8, subsampling=2)
-        out.append(torch.from_numpy(np.asarray(Image.open(buf))).permute(2, 0, 1).to(x.dtype) / 255)
+        out.append(torch.from_numpy(np.array(Image.open(buf))).permute(2, 0, 1).to(x.dtype) / 255)
     return torch.stack(out)
 
 
