@@ -238,19 +238,14 @@ def stretch(image: np.ndarray, params: dict) -> np.ndarray:
 
 @register("haze", "dark_channel")
 def dark_channel(image: np.ndarray, params: dict, patch: int = 15, omega: float = 0.95) -> np.ndarray:
-    """Dark channel prior dehazing (He, Sun and Tang, CVPR 2009) without the soft-matting refinement; the
-    patch minimum is a grey-level erosion (scikit-image)."""
-    from skimage.morphology import erosion
+    """Dark channel prior dehazing (He, Sun and Tang, CVPR 2009), blind: its own airlight guess, the
+    transmission smoothed over the window instead of soft matting (``metarestore.operators.dehaze``)."""
+    import torch
 
-    def dark(x: np.ndarray) -> np.ndarray:
-        return erosion(x.min(axis=-1), np.ones((patch, patch)))
+    from metarestore.operators import dehaze
 
-    image = np.clip(image, 0, 1)
-    channel = dark(image)
-    brightest = np.argsort(channel.ravel())[-max(1, channel.size // 1000):]  # top 0.1 % of the dark channel
-    airlight = image.reshape(-1, 3)[brightest].max(axis=0).clip(1e-3, 1)
-    transmission = 1.0 - omega * dark(image / airlight)
-    return (image - airlight) / np.maximum(transmission, 0.1)[..., None] + airlight
+    x = torch.from_numpy(np.clip(image, 0, 1)).permute(2, 0, 1)[None]
+    return dehaze(x, omega=omega, patch=patch)[0].permute(1, 2, 0).numpy()
 
 
 @register("inpainting", "biharmonic")
