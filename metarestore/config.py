@@ -88,6 +88,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     device: str = "auto"  # auto | cpu | cuda
     init: str | None = None  # a model URI (builtin:base, models:/..., a folder) to fine-tune from
+    # patches (support + query) that go through the network together; a step's tasks run in chunks of
+    # this size: past it the activations leave the CPU's caches and each patch costs twice as much
+    max_batch_patches: int = 72
     precision: str = "fp32"  # fp32 | bf16 (autocast of the meta-step; see docs/benchmarks.md for the A/B)
     output_dir: str = "runs/{name}"
 
@@ -178,7 +181,8 @@ class Config:
             problems.append("model.enc_blocks and model.dec_blocks need the same length")
         for key, value in {"data.patch_size": self.data.patch_size, "data.support": self.data.support,
                            "data.query": self.data.query, "model.width": self.model.width,
-                           "train.steps": self.train.steps, "meta.tasks_per_family": self.meta.tasks_per_family,
+                           "train.steps": self.train.steps, "train.max_batch_patches": self.train.max_batch_patches,
+                           "meta.tasks_per_family": self.meta.tasks_per_family,
                            "distributed.workers": self.distributed.workers}.items():
             if value < 1:
                 problems.append(f"{key} must be >= 1")

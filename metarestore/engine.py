@@ -126,13 +126,17 @@ class MetaTrainer:
         stats = torch.zeros(3 * len(self.families) + 1, dtype=torch.float64)  # weighted, loss, count, n
         self.optimizer.zero_grad(set_to_none=True)
         self.learner.train()
-        if tasks:
-            weights = torch.tensor([cfg.families.weight(t.family) for t in tasks], dtype=torch.float64)
-            scales = weights / total_weight
+        weights = torch.tensor([cfg.families.weight(t.family) for t in tasks], dtype=torch.float64)
+        scales = weights / total_weight
+        per_chunk = max(1, cfg.train.max_batch_patches // (cfg.data.support + cfg.data.query))
+        losses = torch.zeros(len(tasks), dtype=torch.float64)
+        for start in range(0, len(tasks), per_chunk):  # gradients accumulate over chunks
+            chunk = slice(start, start + per_chunk)
             with self.autocast():
-                losses = self.learner.batch_gradient(self.sampler.batch(tasks, self.device),
-                                                     scales.to(self.device, torch.float32))
-            losses = losses.double().cpu()
+                found = self.learner.batch_gradient(self.sampler.batch(tasks[chunk], self.device),
+                                                    scales[chunk].to(self.device, torch.float32))
+            losses[chunk] = found.double().cpu()
+        if tasks:
             for task, scale, loss in zip(tasks, scales, losses, strict=True):
                 i = index[task.family]
                 stats[i] += scale * loss

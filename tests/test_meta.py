@@ -211,3 +211,19 @@ def test_batched_adapt_equals_adapting_each_task():
                       first_order=True)
         for name in alone:
             torch.testing.assert_close(together[name][t], alone[name], rtol=1e-9, atol=1e-12)
+
+
+def test_a_step_in_chunks_equals_the_step_in_one_batch(tmp_path):
+    """train.max_batch_patches splits a step's tasks into chunks; the accumulated update is the same."""
+    from conftest import smoke_config
+    from metarestore.engine import MetaTrainer
+
+    results = []
+    for patches in (1000, 4):  # one batch of all tasks; one task (2 + 2 patches) per chunk
+        trainer = MetaTrainer(smoke_config(tmp_path, f"train.max_batch_patches={patches}"), device="cpu")
+        metrics = trainer.run_step()
+        results.append((metrics, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}))
+    (one, weights_one), (chunked, weights_chunked) = results
+    assert one["meta_loss"] == pytest.approx(chunked["meta_loss"], rel=1e-5)
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_chunked[name], value, rtol=1e-4, atol=1e-6)
