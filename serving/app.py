@@ -25,6 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from serving.adapters import AdapterStoreDeployment, Delta, default_adapter_dir
+from serving.batching import Batcher
 from serving.limits import (
     DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_BODY_MB,
@@ -52,11 +53,16 @@ class AppArgs(BaseModel):
                                   "replicas instead (for serve deploy; keeps it out of the YAML).")
     num_replicas: int | None = Field(None, ge=1, description="Restorer replicas (default: the deployment's).")
     num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica.")
-    threads: int = Field(1, ge=1, description="torch threads per replica.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: its "
+                                "num_cpus, rounded, at least 1: more threads than reserved CPUs only contend).")
     compute_slots: int = Field(2, ge=1, description="Forward passes and adaptations a replica runs at once, "
                                "each on its own copy of the model (bounds their memory too).")
     max_batch_size: int = Field(8, ge=1, description="Restore requests batched into one forward pass.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill up.")
+    concurrent_batches: int = Field(1, ge=1, description="Batches a replica runs at once (each borrows one of "
+                                    "the compute_slots). 1 with threads = the replica's CPUs is fastest on CPU.")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="Extra wait for a batch to fill when fewer than "
+                                        "max_batch_size requests are queued (0: never wait; under load batches "
+                                        "form anyway from the requests that queued during the previous pass).")
     tile: int = Field(512, ge=64, description="Images larger than this go through in overlapping tiles.")
     tile_overlap: int = Field(32, ge=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image accepted (pixels).")
@@ -245,7 +251,7 @@ class Restorer:
         from metarestore.model.network import count_parameters
 
         self.cfg, self.store = cfg, store
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cfg.threads or max(1, round(cfg.num_cpus)))
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard agrees with ours
         self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri)
         self.pool = ModelPool(self.learner, cfg.compute_slots)  # self.learner itself never runs
@@ -253,8 +259,8 @@ class Restorer:
         self.model_sha256 = self.metadata.get("files", {}).get("model.safetensors", "")
         self.counts = count_parameters(self.learner.model)
         self.replica = serve.get_replica_context().replica_tag
-        self._restore_batch.set_max_batch_size(cfg.max_batch_size)
-        self._restore_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.batcher = Batcher(self._run_batch, cfg.max_batch_size, cfg.concurrent_batches,
+                               cfg.batch_wait_timeout_s)
         app.state.token = self._token()
         app.state.max_header_bytes = int(cfg.max_header_kb * 1024)
         self._uploads = asyncio.Semaphore(cfg.max_uploads)
@@ -318,7 +324,7 @@ class Restorer:
                            "image/png or image/jpeg bytes, or multipart/form-data with a file field 'image'")
         delta = await self._adapter_delta(adapter) if adapter else None
         x, grey = await asyncio.to_thread(decode_image, data, self.cfg.max_pixels, "image", self.cfg.max_aspect)
-        y, batch = await self._restore_batch(_Job(x, adapter, delta))
+        y, batch = await self.batcher.submit(_Job(x, adapter, delta))
         png = await asyncio.to_thread(encode_png, y, grey)
         return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch)})
 
@@ -428,12 +434,8 @@ class Restorer:
                 "model_sha256": self.model_sha256}
         return info, found
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _restore_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
-        """Requests that arrive together; same-size ones (and the same adapter) share a forward pass."""
-        return await asyncio.to_thread(self._run_batch, jobs)
-
     def _run_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
+        """Requests that queued together; same-size ones (and the same adapter) share a forward pass."""
         from metarestore.inference import restore_image
         from metarestore.meta.adapt import apply_delta
 
