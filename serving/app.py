@@ -83,9 +83,16 @@ class AppArgs(BaseModel):
     adapt_steps: int = Field(10, ge=1, description="adapt() steps when the request does not say.")
     max_adapt_pixels: int = Field(4_000_000, ge=1, description="Most pixels over all support pairs' degraded "
                                   "images of one adapter (accepted and decoded).")
-    adapt_memory_mb: float = Field(2048.0, gt=0, description="Memory one adaptation may use: pairs holding "
-                                   "more pixels than fit are adapted on random crops (same place in both "
-                                   "images of a pair), so memory is bounded whatever the request.")
+    adapt_memory_mb: float = Field(2048.0, gt=0, description="Memory one adaptation step may use: it bounds "
+                                   "the pixels of the random patches a step sees, whatever the request.")
+    adapt_patch: int = Field(64, ge=16, description="Side of the random square patches of the support pairs "
+                             "that adaptation steps on (fresh ones every step).")
+    adapt_step_pixels: int = Field(40_000, ge=256, description="Pixels of patches per adaptation step, over all "
+                                   "pairs (cost per step, independent of the images' size).")
+    adapt_patience: int = Field(2, ge=1, description="Adaptation stops after this many steps without improving "
+                                "PSNR on fixed evaluation patches of the pairs; the best step's adapter is kept.")
+    adapt_lr_scale: float = Field(2.0, gt=0, description="Inner learning rates of the model times this: larger, "
+                                  "fewer steps (early stopping keeps the best, so too large cannot hurt).")
     adapter_ttl_s: float = Field(3600.0, gt=0, description="Adapters expire this long after creation.")
     adapter_max_mb: float = Field(256.0, gt=0, description="Memory for adapters; least recently used go first.")
     adapter_dir: str | None = Field(None, description="Where adapters are persisted: a directory or an fsspec "
@@ -112,9 +119,10 @@ class AdapterInfo(BaseModel):
     steps: int
     height: int
     width: int
-    psnr_input: float = Field(description="PSNR (dB) of the degraded support images.")
-    psnr_before: float = Field(description="PSNR (dB) on the support pairs restored without the adapter.")
-    psnr_after: float = Field(description="PSNR (dB) on the support pairs restored with the adapter.")
+    steps_used: int | None = Field(None, description="Steps of the adapter kept (early stopping may end sooner).")
+    psnr_input: float = Field(description="PSNR (dB) of the degraded evaluation patches of the support pairs.")
+    psnr_before: float = Field(description="PSNR (dB) on those patches restored without the adapter.")
+    psnr_after: float = Field(description="PSNR (dB) on those patches restored with the adapter.")
     elapsed_ms: float
     created_at: str
     expires_at: str
@@ -203,24 +211,6 @@ _ADAPTER_BODY["requestBody"]["content"][MULTIPART]["schema"]["properties"].updat
 def _centre(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
     return x[..., top:top + h, left:left + w]
-
-
-def _crops(x: torch.Tensor, y: torch.Tensor, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """At most ``max_pixels`` over all pairs: one random crop per pair, the same place in both images.
-
-    Seeded by the images' size, so the same request makes the same adapter."""
-    k, _, h, w = x.shape
-    if k * h * w <= max_pixels:
-        return x, y
-    side = max(16, int((max_pixels / k) ** 0.5))
-    ch, cw = min(h, side), min(w, max(side, max_pixels // (k * min(h, side))))
-    cw = min(cw, w)
-    gen = torch.Generator().manual_seed(k * 1_000_003 + h * 1009 + w)
-    tops = torch.randint(0, h - ch + 1, (k,), generator=gen).tolist()
-    lefts = torch.randint(0, w - cw + 1, (k,), generator=gen).tolist()
-    cx = torch.stack([x[i, :, t:t + ch, lf:lf + cw] for i, (t, lf) in enumerate(zip(tops, lefts, strict=True))])
-    cy = torch.stack([y[i, :, t:t + ch, lf:lf + cw] for i, (t, lf) in enumerate(zip(tops, lefts, strict=True))])
-    return cx, cy
 
 
 def _db(value: float) -> float:
@@ -417,22 +407,24 @@ class Restorer:
             xs.append(x)
             ys.append(y)
         h, w = min(x.shape[-2] for x in xs), min(x.shape[-1] for x in xs)
-        support_x, support_y = torch.cat([_centre(x, h, w) for x in xs]), torch.cat([_centre(y, h, w) for y in ys])
-        return _crops(support_x, support_y, self.adapt_pixels)
+        return torch.cat([_centre(x, h, w) for x in xs]), torch.cat([_centre(y, h, w) for y in ys])
 
     def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> tuple[dict, Delta]:
+        from metarestore.inference import adapt_on_patches
         from metarestore.meta.adapt import delta
-        from metarestore.meta.losses import psnr
 
+        cfg = self.cfg
         with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
-            params = learner.adapt(support_x, support_y, steps=steps)
-            before, after = learner.restore(support_x), learner.restore(support_x, params)
-            found = delta(learner.model, params)
-        info = {"shots": len(support_x), "steps": steps, "height": support_x.shape[-2], "width": support_x.shape[-1],
-                "psnr_input": _db(psnr(support_x, support_y)), "psnr_before": _db(psnr(before, support_y)),
-                "psnr_after": _db(psnr(after, support_y)), "model_version": self.version,
-                "model_sha256": self.model_sha256}
-        return info, found
+            found = adapt_on_patches(learner, support_x, support_y, steps, patch=cfg.adapt_patch,
+                                     step_pixels=min(cfg.adapt_step_pixels, self.adapt_pixels),
+                                     eval_pixels=min(cfg.adapt_step_pixels // 2, self.adapt_pixels),
+                                     patience=cfg.adapt_patience, lr_scale=cfg.adapt_lr_scale)
+            params = delta(learner.model, found.params)
+        info = {"shots": len(support_x), "steps": steps, "steps_used": found.steps, "height": support_x.shape[-2],
+                "width": support_x.shape[-1], "psnr_input": _db(found.psnr_input),
+                "psnr_before": _db(found.psnr_before), "psnr_after": _db(found.psnr_after),
+                "model_version": self.version, "model_sha256": self.model_sha256}
+        return info, params
 
     def _run_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
         """Requests that queued together; same-size ones (and the same adapter) share a forward pass."""
