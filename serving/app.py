@@ -85,13 +85,13 @@ class AppArgs(BaseModel):
                                   "images of one adapter (accepted and decoded).")
     adapt_memory_mb: float = Field(2048.0, gt=0, description="Memory one adaptation step may use: it bounds "
                                    "the pixels of the random patches a step sees, whatever the request.")
-    adapt_patch: int = Field(64, ge=16, description="Side of the random square patches of the support pairs "
+    adapt_patch: int = Field(48, ge=16, description="Side of the random square patches of the support pairs "
                              "that adaptation steps on (fresh ones every step).")
-    adapt_step_pixels: int = Field(40_000, ge=256, description="Pixels of patches per adaptation step, over all "
+    adapt_step_pixels: int = Field(12_000, ge=256, description="Pixels of patches per adaptation step, over all "
                                    "pairs (cost per step, independent of the images' size).")
     adapt_patience: int = Field(2, ge=1, description="Adaptation stops after this many steps without improving "
                                 "PSNR on fixed evaluation patches of the pairs; the best step's adapter is kept.")
-    adapt_lr_scale: float = Field(2.0, gt=0, description="Inner learning rates of the model times this: larger, "
+    adapt_lr_scale: float = Field(3.0, gt=0, description="Inner learning rates of the model times this: larger, "
                                   "fewer steps (early stopping keeps the best, so too large cannot hurt).")
     adapter_ttl_s: float = Field(3600.0, gt=0, description="Adapters expire this long after creation.")
     adapter_max_mb: float = Field(256.0, gt=0, description="Memory for adapters; least recently used go first.")
