@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-local test test-fast lint benchmarks clean
+.PHONY: setup demo demo-local test test-fast lint benchmarks base-train base-snapshot clean
 
 setup: $(STAMP)
 
@@ -14,13 +14,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Meta-train on the embedded images with Ray Train (2 workers), then restore degraded samples.
+# The shipped model restores and adapts at once; then a short Ray Train fine-tune of it (2 workers) on the
+# embedded images, registered in MLflow, and the same showcase again.
 demo: setup
+	$(BIN)/metarestore showcase --out runs/demo/shipped
 	$(BIN)/metarestore train --config configs/demo.yaml --workers 2
 	$(BIN)/metarestore showcase --model runs/demo/final --out runs/demo
 
 # The same job in one process, without Ray.
 demo-local: setup
+	$(BIN)/metarestore showcase --out runs/demo/shipped
 	$(BIN)/metarestore train --local --config configs/demo.yaml
 	$(BIN)/metarestore showcase --model runs/demo/final --out runs/demo
 
@@ -32,6 +35,18 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The shipped base model (docs/model-card-base.md): continue its training from the committed state, on any
+# machine (a GPU is used when there is one), then snapshot it: the resumable state goes to
+# checkpoints/base-training (commit it) and the weights alone to metarestore/weights/base (builtin:base).
+base-train: setup
+	$(BIN)/metarestore train --local --config configs/base.yaml --no-register \
+	  $$(test -d runs/base/checkpoints && echo --resume || echo --resume-from checkpoints/base-training)
+
+base-snapshot: setup
+	latest=$$(ls -d runs/base/checkpoints/step-* | tail -1) && rm -rf checkpoints/base-training && \
+	  mkdir -p checkpoints && cp -r $$latest checkpoints/base-training
+	$(BIN)/python -m metarestore.checkpoint publish checkpoints/base-training metarestore/weights/base
 
 # Timing benchmarks for docs/benchmarks.md: run on a quiet machine.
 benchmarks: setup

@@ -46,7 +46,8 @@ def main() -> None:
     info = train_local(cfg, tracking_uri=uri, progress=False, register=False)
     rows.append(("train --local (1 process, 2 threads)", steady_rate(uri, info["run_id"]), time.perf_counter() - start))
 
-    from training.driver import init_ray, train_distributed
+    from cluster.ray_runtime import init_ray
+    from training.driver import train_distributed
 
     init_ray(num_cpus=2)
     for workers, cpus in ((1, 2), (2, 1)):

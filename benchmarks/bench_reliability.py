@@ -262,9 +262,9 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from cluster.ray_runtime import init_ray
     from metarestore.tracking import resolve_uri
     from serving.app import build_app
-    from training.driver import init_ray
 
     tmp = tempfile.TemporaryDirectory(prefix="metarestore-reliability-")
     model = args.model or smoke_model(Path(tmp.name))

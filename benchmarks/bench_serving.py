@@ -226,10 +226,10 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from cluster.ray_runtime import init_ray
     from metarestore.hub import load_model
     from metarestore.tracking import resolve_uri
     from serving.app import build_app
-    from training.driver import init_ray
 
     cpus_per_replica = args.cpus / args.replicas
     threads = args.threads or max(1, round(cpus_per_replica))

@@ -53,6 +53,7 @@ def _follow(client, job_id: str, url: str) -> None:
 
 
 def submit(
+    ctx: typer.Context,
     command: Annotated[JobCommand, typer.Argument(help="What the job runs: metarestore train, tune or evaluate.")],
     args: Annotated[list[str] | None, typer.Argument(
         help="Arguments for the command, after '--', e.g. -- --config configs/demo.yaml --workers 4. Paths "
@@ -79,7 +80,8 @@ def submit(
     url = jobs.normalize_address(address)
     pass_through = list(args or [])
     warning = jobs.output_warning(command.value, pass_through)
-    job_id = jobs.submit(client, command.value, pass_through, tracking_uri=tracking_uri,
+    options = jobs.command_options(ctx.find_root().command, command.value)  # the running application's
+    job_id = jobs.submit(client, command.value, pass_through, options=options, tracking_uri=tracking_uri,
                          working_dir=working_dir, python=python, entrypoint_num_cpus=entrypoint_num_cpus)
     if warning:
         typer.echo(warning, err=True)

@@ -7,7 +7,7 @@ inspect and stop jobs. A thin layer over Ray's ``JobSubmissionClient`` (the dash
   explicit ``Authorization: Bearer`` header, so ``RAY_AUTH_MODE`` need not be set in this process;
 * the job's runtime environment is ``cluster/runtime_env.yaml``: the repository as ``working_dir``
   without ``.venv``, MLflow stores, run outputs, data and caches;
-* the entrypoint is ``python -m metarestore.cli COMMAND ARGS...``, run by the cluster's Python.
+* the entrypoint is ``python -m metarestore_cli COMMAND ARGS...``, run by the cluster's Python.
 
 Every failure a user can cause (cluster down, wrong token, unknown job id) is a ``JobsError`` with a
 one-line message; the CLI prints it as ``error: ...``.
@@ -198,25 +198,21 @@ def _option_value(args: list[str], name: str) -> str | None:
     return None
 
 
-def command_options(command: str) -> set[str]:
-    """The option names of ``metarestore COMMAND`` in this checkout (raises JobsError if it has none)."""
-    import typer.main
-
-    from metarestore.cli import app
-
-    group = typer.main.get_command(app)
-    cmd = group.commands.get(command) if hasattr(group, "commands") else None
+def command_options(cli, command: str) -> set[str]:
+    """The option names of ``metarestore COMMAND`` in ``cli``, the application's click group (the caller
+    passes it: this package does not import the application). Raises JobsError if it has no such command."""
+    cmd = cli.commands.get(command) if hasattr(cli, "commands") else None
     if cmd is None:
         raise JobsError(f"metarestore has no '{command}' command in this checkout")
     names = [opt for param in cmd.params for opt in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]]
     return {name for name in names if name.startswith("--")}
 
 
-def job_args(command: str, args: list[str]) -> list[str]:
+def job_args(command: str, args: list[str], options: set[str]) -> list[str]:
     """The arguments the job's ``metarestore COMMAND`` gets: ``--address auto`` is added for commands that
-    start Ray, so that they join the cluster the job runs on instead of starting a Ray of their own."""
+    start Ray (``options``, the command's options, has ``--address``), so that they join the cluster the job
+    runs on instead of starting a Ray of their own."""
     args = list(args)
-    options = command_options(command)
     if "--address" in options and _option_value(args, "--address") is None:
         args += ["--address", "auto"]
     uri = _option_value(args, "--tracking-uri")
@@ -226,7 +222,7 @@ def job_args(command: str, args: list[str]) -> list[str]:
 
 
 def entrypoint(command: str, args: list[str], python: str = "python") -> str:
-    return shlex.join([python, "-m", "metarestore.cli", command, *args])
+    return shlex.join([python, "-m", "metarestore_cli", command, *args])
 
 
 def output_warning(command: str, args: list[str]) -> str | None:
@@ -246,17 +242,18 @@ def output_warning(command: str, args: list[str]) -> str | None:
             f"cluster; pass {where} (shared storage) to keep them")
 
 
-def submit(client, command: str, args: list[str], *, tracking_uri: str | None = None,
+def submit(client, command: str, args: list[str], *, options: set[str], tracking_uri: str | None = None,
            working_dir: Path | None = None, python: str = "python", entrypoint_num_cpus: float = 0,
            env_vars: dict[str, str] | None = None) -> str:
-    """Submit ``metarestore COMMAND ARGS...``; returns the submission id."""
+    """Submit ``metarestore COMMAND ARGS...`` (``options``: the command's option names, see
+    ``command_options``); returns the submission id."""
     from metarestore.tracking import git_commit
 
     if command not in COMMANDS:
         raise JobsError(f"cannot submit '{command}': choose one of {', '.join(COMMANDS)}")
     if tracking_uri:
         check_tracking_uri(tracking_uri)
-    args = job_args(command, args)
+    args = job_args(command, args, options)
     env = runtime_env(working_dir, tracking_uri, env_vars)
     metadata = {"metarestore_command": command, "git_commit": git_commit()[:40],
                 "submitted_by": os.environ.get("USER", "unknown")}

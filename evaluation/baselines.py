@@ -8,10 +8,15 @@ inpainting the mask. They are oracles in that sense, which makes them strong ref
 
 For ``downsample`` the degraded input already *is* the bicubic up-sampled image, so the ``identity``
 rows are the bicubic baseline; ``unsharp`` is the classical step beyond it.
+
+``bm3d`` is not a core dependency: its licence allows non-commercial use only, so it comes with the
+optional extra ``metarestore[baselines]``. Without it, ``all`` means every installed baseline and asking
+for ``bm3d`` by name is a one-line error naming the extra (docs/licences.md).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import numpy as np
@@ -26,6 +31,27 @@ REGISTRY: dict[str, dict[str, Baseline]] = {}  # family -> {baseline name: funct
 
 class UnknownBaselineError(UserError, KeyError):
     """A --baselines name no family registers."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """A baseline whose library is in an optional extra that is not installed."""
+
+
+# baseline name -> (module it imports, the extra that installs it, its licence in a few words)
+OPTIONAL = {"bm3d": ("bm3d", "baselines", "free for non-commercial use only")}
+
+
+def missing(name: str) -> str | None:
+    """Why baseline ``name`` cannot run here (its optional library is not installed), or None."""
+    if name not in OPTIONAL:
+        return None
+    module, extra, licence = OPTIONAL[name]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return (f"baseline {name!r} needs the optional extra: pip install 'metarestore[{extra}]' "
+                f"({module}'s licence: {licence})")
+    return None
 
 
 def register(family: str, name: str) -> Callable[[Baseline], Baseline]:
@@ -46,16 +72,21 @@ def for_family(family: str, wanted: list[str] | None = None) -> list[str]:
 
 
 def parse(spec: str) -> list[str] | None:
-    """``all`` -> None (every applicable baseline), ``none`` -> [], else a checked comma list."""
+    """``all`` -> None (every applicable baseline; every installed one when an optional library is
+    missing), ``none`` -> [], else a checked comma list."""
     spec = spec.strip()
     if spec == "all":
-        return None
+        installed = [name for name in names() if missing(name) is None]
+        return None if installed == names() else installed
     if spec in ("none", ""):
         return []
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [w for w in wanted if w not in names()]
     if unknown:
         raise UnknownBaselineError(f"unknown baseline {unknown[0]!r}; known: {', '.join(names())}, all, none")
+    for name in wanted:
+        if reason := missing(name):
+            raise MissingExtraError(reason)
     return wanted
 
 
@@ -207,19 +238,14 @@ def stretch(image: np.ndarray, params: dict) -> np.ndarray:
 
 @register("haze", "dark_channel")
 def dark_channel(image: np.ndarray, params: dict, patch: int = 15, omega: float = 0.95) -> np.ndarray:
-    """Dark channel prior dehazing (He, Sun and Tang, CVPR 2009) without the soft-matting refinement; the
-    patch minimum is a grey-level erosion (scikit-image)."""
-    from skimage.morphology import erosion
+    """Dark channel prior dehazing (He, Sun and Tang, CVPR 2009), blind: its own airlight guess, the
+    transmission smoothed over the window instead of soft matting (``metarestore.operators.dehaze``)."""
+    import torch
 
-    def dark(x: np.ndarray) -> np.ndarray:
-        return erosion(x.min(axis=-1), np.ones((patch, patch)))
+    from metarestore.operators import dehaze
 
-    image = np.clip(image, 0, 1)
-    channel = dark(image)
-    brightest = np.argsort(channel.ravel())[-max(1, channel.size // 1000):]  # top 0.1 % of the dark channel
-    airlight = image.reshape(-1, 3)[brightest].max(axis=0).clip(1e-3, 1)
-    transmission = 1.0 - omega * dark(image / airlight)
-    return (image - airlight) / np.maximum(transmission, 0.1)[..., None] + airlight
+    x = torch.from_numpy(np.clip(image, 0, 1)).permute(2, 0, 1)[None]
+    return dehaze(x, omega=omega, patch=patch)[0].permute(1, 2, 0).numpy()
 
 
 @register("inpainting", "biharmonic")

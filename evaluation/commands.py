@@ -1,4 +1,4 @@
-"""CLI commands of the `evaluation` package, added to `metarestore` by `register(app)`.
+"""CLI commands of the `evaluation` package (``showcase``, ``evaluate``), added to `metarestore` by `register(app)`.
 
 Only typer at import time: heavy imports belong inside the command functions.
 """
@@ -28,14 +28,40 @@ def _numbers(text: str, flag: str, kind: type) -> list:
     return values
 
 
+def showcase(
+    model: Annotated[str, typer.Option(help="builtin:base (the default), a checkpoint directory or an MLflow "
+                                       "model URI.")] = "builtin:base",
+    out: Annotated[Path, typer.Option(help="Folder for showcase.png.")] = Path("runs/showcase"),
+    severity: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    shots: Annotated[int, typer.Option(min=1, max=16, help="Support pairs for held-out families.")] = 4,
+    steps: Annotated[int, typer.Option(min=0, max=50, help="adapt() steps for held-out families.")] = 5,
+    data: Annotated[str, typer.Option(help="Images: 'embedded' (scikit-image's samples; the validation split "
+                                      "restored, the training split as support pairs), 'model' (the model's "
+                                      "own validation and training folders) or a folder (both from it).")] = "embedded",
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: "
+                                                     "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+) -> None:
+    """Restore held-out images for every family and print PSNR before and after (``make demo``)."""
+    from evaluation.showcase import format_rows
+    from evaluation.showcase import showcase as run_showcase
+    from metarestore.hub import load_model
+
+    learner, metadata, _ = load_model(model, tracking_uri)
+    rows = run_showcase(learner, metadata, out, severity=severity, shots=shots, steps=steps, data=data)
+    typer.echo(format_rows(rows))
+    typer.echo(f"grid: {out / 'showcase.png'}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the metarestore CLI."""
+    app.command()(showcase)
 
     @app.command(context_settings={"allow_extra_args": True})
     def evaluate(
         ctx: typer.Context,
-        model: Annotated[str, typer.Option(help="Model under test: checkpoint directory, models:/NAME@ALIAS, "
-                                           "models:/NAME/VERSION or runs:/RUN_ID/PATH.")],
+        model: Annotated[str, typer.Option(help="Model under test: builtin:base (the default), a checkpoint "
+                                           "directory, models:/NAME@ALIAS, models:/NAME/VERSION or "
+                                           "runs:/RUN_ID/PATH.")] = "builtin:base",
         data: Annotated[list[str] | None, typer.Option(
             "--data", metavar="DIR", help="Image folder(s) or 'embedded' (scikit-image validation samples): --data A B, "
                            "--data A --data B or --data A,B. Default: embedded.")] = None,

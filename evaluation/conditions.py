@@ -10,27 +10,21 @@
   ``stable_seed(seed, dataset, image, family, level)`` (SHA-256, not Python's per-process salted
   ``hash``), so every method sees exactly the same degraded input, on any worker, in every rerun.
 - Support pairs for adaptation: ``shots`` random patches of the *other* images of the same dataset
-  (never the query image), degraded with the query's task parameters and fresh noise
-  (``reseed(params, 1)``). The first K of them form the K-shot set, so shot settings are nested.
+  (never the query image), degraded with the query's task parameters and fresh noise (the one rule of
+  ``metarestore.fewshot``). The first K of them form the K-shot set, so shot settings are nested.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from metarestore import degradations
+from metarestore import degradations, pixels
 from metarestore.data import EMBEDDED, DataError, load_images
-from metarestore.degradations.base import cpu_generator, draw_seed, reseed
-
-
-def stable_seed(*parts: object) -> int:
-    """A seed in [0, 2**31 - 1) from any printable parts, identical in every process and Python run."""
-    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
+from metarestore.degradations.base import cpu_generator, draw_seed, stable_seed
+from metarestore.fewshot import Task
 
 
 @dataclass
@@ -46,12 +40,7 @@ class Dataset:
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """The central ``size`` x ``size`` window (a side shorter than ``size`` is kept whole);
     top = (H - size) // 2, left = (W - size) // 2."""
-    if size <= 0:
-        return image
-    h, w = image.shape[-2:]
-    ch, cw = min(size, h), min(size, w)
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return image[..., top:top + ch, left:left + cw]
+    return image if size <= 0 else pixels.center_crop(image, size, size)
 
 
 def dataset_name(spec: str) -> str:
@@ -105,8 +94,13 @@ def clean_image(dataset: Dataset, index: int, cond: Condition) -> torch.Tensor:
     return modcrop(dataset.images[index][None].float() / 255.0, cond.modcrop)
 
 
+def task(cond: Condition, params: dict) -> Task:
+    return Task(cond.family, params, clip=cond.clip)
+
+
 def degrade(cond: Condition, clean: torch.Tensor, params: dict) -> torch.Tensor:
-    return degradations.get(cond.family)(clean, params, clip=cond.clip)
+    """The query image under the condition's task (what every method sees)."""
+    return task(cond, params).degrade(clean)
 
 
 def support_set(dataset: Dataset, index: int, cond: Condition, params: dict, shots: int, size: int,
@@ -128,4 +122,4 @@ def support_set(dataset: Dataset, index: int, cond: Condition, params: dict, sho
         left = int(torch.randint(w - side + 1, (), generator=generator))
         patches.append(image[:, top:top + side, left:left + side])
     support_y = torch.stack(patches).float() / 255.0
-    return degrade(cond, support_y, reseed(params, 1)), support_y
+    return task(cond, params).degrade_support(support_y), support_y

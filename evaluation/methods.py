@@ -24,8 +24,10 @@ import torch
 from evaluation import baselines as classical
 from evaluation.conditions import Condition, Dataset, clean_image, degrade, support_set, task_params
 from evaluation.metrics import score
+from metarestore.fewshot import few_shot
 from metarestore.inference import restore_image
 from metarestore.meta import MetaLearner
+from metarestore.pixels import to_uint8
 
 
 @dataclass
@@ -65,10 +67,6 @@ def adapted_label(label: str, shots: int, steps: int) -> str:
     return label if shots == 0 else f"{label} {shots}-shot {steps}-step"
 
 
-def _uint8(x: torch.Tensor) -> torch.Tensor:
-    return (x[0].detach().clamp(0, 1).cpu() * 255.0).round().to(torch.uint8)
-
-
 def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLearner]], settings: Settings,
              device: torch.device | str = "cpu") -> dict[str, Any]:
     """Rows (one per method, shots and steps) for one image under one condition, and example images."""
@@ -88,7 +86,7 @@ def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLea
         rows.append({**common, "method": method, "model": model, "shots": shots, "steps": steps,
                      **score(output, clean, cond, settings.lpips), "seconds": round(seconds, 4)})
         if unit.example and show is not None:
-            shown[show] = _uint8(output)
+            shown[show] = to_uint8(output[0])
 
     record("identity", degraded, 0.0, show="degraded")
     for name in classical.for_family(cond.family, settings.baselines):
@@ -103,20 +101,24 @@ def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLea
                               settings.seed)
         support = (support[0].to(device), support[1].to(device))
     last_k, last_s = (max(positive), max(settings.steps)) if positive else (0, 0)
+
+    def tiled(learner: MetaLearner, x: torch.Tensor, params) -> torch.Tensor:
+        return restore_image(learner, x, params, tile=settings.tile)
+
     for spec, learner in models:
         if spec.zero_shot:
             t0 = time.perf_counter()
-            output = restore_image(learner, degraded, tile=settings.tile)
+            output = few_shot(learner, degraded, restore=tiled).zero_shot
             record(spec.label, output, time.perf_counter() - t0, spec.display, show=spec.label)
         for k in positive:
             for s in settings.steps:
                 t0 = time.perf_counter()
-                fast = learner.adapt(support[0][:k], support[1][:k], steps=s)
-                output = restore_image(learner, degraded, fast, tile=settings.tile)
+                output = few_shot(learner, degraded, (support[0][:k], support[1][:k]), steps=s, zero_shot=False,
+                                  restore=tiled).adapted
                 show = adapted_label(spec.label, k, s) if (k, s) == (last_k, last_s) else None
                 record(spec.label, output, time.perf_counter() - t0, spec.display, k, s, show)
     example = None
     if unit.example:
         example = {"dataset": dataset.name, "image": image, "family": cond.family, "level": cond.level,
-                   "columns": [*shown, "clean"], "images": [*shown.values(), _uint8(clean)]}
+                   "columns": [*shown, "clean"], "images": [*shown.values(), to_uint8(clean[0])]}
     return {"rows": rows, "example": example}

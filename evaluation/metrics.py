@@ -16,11 +16,7 @@ import torch
 
 from evaluation.conditions import Condition
 from metarestore.meta.losses import psnr, ssim
-
-
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """What saving as 8-bit does: clamp, round to 1/255."""
-    return (x.clamp(0, 1) * 255.0).round() / 255.0
+from metarestore.pixels import quantize
 
 
 def to_y(x: torch.Tensor) -> torch.Tensor:

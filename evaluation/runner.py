@@ -147,6 +147,8 @@ def evaluate(req: Request) -> Evaluation:
             raise DataError(f"{dataset.name}: adaptation (--shots > 0) needs at least 2 images; support pairs "
                             "come from the dataset's other images")
     networks, notes = load_networks(req)
+    if req.baselines.strip() == "all":
+        notes += [f"{reason}; skipped" for name in classical.names() if (reason := classical.missing(name))]
     main = networks[0]
     trained, held_out = list(main.metadata["families"]["train"]), list(main.metadata["families"]["held_out"])
     conditions = protocol.conditions() if protocol else grid_conditions(req.families or trained + held_out,
@@ -261,7 +263,7 @@ def run_units(units: list[Unit], datasets: list[Dataset], specs: list[ModelSpec]
     import ray
     from tqdm import tqdm
 
-    from training.driver import init_ray
+    from cluster.ray_runtime import init_ray
 
     started = init_ray(req.address)
     try:

@@ -5,47 +5,56 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metarestore import degradations
 from metarestore.config import from_dict
-from metarestore.data import PatchSampler, load_images
-from metarestore.degradations.base import cpu_generator, reseed
+from metarestore.data import EMBEDDED, PatchSampler, load_images
+from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.engine import validation_images
-from metarestore.meta import MetaLearner, psnr
+from metarestore.fewshot import Task, few_shot
+from metarestore.meta import MetaLearner
 from metarestore.viz import save_grid
 
 
 def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity: float = 0.5, shots: int = 4,
-             steps: int = 5, size: int = 128, seed: int = 0) -> list[dict]:
+             steps: int = 5, size: int = 128, seed: int = 0, data: str = EMBEDDED) -> list[dict]:
+    """``data``: ``embedded`` (always there), ``model`` (the folders the model was trained and validated
+    on, when this machine has them) or a folder."""
     cfg = from_dict(metadata["config"])
     trained, held_out = metadata["families"]["train"], metadata["families"]["held_out"]
-    query = PatchSampler(validation_images(cfg), size, augment=False)
-    support = PatchSampler(load_images(cfg.data.train, "train"), size, augment=False)
+    if data == "model":
+        query_images, support_images = validation_images(cfg), load_images(cfg.data.train, "train")
+    elif data == EMBEDDED:
+        query_images, support_images = load_images(EMBEDDED, "val"), load_images(EMBEDDED, "train")
+    else:
+        query_images = support_images = load_images(data, "all")
+    query = PatchSampler(query_images, size, augment=False)
+    support = PatchSampler(support_images, size, augment=False)
     rows, grid = [], []
     device = next(learner.parameters()).device
-    for i, name in enumerate([*trained, *held_out]):
-        family = degradations.get(name)
-        g = cpu_generator(seed * 7907 + i)
-        params = family.sample(severity, g)
+    for name in [*trained, *held_out]:
+        task = Task.sample(name, severity, seed, "showcase", name)
+        g = cpu_generator(stable_seed(seed, "showcase", name, "patches"))
         clean = query.sample(2, g).to(device)
-        degraded = family(clean, reseed(params, 1))
-        zero_shot = learner.restore(degraded)
-        row = {"family": name, "held_out": name in held_out, "psnr_input": psnr(degraded, clean),
-               "psnr_restored": psnr(zero_shot, clean)}
-        images = [degraded[0], zero_shot[0]]
+        degraded = task.degrade(clean)
+        pairs = None
         if name in held_out:
             support_y = support.sample(shots, g).to(device)
-            fast = learner.adapt(family(support_y, params), support_y, steps=steps)
-            adapted = learner.restore(degraded, fast)
-            row["psnr_adapted"] = psnr(adapted, clean)
-            images.append(adapted[0])
-        else:
-            images.append(None)
-        grid.append((name + (" (held out)" if name in held_out else ""), [*images, clean[0]]))
+            pairs = (task.degrade_support(support_y), support_y)
+        run = few_shot(learner, degraded, pairs, steps=steps, query_y=clean)
+        row = {"family": name, "held_out": name in held_out, "psnr_input": run.scores["input"],
+               "psnr_restored": run.scores["zero_shot"]}
+        if "adapted" in run.scores:
+            row["psnr_adapted"] = run.scores["adapted"]
+        adapted = None if run.adapted is None else run.adapted[0]
+        grid.append((name + (" (held out)" if name in held_out else ""), [degraded[0], run.zero_shot[0], adapted,
+                                                                          clean[0]]))
         rows.append(row)
     out_dir = Path(out_dir)
     save_grid(grid, ["degraded", "restored", f"adapted ({shots} shots)", "clean"], out_dir / "showcase.png",
               title=f"{metadata.get('name', '')}: severity {severity}")
     return rows
+
+
+IMPROVED_DB = 0.5  # a family counts as improved only from this gain on: smaller is within the noise
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -55,6 +64,9 @@ def format_rows(rows: list[dict]) -> str:
         adapted = f"{r['psnr_adapted']:9.2f}" if "psnr_adapted" in r else f"{'-':>9}"
         label = r["family"] + (" (held out)" if r["held_out"] else "")
         lines.append(f"{label:<28}{r['psnr_input']:9.2f}{r['psnr_restored']:10.2f}{adapted}{best - r['psnr_input']:+8.2f}")
-    better = sum(r.get("psnr_adapted", r["psnr_restored"]) > r["psnr_input"] for r in rows)
-    lines.append(f"PSNR (dB) improved for {better} of {len(rows)} families")
+    gains = {r["family"]: r.get("psnr_adapted", r["psnr_restored"]) - r["psnr_input"] for r in rows}
+    improved = [f for f, gain in gains.items() if gain >= IMPROVED_DB]
+    lines.append(f"improved by >= {IMPROVED_DB} dB: {len(improved)} of {len(rows)} families")
+    worse = [f"{f} ({gain:+.2f} dB)" for f, gain in gains.items() if gain < 0]
+    lines.append(f"worse than the input: {', '.join(worse) if worse else 'none'}")
     return "\n".join(lines)

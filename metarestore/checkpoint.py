@@ -183,3 +183,17 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def prune_checkpoints(root: str | Path, keep: int) -> None:
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(source: str | Path, target: str | Path) -> Path:
+    """Copy a checkpoint's weights and metadata without its training state (what a shipped model holds)."""
+    ckpt = load_checkpoint(source)
+    return save_checkpoint(target, ckpt.model, ckpt.metadata)
+
+
+if __name__ == "__main__":  # python -m metarestore.checkpoint publish SOURCE TARGET (make base-snapshot)
+    import sys
+
+    if len(sys.argv) != 4 or sys.argv[1] != "publish":
+        sys.exit("usage: python -m metarestore.checkpoint publish SOURCE TARGET")
+    print(publish(sys.argv[2], sys.argv[3]))

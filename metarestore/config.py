@@ -87,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     device: str = "auto"  # auto | cpu | cuda
+    init: str | None = None  # a model URI (builtin:base, models:/..., a folder) to fine-tune from
     precision: str = "fp32"  # fp32 | bf16 (autocast of the meta-step; see docs/benchmarks.md for the A/B)
     output_dir: str = "runs/{name}"
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from metarestore import degradations
 from metarestore.checkpoint import Checkpoint, optimizer_from_tensors, optimizer_to_tensors
 from metarestore.config import Config
 from metarestore.data import EMBEDDED, EpisodeSampler, PatchSampler, TaskSpec, load_images
-from metarestore.degradations.base import cpu_generator, reseed
-from metarestore.meta import MetaLearner, flat_grad, make_learner, psnr, set_flat_grad
+from metarestore.degradations.base import cpu_generator, stable_seed
+from metarestore.fewshot import Task, few_shot
+from metarestore.meta import MetaLearner, flat_grad, make_learner, set_flat_grad
 from metarestore.model import RestorationNet, count_parameters
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -83,13 +83,30 @@ class ValidationResult:
     examples: list[tuple[str, list[torch.Tensor]]]  # family -> [degraded, zero-shot, adapted, clean]
 
 
+def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
+    """``train.init``: the weights to fine-tune from. The network's shape comes from that model, so
+    ``cfg.model`` is set to its model section (a fine-tune cannot change the architecture)."""
+    if not cfg.train.init:
+        return None
+    from metarestore.checkpoint import load_checkpoint
+    from metarestore.config import from_dict
+    from metarestore.hub import resolve
+
+    ckpt = load_checkpoint(resolve(cfg.train.init, cfg.tracking.uri).path)
+    cfg.model = from_dict(ckpt.metadata["config"]).model
+    return ckpt.model
+
+
 class MetaTrainer:
     """Model, learner, optimizer and episode sampler for one meta-training run."""
 
     def __init__(self, cfg: Config, device: torch.device | str | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
+        init = initial_weights(cfg)
         self.learner = build_learner(cfg, self.device)
+        if init is not None:
+            self.learner.model.load_state_dict({k: v.to(self.device) for k, v in init.items()})
         self.model = self.learner.model
         self.params = [p for p in self.learner.parameters()]
         self.optimizer = build_optimizer(self.params, cfg)
@@ -185,11 +202,11 @@ class MetaTrainer:
 
 def validate(learner: MetaLearner, cfg: Config, device: torch.device | str) -> ValidationResult:
     """PSNR on held-out families and held-out images: the input, the model zero-shot, and after
-    ``adapt()`` with ``val.shots`` support pairs and ``val.steps`` steps.
+    ``adapt()`` with ``val.shots`` support pairs and ``val.steps`` steps (``metarestore.fewshot``).
 
     Support pairs come from training images and query pairs from the validation images, degraded by the
-    same task with fresh noise: the client's situation, a few examples then new images. Tasks are fixed
-    (seeded per family), so the curve across steps compares like with like.
+    same task (the support with fresh noise): the client's situation, a few examples then new images.
+    Tasks are fixed (seeded per family), so the curve across steps compares like with like.
     """
     families = cfg.families.held_out or cfg.families.train
     support_sampler = PatchSampler(load_images(cfg.data.train, "train"), cfg.val.patch_size, augment=False)
@@ -197,20 +214,18 @@ def validate(learner: MetaLearner, cfg: Config, device: torch.device | str) -> V
     metrics: dict[str, float] = {}
     examples = []
     learner.eval()
-    for i, family_name in enumerate(families):
-        family = degradations.get(family_name)
-        generator = cpu_generator(cfg.seed * 7919 + 104729 * (i + 1))
-        params = family.sample(cfg.val.severity, generator)
+    for family_name in families:
+        task = Task.sample(family_name, cfg.val.severity, cfg.seed, "validate", family_name)
+        generator = cpu_generator(stable_seed(cfg.seed, "validate", family_name, "patches"))
         support_y = support_sampler.sample(cfg.val.shots, generator).to(device)
         query_y = query_sampler.sample(cfg.val.images, generator).to(device)
-        support_x = family(support_y, params)
-        query_x = family(query_y, reseed(params, 1))
-        zero_shot = learner.restore(query_x)
-        fast = learner.adapt(support_x, support_y, steps=cfg.val.steps)
-        adapted = learner.restore(query_x, fast)
-        for key, image in (("input", query_x), ("zero_shot", zero_shot), ("adapted", adapted)):
-            metrics[f"val/psnr_{key}/{family_name}"] = psnr(image, query_y)
-        examples.append((family_name, [query_x[0].cpu(), zero_shot[0].cpu(), adapted[0].cpu(), query_y[0].cpu()]))
+        query_x = task.degrade(query_y)
+        run = few_shot(learner, query_x, (task.degrade_support(support_y), support_y), steps=cfg.val.steps,
+                       query_y=query_y)
+        for key, value in run.scores.items():
+            metrics[f"val/psnr_{key}/{family_name}"] = value
+        examples.append((family_name, [query_x[0].cpu(), run.zero_shot[0].cpu(), run.adapted[0].cpu(),
+                                       query_y[0].cpu()]))
     for key in ("input", "zero_shot", "adapted"):
         values = [metrics[f"val/psnr_{key}/{f}"] for f in families]
         metrics[f"val/psnr_{key}"] = sum(values) / len(values)

@@ -7,3 +7,7 @@ class UserError(Exception):
 
     def __str__(self) -> str:  # KeyError and friends quote their message; users want it plain
         return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class ResumeError(UserError, RuntimeError):
+    """Nothing to resume, or the output folder belongs to another kind of run (local, Ray, search)."""

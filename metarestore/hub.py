@@ -1,5 +1,6 @@
-"""Load a model from anywhere users name one: a checkpoint directory, ``runs:/RUN/path``,
-``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``. Always through safetensors; never unpickles."""
+"""Load a model from anywhere users name one: ``builtin:NAME`` (a model shipped inside the package), a
+checkpoint directory, ``runs:/RUN/path``, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``. Always
+through safetensors; never unpickles."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from metarestore.meta import MetaLearner, make_learner
 from metarestore.model import RestorationNet
 
 CACHE = Path(os.environ.get("METARESTORE_CACHE", Path.home() / ".cache" / "metarestore"))
+BUILTIN = Path(__file__).resolve().parent / "weights"  # shipped models, one folder each (with MODEL_CARD.md)
+DEFAULT_MODEL = "builtin:base"  # what every command and the server use when no model is named
 
 
 class ModelNotFoundError(UserError, LookupError):
@@ -45,6 +48,8 @@ def _find_checkpoint(root: Path) -> Path:
 def resolve(uri: str, tracking_uri: str | None = None) -> ModelRef:
     """Turn a model URI into a local checkpoint directory (downloaded and cached for MLflow URIs)."""
     uri = str(uri)
+    if uri.startswith("builtin:"):
+        return _builtin(uri)
     if not uri.startswith(("models:/", "runs:/")):
         path = Path(uri).expanduser()
         if not path.exists():
@@ -81,6 +86,19 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelRef:
     except OSError as exc:
         raise ModelNotFoundError(f"cannot fetch {uri}: {exc}") from None
     return ModelRef(uri, _find_checkpoint(target), name, version)
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name for p in BUILTIN.iterdir() if (p / METADATA_FILE).is_file()) if BUILTIN.is_dir() else []
+
+
+def _builtin(uri: str) -> ModelRef:
+    name = uri.split(":", 1)[1]
+    path = BUILTIN / name
+    if not name or "/" in name or not (path / METADATA_FILE).is_file():
+        known = ", ".join(f"builtin:{n}" for n in builtin_names()) or "none in this installation"
+        raise ModelNotFoundError(f"no built-in model {uri!r} (shipped: {known})")
+    return ModelRef(uri, path, name=f"builtin:{name}")
 
 
 def _download(source: str, target: Path) -> None:
@@ -125,5 +143,5 @@ def load_model(uri: str, tracking_uri: str | None = None,
     return learner, metadata, ref
 
 
-__all__ = ["CheckpointError", "ModelNotFoundError", "ModelRef", "load_learner", "load_model", "read_metadata",
+__all__ = ["DEFAULT_MODEL", "CheckpointError", "ModelNotFoundError", "ModelRef", "load_learner", "load_model", "read_metadata",
            "resolve"]

@@ -141,12 +141,3 @@ def run_params(cfg: Config, workers: int, extra: dict[str, Any] | None = None) -
     params.update({"workers": workers, "git_commit": git_commit()})
     params.update(extra or {})
     return params
-
-
-def archive_existing(out_dir: Path) -> Path | None:
-    """A fresh run never overwrites an old one: an existing output folder is renamed aside (BasicSR)."""
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return None
-    archived = out_dir.with_name(f"{out_dir.name}_archived_{time.strftime('%Y%m%d_%H%M%S')}")
-    out_dir.rename(archived)
-    return archived

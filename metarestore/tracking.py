@@ -212,16 +212,14 @@ class RunLogger:
         return not self.pending
 
 
-def register_checkpoint(uri: str | None, run_id: str, checkpoint_dir: str | Path, model_name: str,
-                        aliases: tuple[str, ...] = ()) -> str:
+def register_checkpoint(uri: str | None, run_id: str, checkpoint_dir: str | Path, model_name: str) -> str:
     """Log the checkpoint as an MLflow models-from-code pyfunc in ``run_id`` and register a new version.
 
     The pyfunc loads the safetensors checkpoint (no pickle). MLflow resolves ``models:/NAME@latest`` to
-    the newest version by itself (``latest`` is reserved), so the new version is ``@latest`` at once;
-    ``aliases`` adds further aliases (for example ``champion``). Returns the version number.
+    the newest version by itself (``latest`` is reserved), so the new version is ``@latest`` at once.
+    Returns the version number.
     """
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     fail_fast_http()
     uri = resolve_uri(uri)
@@ -231,8 +229,4 @@ def register_checkpoint(uri: str | None, run_id: str, checkpoint_dir: str | Path
             name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(checkpoint_dir)},
             pip_requirements=["metarestore", "torch", "safetensors"], registered_model_name=model_name,
             await_registration_for=60)
-    version = str(info.registered_model_version)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    for alias in aliases:
-        client.set_registered_model_alias(model_name, alias, version)
-    return version
+    return str(info.registered_model_version)

@@ -11,40 +11,33 @@ from pathlib import Path
 from metarestore.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints
 from metarestore.config import Config
 from metarestore.engine import MetaTrainer
-from metarestore.errors import UserError
-from metarestore.loop import LoopHooks, archive_existing, finalize, run_loop, run_params, write_checkpoint
-from metarestore.tracking import RunLogger, check_reachable, resolve_uri
-
-
-class ResumeError(UserError, RuntimeError):
-    """Nothing to resume."""
+from metarestore.errors import ResumeError
+from metarestore.loop import LoopHooks, finalize, run_loop, run_params, write_checkpoint
+from metarestore.runs import open_store, tracked_run
 
 
 def train_local(cfg: Config, tracking_uri: str | None = None, resume: bool = False, progress: bool = True,
-                register: bool = True) -> dict:
-    uri = resolve_uri(tracking_uri or cfg.tracking.uri)
-    check_reachable(uri)
+                register: bool = True, resume_from: str | Path | None = None) -> dict:
+    """``resume``: continue from the newest checkpoint in the output folder (and its MLflow run);
+    ``resume_from``: continue from a checkpoint folder copied from elsewhere (another machine, a commit)
+    in a new MLflow run."""
+    uri = open_store(tracking_uri or cfg.tracking.uri)
     out = cfg.output_dir
     checkpoints = out / "checkpoints"
     trainer = MetaTrainer(cfg)
     run_id = None
-    if resume:
+    source = Path(resume_from) if resume_from is not None else None
+    if resume and source is None:
         found = list_checkpoints(checkpoints)
         if not found:
             raise ResumeError(f"nothing to resume: no checkpoint under {checkpoints}")
-        ckpt = load_checkpoint(found[-1], training=True, device=str(trainer.device))
+        source = found[-1]
+    if source is not None:
+        ckpt = load_checkpoint(source, training=True, device=str(trainer.device))
         trainer.load_state(ckpt)
-        run_id = ckpt.training_state.get("mlflow_run_id")
-        print(f"resuming from {found[-1]} (step {trainer.step})", flush=True)
-    else:
-        archived = archive_existing(out)
-        if archived:
-            print(f"previous output moved to {archived}", flush=True)
-    logger = RunLogger(uri, cfg.tracking.experiment, cfg.name, run_id=run_id, tags={"mode": "local"})
-    if run_id is None:
-        logger.params(run_params(cfg, workers=1, extra={"mode": "local", "device": str(trainer.device)}))
-    print(f"MLflow run {logger.run_id} at {uri} | device {trainer.device} | "
-          f"{len(cfg.families.train)} families x {cfg.meta.tasks_per_family} task(s) per step", flush=True)
+        if resume_from is None:
+            run_id = ckpt.training_state.get("mlflow_run_id")
+        print(f"resuming from {source} (step {trainer.step})", flush=True)
 
     def keep(step: int, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None:
@@ -55,15 +48,15 @@ def train_local(cfg: Config, tracking_uri: str | None = None, resume: bool = Fal
             shutil.move(str(checkpoint_dir), target)
             prune_checkpoints(checkpoints, cfg.train.keep_checkpoints)
 
-    extra = {"mlflow_run_id": logger.run_id}
-    try:
+    with tracked_run(uri, cfg.tracking.experiment, cfg.name, run_id=run_id, tags={"mode": "local"},
+                     params=lambda: run_params(cfg, workers=1, extra={"mode": "local", "device": str(trainer.device)}),
+                     archive=None if source is not None else out) as logger:
+        print(f"MLflow run {logger.run_id} at {uri} | device {trainer.device} | "
+              f"{len(cfg.families.train)} families x {cfg.meta.tasks_per_family} task(s) per step", flush=True)
+        extra = {"mlflow_run_id": logger.run_id}
         metrics = run_loop(trainer, LoopHooks(chief=True, report=keep, extra_state=extra), logger, progress)
         final = write_checkpoint(trainer, out / "final", extra)
         info = finalize(cfg, final, logger, register, out)
-    except BaseException as exc:
-        logger.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    logger.finish()
     return {**info, "run_id": logger.run_id, "tracking_uri": uri, "metrics": metrics, "output_dir": str(out)}
 
 

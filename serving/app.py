@@ -39,6 +39,7 @@ from serving.limits import (
     parse_form,
     read_body,
 )
+from serving.web import add_page
 
 
 class AppArgs(BaseModel):
@@ -46,7 +47,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Checkpoint directory, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/...")
+    model: str = Field("builtin:base", description="builtin:base (the shipped model), a checkpoint directory, "
+                       "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/...")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ and runs:/ URIs.")
     token: SecretStr | None = Field(None, description="Bearer token required on every route but /healthz.")
     token_env: str | None = Field(None, description="Read the token from this environment variable of the "
@@ -185,6 +187,9 @@ async def _authenticate(request: Request, call_next):
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             return error_response(401, "unauthorized", "missing or wrong bearer token")
     return await call_next(request)
+
+
+add_page(app)  # the web page at /: added last, so it answers before authentication (it holds no secret)
 
 
 @dataclass

@@ -69,8 +69,8 @@ def _stop(signum, frame) -> None:
 
 
 def serve_command(
-    model: Annotated[str, typer.Option("--model", help="Checkpoint directory, models:/NAME@ALIAS, "
-                                       "models:/NAME/VERSION or runs:/RUN_ID/PATH.")],
+    model: Annotated[str | None, typer.Option("--model", help="builtin:base (the default), a checkpoint directory, "
+                                              "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH.")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on: 127.0.0.1 is this machine only; "
                                       "0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
@@ -105,7 +105,7 @@ def serve_command(
 
     from pydantic import ValidationError
 
-    from metarestore.hub import load_model
+    from metarestore.hub import DEFAULT_MODEL, load_model
     from metarestore.tracking import resolve_uri
 
     token = None
@@ -114,7 +114,8 @@ def serve_command(
         if not token:
             raise UserError(f"--token-env {token_env}: that environment variable is not set or empty")
     tracking = resolve_uri(tracking_uri)
-    if not model.startswith(("models:/", "runs:/")):
+    model = model or DEFAULT_MODEL
+    if not model.startswith(("models:/", "runs:/", "builtin:")):
         model = str(Path(model).expanduser().resolve())
     # A wrong URI or a corrupt checkpoint fails here, in seconds and before Ray starts (this also fills
     # the download cache that the replicas on this machine then read).

@@ -19,7 +19,7 @@ def ray_local():
     """A real Ray instance on 127.0.0.1 with token authentication left on (Ray 2.60's default)."""
     import ray
 
-    from training.driver import init_ray
+    from cluster.ray_runtime import init_ray
 
     # the dashboard stays on: without its State API, placement groups of trials ASHA stops early leak
     init_ray(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
@@ -125,3 +125,19 @@ def stop_process_group(proc, timeout: float = 10.0) -> None:
         proc.wait(timeout=timeout)
     except ProcessLookupError:
         pass
+
+
+@pytest.fixture(scope="session")
+def perturbed_smoke_checkpoint(tmp_path_factory):
+    """A checkpoint of the smoke config's network, untrained, its weights perturbed (seeded) so that every
+    layer matters: for tests of the plumbing (export, the web page), where training adds nothing but time."""
+    from metarestore.checkpoint import save_checkpoint
+    from metarestore.engine import MetaTrainer
+
+    root = tmp_path_factory.mktemp("export_model")
+    trainer = MetaTrainer(smoke_config(root / "run"), device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return str(save_checkpoint(root / "model", trainer.model.state_dict(), trainer.metadata()))

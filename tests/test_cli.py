@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import CONFIGS
-from metarestore.cli import app
+from metarestore_cli.app import app
 
 CLI = str(Path(sys.executable).with_name("metarestore"))
 
@@ -45,13 +45,14 @@ def test_every_command_has_useful_help():
 
 def test_families_json_lists_every_family_with_ranges():
     result = CliRunner().invoke(app, ["families", "--json"])
+    from metarestore import degradations
+
     families = json.loads(result.output)
     names = [f["name"] for f in families]
     assert len(names) >= 12 and {"gaussian_noise", "jpeg", "haze", "inpainting"} <= set(names)
-    for family in families:
-        assert family["params"], family["name"]
-        for spec in family["params"].values():
-            assert spec["min"] <= spec["max"] and spec["description"]
+    assert families == [degradations.get(n).describe() for n in degradations.names()]  # the registry, in order
+    plain = CliRunner().invoke(app, ["families"]).output
+    assert [line.split()[0] for line in plain.splitlines() if not line.startswith(" ")] == names
 
 
 def test_degrade_writes_a_degraded_image_of_the_same_size(clean_image, workdir):
@@ -112,9 +113,12 @@ def test_train_local_logs_params_metrics_and_checkpoint(smoke_model):
     assert [m.step for m in history] == list(range(10, 61, 10))
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "demo.yaml", "cbsd432.yaml", "tune-smoke.yaml", "tune-cbsd432.yaml"])
-def test_shipped_configs_are_valid(name):
-    from metarestore.config import load_config
+@pytest.mark.parametrize("name", ["smoke.yaml", "demo.yaml", "cbsd432.yaml", "base.yaml", "tune-smoke.yaml",
+                                  "tune-cbsd432.yaml"])
+def test_shipped_configs_are_valid(name, tmp_path):
+    from metarestore.config import dump, load_config
 
-    cfg = load_config(CONFIGS / name)
-    assert cfg.families.train and cfg.train.steps > 0
+    cfg = load_config(CONFIGS / name)  # raises on an unknown key or a bad value
+    written = tmp_path / name  # what a run writes as its config.yaml must train the same run again
+    written.write_text(dump(cfg))
+    assert load_config(written) == cfg

@@ -203,7 +203,7 @@ def cli(cluster: RayCluster, *args: str, token: str | None = "file", timeout: fl
         env["RAY_AUTH_TOKEN_PATH"] = str(cluster.token_file)
     elif token is not None:
         env["RAY_AUTH_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "metarestore.cli", *args], env=env, cwd=cwd or cluster.root,
+    return subprocess.run([sys.executable, "-m", "metarestore_cli", *args], env=env, cwd=cwd or cluster.root,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -269,7 +269,7 @@ def test_bad_argument_fails_and_the_logs_say_why(cluster, train_job):
     status = cli(cluster, "jobs", "status", job_id, "--address", cluster.dashboard)
     assert status.returncode == 0, status.stderr
     assert f"{job_id}: FAILED" in status.stdout
-    assert "metarestore.cli train --config does/not/exist.yaml --address auto" in status.stdout
+    assert "metarestore_cli train --config does/not/exist.yaml --address auto" in status.stdout
 
     listing = cli(cluster, "jobs", "list", "--address", cluster.dashboard)
     assert listing.returncode == 0, listing.stderr

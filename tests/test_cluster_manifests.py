@@ -15,14 +15,17 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import typer.main
 import yaml
 
 from cluster import jobs
+from metarestore_cli.app import app as cli_app
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 LAUNCHER = CLUSTER / "launcher"
+CLI = typer.main.get_command(cli_app)  # the application's click group: what `metarestore submit` asks
 DOCKERFILE = CLUSTER / "docker" / "Dockerfile"
 IMAGE_ROOT = "/home/ray/metarestore"  # WORKDIR of the image: the repository root inside it
 PY_TAG = f"py{sys.version_info.major}{sys.version_info.minor}"
@@ -214,7 +217,7 @@ def test_raycluster_has_cpu_and_gpu_worker_groups():
 
 def entrypoint_args(job: dict) -> tuple[str, list[str]]:
     words = shlex.split(job["spec"]["entrypoint"])
-    assert words[:3] == ["python", "-m", "metarestore.cli"], words
+    assert words[:3] == ["python", "-m", "metarestore_cli"], words
     return words[3], words[4:]
 
 
@@ -246,7 +249,7 @@ def shared_mounts(spec: dict) -> set[str]:
 def test_rayjob_entrypoint(job):
     command, args = entrypoint_args(job)
     assert command in jobs.COMMANDS
-    known = jobs.command_options(command)  # the real options of `metarestore COMMAND` in this checkout
+    known = jobs.command_options(CLI, command)  # the real options of `metarestore COMMAND` in this checkout
     unknown = {a.split("=")[0] for a in args if a.startswith("--")} - known
     assert not unknown, f"{command} has no option(s) {unknown}"
     config = repo_path(option(args, "--config"))
@@ -431,7 +434,7 @@ def test_dockerfile_builds_on_the_official_ray_image_of_the_pinned_version():
     assert any(line.startswith("WORKDIR") and line.split()[1] == IMAGE_ROOT for line in lines)
 
 
-SOURCES = ("metarestore", "training", "serving", "evaluation", "cluster", "configs")
+SOURCES = ("metarestore", "metarestore_cli", "training", "serving", "evaluation", "cluster", "configs")
 
 
 def check_no_source_excluded(patterns: list[str]) -> None:
@@ -468,9 +471,9 @@ def test_runtime_env_uploads_the_code_and_nothing_big(tmp_path):
     # our excludes alone (not Ray's default ones, nor .gitignore) keep the upload small
     create_package(env["working_dir"], package, include_gitignore=False, excludes=env["excludes"])
     names = zipfile.ZipFile(package).namelist()
-    for wanted in ("metarestore/cli.py", "metarestore/mlflow_model.py", "configs/smoke.yaml", "cluster/jobs.py"):
-        assert wanted in names
-    assert "metarestore/data/__init__.py" in names or not (REPO / "metarestore/data/__init__.py").exists()
+    for wanted in ("metarestore_cli/__main__.py", "metarestore/mlflow_model.py", "metarestore/data/__init__.py",
+                   "configs/smoke.yaml", "cluster/jobs.py"):
+        assert wanted in names  # what a job runs: the entrypoint module and the packages it imports
     tops = {n.split("/")[0] for n in names}
     assert not tops & {".venv", ".git", "mlruns", "runs", "data", ".pytest_cache", ".ruff_cache"}, tops
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".safetensors"))]
@@ -509,23 +512,27 @@ def test_token_discovery_follows_rays_order(tmp_path, monkeypatch):
 
 
 def test_job_arguments():
-    args = jobs.job_args("train", ["--config", "configs/smoke.yaml"])
+    def job_args(command, args):
+        return jobs.job_args(command, args, jobs.command_options(CLI, command))
+
+    args = job_args("train", ["--config", "configs/smoke.yaml"])
     assert args == ["--config", "configs/smoke.yaml", "--address", "auto"]
-    assert jobs.job_args("train", ["--address=auto"]) == ["--address=auto"]
-    assert jobs.job_args("tune", ["--config", "x.yaml"])[-2:] == ["--address", "auto"]
-    assert jobs.job_args("evaluate", ["--model", "models:/m@latest"])[-2:] == ["--address", "auto"]
-    assert "--no-register" in jobs.command_options("train")
+    assert job_args("train", ["--address=auto"]) == ["--address=auto"]
+    assert job_args("tune", ["--config", "x.yaml"])[-2:] == ["--address", "auto"]
+    assert job_args("evaluate", ["--model", "models:/m@latest"])[-2:] == ["--address", "auto"]
+    assert jobs.job_args("degrade", ["--seed", "1"], jobs.command_options(CLI, "degrade")) == ["--seed", "1"]
+    assert "--no-register" in jobs.command_options(CLI, "train")
     assert jobs.entrypoint("train", ["--set", "train.name=a b"]) == \
-        "python -m metarestore.cli train --set 'train.name=a b'"
+        "python -m metarestore_cli train --set 'train.name=a b'"
     with pytest.raises(jobs.JobsError, match="relative sqlite path"):
-        jobs.job_args("train", ["--tracking-uri", "sqlite:///mlflow.db"])
+        job_args("train", ["--tracking-uri", "sqlite:///mlflow.db"])
     jobs.check_tracking_uri("sqlite:////shared/mlflow.db")
     jobs.check_tracking_uri("http://mlflow:5000")
     assert jobs.output_warning("train", ["--set", "train.output_dir=/mnt/shared/x"]) is None
     assert "train.output_dir" in jobs.output_warning("train", [])
     assert jobs.output_warning("tune", ["--out", "s3://bucket/x"]) is None
     with pytest.raises(jobs.JobsError, match="no 'nope' command"):
-        jobs.command_options("nope")
+        jobs.command_options(CLI, "nope")
 
 
 def run_cli(*args: str, env: dict | None = None):
@@ -534,7 +541,7 @@ def run_cli(*args: str, env: dict | None = None):
 
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "metarestore.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "metarestore_cli", *args], capture_output=True, text=True,
                           timeout=120, env=full_env)
 
 

@@ -149,8 +149,12 @@ def test_describe_is_json(name: str) -> None:
     described = json.loads(json.dumps(family.describe()))
     assert described["name"] == name and described["description"]
     assert described["params"] and type(family).__doc__
-    for spec in described["params"].values():
-        assert spec["min"] <= spec["max"] and spec["description"]
+    assert set(described["params"]) == set(family.specs)
+    for key, spec in described["params"].items():
+        # the documented ends are the values the operator really gets (integer parameters rounded)
+        ends = (family.specs[key].at(0.0), family.specs[key].at(1.0))
+        assert (spec["at_severity_0"], spec["at_severity_1"]) == pytest.approx(ends), key
+        assert (spec["min"], spec["max"]) == pytest.approx(sorted(ends)) and spec["description"], key
 
 
 @pytest.mark.parametrize("name", FAMILIES)

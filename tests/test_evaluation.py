@@ -143,6 +143,27 @@ def test_baseline_names_are_checked():
     assert baselines.for_family("gaussian_noise+jpeg") == []
 
 
+def test_bm3d_without_its_extra_is_named_by_its_extra_and_licence(monkeypatch):
+    assert baselines.missing("bm3d") is None, "the dev extra installs bm3d"
+    monkeypatch.setitem(sys.modules, "bm3d", None)  # what `import bm3d` sees when it is not installed
+    with pytest.raises(baselines.MissingExtraError, match=r"metarestore\[baselines\].*non-commercial"):
+        baselines.parse("wiener,bm3d")
+    everything = baselines.parse("all")
+    assert "bm3d" not in everything and set(everything) == set(baselines.names()) - {"bm3d"}
+    assert baselines.for_family("gaussian_noise", everything) == []
+
+
+def test_evaluate_bm3d_without_its_extra_is_one_error_line(workdir):
+    blocked = ("import sys; sys.modules['bm3d'] = None; sys.argv = ['metarestore', *sys.argv[1:]]; "
+               "from metarestore_cli.app import main; main()")
+    proc = subprocess.run([sys.executable, "-c", blocked, "evaluate", "--no-track", "--model", str(workdir / "m"),
+                           "--baselines", "bm3d"], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: baseline 'bm3d' needs the optional extra: pip install 'metarestore[baselines]' "
+        "(bm3d's licence: free for non-commercial use only)"]
+
+
 # the CLI: one clear line for bad input -------------------------------------------------------------
 def test_bad_input_gives_one_error_line(workdir):
     """Every check runs before the model is loaded (except the model's own), so no real model is needed."""
@@ -156,7 +177,7 @@ def test_bad_input_gives_one_error_line(workdir):
         "protocol cbsd68-awgn needs --data": ["--model", model, "--protocol", "cbsd68-awgn"],
         "model not found": ["--model", model],
     }
-    procs = {message: subprocess.Popen([sys.executable, "-m", "metarestore.cli", "evaluate", "--no-track", *args],
+    procs = {message: subprocess.Popen([sys.executable, "-m", "metarestore_cli", "evaluate", "--no-track", *args],
                                        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for message, args in cases.items()}
     for message, proc in procs.items():
@@ -300,3 +321,15 @@ def test_awgn_protocol_end_to_end_on_a_small_cbsd68_folder(ray_local, smoke_mode
         noisy = registry_degrade(clean, "gaussian_noise", json.loads(row.params), clip=False)
         eight_bit = np.round(np.clip(noisy, 0, 1) * 255) / 255
         assert row.psnr == pytest.approx(peak_signal_noise_ratio(clean, eight_bit, data_range=1.0), abs=2e-3)
+
+
+def test_showcase_summary_counts_only_clear_gains_and_names_the_losses():
+    from evaluation.showcase import format_rows
+
+    rows = [{"family": "jpeg", "held_out": False, "psnr_input": 30.0, "psnr_restored": 30.2},
+            {"family": "gaussian_noise", "held_out": False, "psnr_input": 20.0, "psnr_restored": 28.0},
+            {"family": "contrast", "held_out": False, "psnr_input": 25.0, "psnr_restored": 24.7},
+            {"family": "haze", "held_out": True, "psnr_input": 12.0, "psnr_restored": 11.0, "psnr_adapted": 12.6}]
+    text = format_rows(rows).splitlines()
+    assert text[-2] == "improved by >= 0.5 dB: 2 of 4 families"
+    assert text[-1] == "worse than the input: contrast (-0.30 dB)"

@@ -16,31 +16,12 @@ import torch
 from conftest import smoke_config
 from metarestore.checkpoint import load_checkpoint
 from metarestore.engine import MetaTrainer, plan_step
+from tests.faults import slow_train_func
 from training.driver import train_distributed
-from training.sharding import assign_families, shard_tasks
 
 pytestmark = pytest.mark.slow
 
 COSTS = "distributed.family_costs={gaussian_noise: 1, gaussian_blur: 1, jpeg: 1, low_light: 1}"
-
-
-def test_assignment_is_balanced_deterministic_and_covers_every_task():
-    families = ["a", "b", "c", "d", "e"]
-    costs = {"a": 5.0, "b": 1.0, "c": 1.0, "d": 3.0, "e": 2.0}
-    assignment = assign_families(families, 2, costs)
-    assert assignment == assign_families(families, 2, dict(reversed(costs.items())))
-    loads = [sum(costs[f] for f in fams) for fams in assignment]
-    assert max(loads) - min(loads) <= max(costs.values())
-    assert sorted(f for fams in assignment for f in fams) == families
-    # more workers than families: replicated, tasks of a family dealt among its owners, each exactly once
-    replicated = assign_families(["a", "b"], 4)
-    assert replicated == [["a"], ["b"], ["a"], ["b"]]
-    from metarestore.data import TaskSpec
-
-    tasks = [TaskSpec(f, 0.5, i) for i, f in enumerate(["a", "a", "b", "b", "a"])]
-    shards = [shard_tasks(tasks, replicated, r) for r in range(4)]
-    assert sorted(t.seed for s in shards for t in s) == list(range(5))
-    assert [len(s) for s in shards] == [2, 1, 1, 1]
 
 
 def test_sharded_step_equals_single_process(ray_local, workdir, tracking_uri):
@@ -106,7 +87,8 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(ray_loc
     killer = threading.Thread(target=kill_rank1_after_first_checkpoint, daemon=True)
     killer.start()
     faulty = train_distributed(smoke_config(out, *overrides), workers=2, tracking_uri=tracking_uri,
-                               register=False, extra={"pid_dir": str(pids), "step_delay_s": 1.0})
+                               register=False, extra={"pid_dir": str(pids), "step_delay_s": 1.0},
+                               train_loop=slow_train_func)
     killer.join(timeout=5)
     assert "pid" in killed, "the worker was killed mid-run"
     assert int((pids / "rank1.pid").read_text()) != killed["pid"], "the worker group was restarted"

@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
+from cluster.ray_runtime import init_ray
 from metarestore.checkpoint import load_checkpoint
 from metarestore.config import Config
 from metarestore.data import absolute_source
-from metarestore.errors import UserError
-from metarestore.loop import archive_existing, finalize, run_params
-from metarestore.tracking import RunLogger, check_reachable, resolve_uri
+from metarestore.errors import ResumeError
+from metarestore.loop import finalize, run_params
+from metarestore.runs import archive_existing, open_store, tracked_run
 from training.sharding import assign_families, measure_family_costs
 
 RUN_FILE = "run.json"
-
-
-class ResumeError(UserError, RuntimeError):
-    """Nothing to resume, or the output folder belongs to another kind of run."""
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -37,41 +33,12 @@ def absolute_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data, train=train)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> bool:
-    """Join ``address`` (auto, ray://..., HOST:PORT) or start a new local Ray in this process; True when
-    this call connected (so the caller may shut it down), False when Ray was already initialised.
-
-    A local Ray gets a GCS port chosen here and exported as ``RAY_ADDRESS`` before it starts, so its
-    processes inherit it: Ray Train's placement-group cleaner (State API) then finds *this* cluster
-    even when other Ray instances run on the machine (otherwise it gives up, and trials that ASHA stops
-    early leak their workers' resources).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs.setdefault("log_to_driver", True)
-    if address:
-        ray.init(address=address, **kwargs)
-        return True
-    port = free_port()
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-    # "local": always a new in-process Ray, never silently joining a cluster someone else started
-    ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
-    return True
-
-
 def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignment: list[list[str]],
                   tracking_uri: str, mlflow_run_id: str | None, run_name: str, storage_path: str,
-                  callbacks: list | None = None, extra: dict[str, Any] | None = None):
-    """A TorchTrainer for this experiment (also used by every Ray Tune trial)."""
+                  callbacks: list | None = None, extra: dict[str, Any] | None = None,
+                  train_loop: Callable[[dict[str, Any]], None] | None = None):
+    """A TorchTrainer for this experiment (also used by every Ray Tune trial). ``train_loop``: the
+    per-worker function (default ``training.worker.train_func``; fault-injection tests wrap it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -84,7 +51,7 @@ def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignme
                    "mlflow_run_id": mlflow_run_id, "threads": max(1, int(cfg.distributed.cpus_per_worker)),
                    "use_gpu": gpus_per_worker > 0, **(extra or {})}
     return TorchTrainer(
-        train_func, train_loop_config=loop_config,
+        train_loop or train_func, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
@@ -93,10 +60,10 @@ def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignme
 
 def train_distributed(cfg: Config, workers: int | None = None, gpus_per_worker: float | None = None,
                       address: str | None = None, tracking_uri: str | None = None, resume: bool = False,
-                      register: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      register: bool = True, extra: dict[str, Any] | None = None,
+                      train_loop: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     cfg = absolute_paths(cfg)
-    uri = resolve_uri(tracking_uri or cfg.tracking.uri)
-    check_reachable(uri)  # a down server is a clear error now, before any Ray work
+    uri = open_store(tracking_uri or cfg.tracking.uri)  # a down server is a clear error now, before any Ray work
     workers = workers or cfg.distributed.workers
     gpus = cfg.distributed.gpus_per_worker if gpus_per_worker is None else gpus_per_worker
     out = cfg.output_dir
@@ -108,31 +75,27 @@ def train_distributed(cfg: Config, workers: int | None = None, gpus_per_worker: 
         if state["workers"] != workers:
             raise ResumeError(f"the run used {state['workers']} workers; resume it with --workers {state['workers']}")
     else:
-        archived = archive_existing(out)
-        if archived:
-            print(f"previous output moved to {archived}", flush=True)
+        archive_existing(out)  # before measuring: the costs are part of the new run's state
         costs = cfg.distributed.family_costs or measure_family_costs(cfg)
         state = {"run_name": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}", "workers": workers,
                  "storage_path": cfg.distributed.storage_path or str(out / "ray"), "family_costs": costs,
                  "assignment": assign_families(cfg.families.train, workers, costs)}
-    logger = RunLogger(uri, cfg.tracking.experiment, cfg.name, run_id=state.get("mlflow_run_id"),
-                       tags={"mode": "ray"})
-    if "mlflow_run_id" not in state:
-        state["mlflow_run_id"] = logger.run_id
-        logger.params(run_params(cfg, workers, extra={
-            "mode": "ray", "gpus_per_worker": gpus, "assignment": json.dumps(state["assignment"]),
-            "family_costs": json.dumps(state["family_costs"])}))
-        out.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(state, indent=1))
-    for rank, fams in enumerate(state["assignment"]):
-        print(f"worker {rank}: {', '.join(fams)}", flush=True)
-    print(f"MLflow run {logger.run_id} at {uri}", flush=True)
+    extra_params = {"mode": "ray", "gpus_per_worker": gpus, "assignment": json.dumps(state["assignment"]),
+                    "family_costs": json.dumps(state["family_costs"])}
+    with tracked_run(uri, cfg.tracking.experiment, cfg.name, run_id=state.get("mlflow_run_id"), tags={"mode": "ray"},
+                     params=lambda: run_params(cfg, workers, extra=extra_params)) as logger:
+        if "mlflow_run_id" not in state:
+            state["mlflow_run_id"] = logger.run_id
+            out.mkdir(parents=True, exist_ok=True)
+            run_file.write_text(json.dumps(state, indent=1))
+        for rank, fams in enumerate(state["assignment"]):
+            print(f"worker {rank}: {', '.join(fams)}", flush=True)
+        print(f"MLflow run {logger.run_id} at {uri}", flush=True)
 
-    try:
         init_ray(address)
         trainer = build_trainer(cfg, workers=workers, gpus_per_worker=gpus, assignment=state["assignment"],
                                 tracking_uri=uri, mlflow_run_id=logger.run_id, run_name=state["run_name"],
-                                storage_path=state["storage_path"], extra=extra)
+                                storage_path=state["storage_path"], extra=extra, train_loop=train_loop)
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
@@ -145,9 +108,5 @@ def train_distributed(cfg: Config, workers: int | None = None, gpus_per_worker: 
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         info = finalize(cfg, final, logger, register, out)
-    except BaseException as exc:
-        logger.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    logger.finish()
     return {**info, "run_id": logger.run_id, "tracking_uri": uri, "metrics": result.metrics or {},
             "output_dir": str(out), "ray_path": result.path}

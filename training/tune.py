@@ -16,17 +16,13 @@ from typing import Any
 
 from metarestore.config import ConfigError, dump, flatten, read_yaml
 from metarestore.data import absolute_source
-from metarestore.errors import UserError
-from metarestore.tracking import RunLogger, check_reachable, resolve_uri
+from metarestore.errors import ResumeError
+from metarestore.runs import open_store, tracked_run
 from training.search_space import SearchSpec, default_point, parse_search, trial_config, tune_space
 
 STATE_FILE = "search.json"
 EXPERIMENT = "search"
 DRIVER_MEMORY = 64 * 2**20  # bytes of logical memory a trial's driver function reserves
-
-
-class SearchResumeError(UserError, RuntimeError):
-    """Nothing to resume under --out."""
 
 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> tuple[dict[str, Any], SearchSpec]:
@@ -57,26 +53,23 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], out: str, tracking_u
                                checkpoint_every=cfg.train.val_every))
     ledger = Path(out) / "trials" / trial_id
     ledger.mkdir(parents=True, exist_ok=True)
-    run_file = ledger / "mlflow_run_id"
-    if run_file.is_file():  # a relaunched trial keeps its MLflow run
-        logger = RunLogger(tracking_uri, cfg.tracking.experiment, trial_id, run_id=run_file.read_text().strip())
-    else:
-        logger = RunLogger(tracking_uri, cfg.tracking.experiment, f"trial-{trial_id}", parent_run_id=parent_run_id,
-                           tags={"mode": "tune", "trial_id": trial_id})
-        run_file.write_text(logger.run_id)
-        from metarestore.loop import run_params
+    from metarestore.loop import run_params
 
-        logger.params({**run_params(cfg, workers or cfg.distributed.workers), "trial_id": trial_id,
-                       **{f"search.{k}": v for k, v in config.items()}})
-    with open(Path(out) / "trials" / "started.log", "a") as fh:
-        fh.write(f"{trial_id} {time.time():.0f}\n")
+    run_file = ledger / "mlflow_run_id"
+    run_id = run_file.read_text().strip() if run_file.is_file() else None  # a relaunched trial keeps its run
     n = workers or cfg.distributed.workers
-    trainer = build_trainer(cfg, workers=n, gpus_per_worker=cfg.distributed.gpus_per_worker,
-                            assignment=assign_families(cfg.families.train, n, cfg.distributed.family_costs),
-                            tracking_uri=tracking_uri, mlflow_run_id=logger.run_id, run_name=f"train-{trial_id}",
-                            storage_path=str(Path(out) / "ray_train"), callbacks=[TuneReportCallback()])
-    trainer.fit()
-    logger.finish("FINISHED")
+    with tracked_run(tracking_uri, cfg.tracking.experiment, f"trial-{trial_id}", run_id=run_id,
+                     parent_run_id=parent_run_id, tags={"mode": "tune", "trial_id": trial_id},
+                     params=lambda: {**run_params(cfg, n), "trial_id": trial_id,
+                                     **{f"search.{k}": v for k, v in config.items()}}) as logger:
+        run_file.write_text(logger.run_id)
+        with open(Path(out) / "trials" / "started.log", "a") as fh:
+            fh.write(f"{trial_id} {time.time():.0f}\n")
+        trainer = build_trainer(cfg, workers=n, gpus_per_worker=cfg.distributed.gpus_per_worker,
+                                assignment=assign_families(cfg.families.train, n, cfg.distributed.family_costs),
+                                tracking_uri=tracking_uri, mlflow_run_id=logger.run_id, run_name=f"train-{trial_id}",
+                                storage_path=str(Path(out) / "ray_train"), callbacks=[TuneReportCallback()])
+        trainer.fit()
 
 
 def _with(cfg, **train_fields):
@@ -118,16 +111,11 @@ def run_search(config_path: str | Path, out: str | Path, num_samples: int | None
                address: str | None = None, workers: int | None = None, overrides: list[str] | None = None,
                progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a search; returns a summary with the paths of what it wrote."""
-    from ray import tune
-
-    from training.driver import init_ray
-    from training.tune_report import write_results
-
     out = Path(out).resolve()
     state_file = out / STATE_FILE
     if resume:
         if not state_file.is_file():
-            raise SearchResumeError(f"nothing to resume: {state_file} not found")
+            raise ResumeError(f"nothing to resume: {state_file} not found")
         state = json.loads(state_file.read_text())
         base, spec = state["base"], parse_search(state["base"])
     else:
@@ -141,25 +129,32 @@ def run_search(config_path: str | Path, out: str | Path, num_samples: int | None
     base_cfg = trial_config(base, {})
     if base_cfg.train.val_every < 1:
         raise ConfigError("a search needs train.val_every >= 1: trials are compared on validation metrics")
-    uri = resolve_uri(tracking_uri or base_cfg.tracking.uri)
-    check_reachable(uri)
+    uri = open_store(tracking_uri or base_cfg.tracking.uri)
+    parent_params = {"search.algorithm": spec.algorithm, "search.metric": spec.metric, "search.mode": spec.mode,
+                     "search.num_samples": spec.num_samples, "search.max_concurrent": spec.max_concurrent,
+                     "search.space": json.dumps({k: [d, a] for k, (d, a) in spec.space.items()}),
+                     **{f"base.{k}": v for k, v in flatten(base_cfg.to_dict()).items()}}
+    with tracked_run(uri, base_cfg.tracking.experiment, f"search-{base_cfg.name}", tags={"mode": "tune-parent"},
+                     run_id=state["parent_run_id"] if resume else None, params=parent_params) as parent:
+        if not resume:
+            out.mkdir(parents=True, exist_ok=True)
+            state = {"base": base, "parent_run_id": parent.run_id, "num_samples": spec.num_samples,
+                     "max_concurrent": spec.max_concurrent, "workers": workers}
+            state_file.write_text(json.dumps(state, indent=1))
+            (out / "base.yaml").write_text(dump(base_cfg))
+        return _search(spec, state, base, base_cfg, out, uri, address, resume, progress, parent)
 
-    if resume:
-        parent = RunLogger(uri, base_cfg.tracking.experiment, "search", run_id=state["parent_run_id"])
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        parent = RunLogger(uri, base_cfg.tracking.experiment, f"search-{base_cfg.name}", tags={"mode": "tune-parent"})
-        parent.params({"search.algorithm": spec.algorithm, "search.metric": spec.metric, "search.mode": spec.mode,
-                       "search.num_samples": spec.num_samples, "search.max_concurrent": spec.max_concurrent,
-                       "search.space": json.dumps({k: [d, a] for k, (d, a) in spec.space.items()}),
-                       **{f"base.{k}": v for k, v in flatten(base_cfg.to_dict()).items()}})
-        state = {"base": base, "parent_run_id": parent.run_id, "num_samples": spec.num_samples,
-                 "max_concurrent": spec.max_concurrent, "workers": workers}
-        state_file.write_text(json.dumps(state, indent=1))
-        (out / "base.yaml").write_text(dump(base_cfg))
+
+def _search(spec: SearchSpec, state: dict[str, Any], base: dict[str, Any], base_cfg, out: Path, uri: str,
+            address: str | None, resume: bool, progress: bool, parent) -> dict[str, Any]:
+    """Run or resume the Tune experiment inside the open parent run; returns the summary."""
+    from ray import tune
+
+    from cluster.ray_runtime import init_ray
+    from training.tune_report import write_results
+
     spec.num_samples, spec.max_concurrent = state["num_samples"], state["max_concurrent"]
     workers = state.get("workers") or base_cfg.distributed.workers
-
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save experiment state often: resume loses little
     init_ray(address)
     # The trial function only drives a TorchTrainer, whose workers reserve their own CPUs/GPUs. It asks for
@@ -171,25 +166,19 @@ def run_search(config_path: str | Path, out: str | Path, num_samples: int | None
         tune.PlacementGroupFactory([{"memory": DRIVER_MEMORY}]))
     path = out / "ray_tune" / EXPERIMENT
     started = time.time()
-    try:
-        if resume:
-            if not tune.Tuner.can_restore(str(path)):
-                raise SearchResumeError(f"nothing to resume: no Tune experiment under {path}")
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable, param_space=tune_space(spec),
-                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=_search_alg(spec, base),
-                                            scheduler=_scheduler(spec, base_cfg.train.steps),
-                                            num_samples=spec.num_samples if spec.algorithm != "grid" else 1,
-                                            max_concurrent_trials=spec.max_concurrent),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray_tune"),
-                                          failure_config=tune.FailureConfig(max_failures=1),
-                                          verbose=1 if progress else 0))
-        grid = tuner.fit()
-        summary = write_results(grid, spec, base, base_cfg.train.steps, out, parent, time.time() - started)
-    except BaseException as exc:
-        parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    parent.finish()
-    return summary
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise ResumeError(f"nothing to resume: no Tune experiment under {path}")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=tune_space(spec),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=_search_alg(spec, base),
+                                        scheduler=_scheduler(spec, base_cfg.train.steps),
+                                        num_samples=spec.num_samples if spec.algorithm != "grid" else 1,
+                                        max_concurrent_trials=spec.max_concurrent),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray_tune"),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      verbose=1 if progress else 0))
+    grid = tuner.fit()
+    return write_results(grid, spec, base, base_cfg.train.steps, out, parent, time.time() - started)

@@ -3,10 +3,8 @@ families, a gradient all-reduce, and checkpoints through ``ray.train.report``.""
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,6 @@ def train_func(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    if config.get("pid_dir"):  # lets a fault-injection test find and kill this worker
-        Path(config["pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     trainer = MetaTrainer(cfg, device=device)
     checkpoint = ray.train.get_checkpoint()
@@ -61,8 +57,6 @@ def train_func(config: dict[str, Any]) -> None:
     hooks = LoopHooks(chief=chief, reduce=all_reduce_sum if world > 1 else None,
                       select=lambda tasks: shard_tasks(tasks, assignment, rank), report=report,
                       extra_state={"mlflow_run_id": config.get("mlflow_run_id")})
-    if config.get("step_delay_s"):  # fault-injection tests slow the loop down so a kill lands mid-run
-        hooks.after_step = lambda step: time.sleep(float(config["step_delay_s"]))
     run_loop(trainer, hooks, logger, progress=chief)
     if logger:
         logger.flush()  # the driver closes the run after the final checkpoint is registered

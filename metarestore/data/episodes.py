@@ -32,10 +32,6 @@ class Episode:
     query_x: torch.Tensor
     query_y: torch.Tensor
 
-    def to(self, device: torch.device | str) -> Episode:
-        move = {k: getattr(self, k).to(device) for k in ("support_x", "support_y", "query_x", "query_y")}
-        return Episode(self.task, self.params, **move)
-
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """One of the 8 flips/rotations of a square patch (k in 0..7)."""

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from metarestore.errors import UserError
+from metarestore.pixels import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def to_pil(image: torch.Tensor, grey: bool = False) -> Image.Image:
     """A float [0,1] (3,H,W) or (1,3,H,W) tensor -> an 8-bit PIL image (grey when the input was grey)."""
     if image.ndim == 4:
         image = image[0]
-    array = (image.detach().clamp(0, 1).cpu() * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    array = to_uint8(image).permute(1, 2, 0).numpy()
     im = Image.fromarray(array)
     return im.convert("L") if grey else im
 

@@ -8,6 +8,7 @@ parameters give the same output on CPU and CUDA.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,13 @@ def jittered(severity: float, generator: torch.Generator, spread: float = 0.1) -
 
 def draw_seed(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**31 - 1, (), generator=generator).item())
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed in [0, 2**31 - 1) from any printable parts, identical in every process and Python run
+    (SHA-256, not Python's per-process salted ``hash``)."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
 
 
 def cpu_generator(seed: int) -> torch.Generator:

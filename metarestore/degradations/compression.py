@@ -9,10 +9,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from metarestore.degradations.base import Degradation, Params, ParamSpec
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return (x.detach().to("cpu", torch.float32) * 255.0).round().clamp(0, 255).to(torch.uint8)
+from metarestore.pixels import to_uint8
 
 
 @dataclass

@@ -1,0 +1,158 @@
+"""Export a restorer (optionally with an adapter merged into its weights) to ONNX or TorchScript, for
+runtimes outside Python: onnxruntime, chaiNNer, mobile.
+
+The exported graph takes a float32 (N, 3, H, W) image in [0, 1] with any batch, height and width
+(H, W >= the network's padding multiple, 2**stages) and returns the restored image of the same size,
+clamped to [0, 1] as ``MetaLearner.restore`` does. The network pads to that multiple internally; both
+formats keep that padding symbolic, so one file serves every size. ONNX goes through torch.export
+(``torch.onnx.export(dynamo=True)``, extra ``metarestore[export]``); TorchScript through
+``torch.jit.trace`` at a size that needs padding (the tracer records the shape arithmetic).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from metarestore.errors import UserError
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME, OUTPUT_NAME = "image", "restored"
+
+
+class ExportError(UserError):
+    """An adapter that does not fit the model, a missing exporter, an unknown format."""
+
+
+class Restorer(nn.Module):
+    """What is exported: the network with its output clamped to [0, 1]."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image).clamp(0, 1)
+
+
+def load_adapter(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Read an adapter (safetensors: parameter name -> delta) and check it against ``model``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"adapter not found: {path}")
+    try:
+        adapter = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ExportError(f"{path} is not a safetensors adapter ({str(exc)[:120]})") from None
+    own = dict(model.named_parameters())
+    if not adapter:
+        raise ExportError(f"adapter {path} holds no parameters")
+    for name, value in adapter.items():
+        if name not in own:
+            raise ExportError(f"adapter {path} does not fit this model: it has no parameter {name!r}")
+        if value.shape != own[name].shape:
+            raise ExportError(f"adapter {path} does not fit this model: {name} is {tuple(value.shape)}, "
+                              f"the model's is {tuple(own[name].shape)}")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise ExportError(f"adapter {path}: {name} is not a finite floating-point tensor")
+    return adapter
+
+
+def merge_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
+    """Add the adapter's deltas into the model's own weights (in place)."""
+    from metarestore.meta.adapt import apply_delta
+
+    merged = apply_delta(model, adapter)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in merged:
+                param.copy_(merged[name])
+
+
+def exportable(model_uri: str, adapter: str | Path | None = None,
+               tracking_uri: str | None = None) -> tuple[Restorer, dict]:
+    """The model at ``model_uri`` (adapter merged), ready to export; and the checkpoint's metadata."""
+    from metarestore.hub import load_model
+
+    learner, metadata, _ = load_model(model_uri, tracking_uri)
+    net = learner.model
+    if adapter is not None:
+        merge_adapter(net, load_adapter(adapter, net))
+    return Restorer(net).eval(), metadata
+
+
+def multiple(model: nn.Module) -> int:
+    """The size the network pads to; exported graphs accept H, W >= this."""
+    net = model.net if isinstance(model, Restorer) else model
+    return int(getattr(net, "multiple", 1))
+
+
+def _example(model: nn.Module) -> torch.Tensor:
+    m = multiple(model)
+    return torch.rand(1, 3, 4 * m + m // 2 + 1, 5 * m + 1)  # a size that needs padding in both directions
+
+
+def _write_atomically(out: Path, write) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def to_onnx(model: Restorer, out: Path, opset: int | None = None) -> None:
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs it, and onnxscript)
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ExportError("ONNX export needs the optional extra: pip install 'metarestore[export]'") from None
+    m = multiple(model)
+    dims = {2: torch.export.Dim("height", min=m, max=2**15), 3: torch.export.Dim("width", min=m, max=2**15),
+            0: torch.export.Dim("batch", min=1, max=1024)}
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (_example(model),), tmp, dynamo=True, external_data=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
+                              dynamic_shapes={"image": dims})
+
+    _write_atomically(out, write)
+
+
+def to_torchscript(model: Restorer, out: Path) -> None:
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.export; still loads in C++
+            traced = torch.jit.trace(model, _example(model), check_trace=False)
+            traced.save(tmp)
+
+    _write_atomically(out, write)
+
+
+def export(model_uri: str, fmt: str, out: str | Path, adapter: str | Path | None = None,
+           tracking_uri: str | None = None) -> dict:
+    """Export ``model_uri`` (with ``adapter`` merged) to ``out``; returns what was written."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"{out} is a directory; give the output file")
+    model, metadata = exportable(model_uri, adapter, tracking_uri)
+    torch.manual_seed(0)  # the example input
+    (to_onnx if fmt == "onnx" else to_torchscript)(model, out)
+    return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "min_size": multiple(model),
+            "input": INPUT_NAME, "output": OUTPUT_NAME, "adapter": str(adapter) if adapter else None,
+            "algorithm": metadata.get("algorithm"), "step": metadata.get("step")}

@@ -1,0 +1,263 @@
+"""``fit_adapter``: few-shot adaptation that picks, per adapter, how to use the support pairs.
+
+Candidates (``paths.default_paths``): the restorer as is (zero-shot), FiLM gradient adaptation
+(``learner.adapt``), and operator + prior paths, where an operator fitted on the pairs (blur kernel,
+tone/colour model, haze) is undone first and the restorer cleans up, optionally FiLM-adapted too; plus the
+classical Wiener / Richardson-Lucy with the same fitted kernel. The choice is made by held-out validation:
+with K >= 2 pairs, leave-one-out (everything, operators and FiLM alike, is fitted on K-1 pairs and scored
+on the pair left out; at most ``max_folds`` folds); with K = 1, the single pair is cut into two halves
+along its longer side and each half is scored with what was fitted on the other; when the halves would
+be too small (< 32 px), nothing can be validated and the adapter falls back to zero-shot (the base model
+is never made worse unseen). The chosen path is then refitted on all pairs.
+
+An adapter serialises to safetensors (tensors plus a JSON header, never a pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from metarestore.errors import UserError
+from metarestore.operators.haze import HazeFit
+from metarestore.operators.kernel import MAX_KERNEL, KernelFit
+from metarestore.operators.noise import fit_noise
+from metarestore.operators.paths import Operators, Path, default_paths, pre_step
+from metarestore.operators.tone import KNOTS, ToneFit
+
+FORMAT = "metarestore-operator-adapter"
+VERSION = 1
+MIN_HALF = 32
+ADAPTER_FILE = "adapter.safetensors"
+INFO_FILE = "adapter.json"
+
+FoldCallback = Callable[[list[int], int], None]
+
+
+class AdapterError(UserError, ValueError):
+    """Support pairs or a stored adapter that cannot be used."""
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float((a.clamp(0, 1).double() - b.double()).square().mean())
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@dataclass
+class Adapter:
+    learner: object  # MetaLearner: the prior; not stored with the adapter
+    path: Path
+    operators: Operators = field(default_factory=Operators)
+    film: dict[str, torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """Restore a (B, C, H, W) batch in [0, 1]."""
+        pre = pre_step(self.path, self.operators, x, self.learner)
+        if self.path.restorer == "none":
+            return pre.clamp(0, 1)
+        return self.learner.restore(pre, self.film if self.path.restorer == "film" else None)
+
+    # storage --------------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        tensors: dict[str, torch.Tensor] = {}
+        ops = self.operators
+        if ops.kernel is not None:
+            tensors["kernel"] = ops.kernel.kernel.float().contiguous()
+        if ops.tone is not None:
+            tensors["tone.curves"] = ops.tone.curves.float().contiguous()
+            tensors["tone.matrix"] = ops.tone.matrix.float().contiguous()
+            tensors["tone.offset"] = ops.tone.offset.float().contiguous()
+        if ops.haze is not None:
+            tensors["haze.airlight"] = ops.haze.airlight.float().contiguous()
+        for name, value in (self.film or {}).items():
+            tensors[f"film.{name}"] = value.detach().float().cpu().contiguous()
+        header = {"format": FORMAT, "version": VERSION, "path": self.path.name, "residuals": ops.residuals,
+                  "haze_omega": ops.haze.omega if ops.haze is not None else None, "info": self.info}
+        return st_save(tensors, metadata={"adapter": json.dumps(header)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, learner) -> Adapter:
+        try:
+            tensors = st_load(data)
+            header = json.loads(_metadata(data)["adapter"])
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad adapter
+            raise AdapterError(f"not a metarestore operator adapter: {exc}") from None
+        if header.get("format") != FORMAT or header.get("version") != VERSION:
+            raise AdapterError("not a metarestore operator adapter (format/version mismatch)")
+        try:
+            path = Path.parse(str(header["path"]))
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from None
+        residuals = {str(k): float(v) for k, v in header.get("residuals", {}).items()}
+        ops = Operators(residuals=residuals)
+        if "kernel" in tensors:
+            k = tensors["kernel"].double()
+            if k.ndim not in (2, 3) or k.shape[-1] != k.shape[-2] or k.shape[-1] % 2 == 0 or k.shape[-1] > MAX_KERNEL:
+                raise AdapterError(f"bad kernel shape {tuple(k.shape)}")
+            ops.kernel = KernelFit(k, residuals.get("kernel", float("nan")))
+        if "tone.curves" in tensors:
+            curves, matrix, offset = (tensors.get(f"tone.{n}") for n in ("curves", "matrix", "offset"))
+            if matrix is None or offset is None or curves.shape[-1] != KNOTS or \
+                    matrix.shape != (curves.shape[0], curves.shape[0]) or offset.shape != (curves.shape[0],):
+                raise AdapterError("bad tone model tensors")
+            ops.tone = ToneFit(curves.double(), matrix.double(), offset.double(), residuals.get("tone", float("nan")))
+        if "haze.airlight" in tensors:
+            ops.haze = HazeFit(tensors["haze.airlight"], float(header.get("haze_omega") or 0.95),
+                               residuals.get("haze", float("nan")))
+        if path.operator is not None and getattr(ops, path.operator) is None:
+            raise AdapterError(f"path {path.name} needs the {path.operator} operator, which is missing")
+        film = {k[len("film."):]: v for k, v in tensors.items() if k.startswith("film.")} or None
+        if path.restorer == "film":
+            own = dict(learner.model.named_parameters())
+            if not film or any(n not in own or own[n].shape != v.shape for n, v in film.items()):
+                raise AdapterError("FiLM parameters do not match this model")
+            device = next(learner.model.parameters()).device
+            film = {n: v.to(device) for n, v in film.items()}
+        return cls(learner, path, ops, film, header.get("info", {}))
+
+    def save(self, directory: str | FsPath) -> FsPath:
+        """Write adapter.safetensors (everything) and adapter.json (the info, for people)."""
+        directory = FsPath(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (ADAPTER_FILE + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(directory / ADAPTER_FILE)  # never a half-written adapter
+        (directory / INFO_FILE).write_text(json.dumps(self.info, indent=2) + "\n")
+        return directory / ADAPTER_FILE
+
+    @classmethod
+    def load(cls, directory: str | FsPath, learner) -> Adapter:
+        return cls.from_bytes((FsPath(directory) / ADAPTER_FILE).read_bytes(), learner)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (its JSON header, 8-byte little-endian length first)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n].decode("utf-8")).get("__metadata__", {})
+
+
+# fitting ------------------------------------------------------------------------------------------
+def _check_support(support_x: torch.Tensor, support_y: torch.Tensor) -> None:
+    if support_x.ndim != 4 or support_x.shape != support_y.shape or support_x.shape[0] < 1:
+        raise AdapterError(f"support pairs must be two (K, C, H, W) batches of one shape, got "
+                           f"{tuple(support_x.shape)} and {tuple(support_y.shape)}")
+    if not (torch.is_floating_point(support_x) and torch.is_floating_point(support_y)):
+        raise AdapterError("support images must be float tensors in [0, 1]")
+
+
+def split_halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (1, C, H, W) image cut in two along its longer side (two same-size halves)."""
+    h, w = x.shape[-2:]
+    if w >= h:
+        half = w // 2
+        return x[..., :half], x[..., half:2 * half]
+    half = h // 2
+    return x[..., :half, :], x[..., half:2 * half, :]
+
+
+def _folds(support_x, support_y, max_folds: int):
+    """(fit_x, fit_y, held_x, held_y, fit_indices, held_index) per validation fold, and the scheme."""
+    k = support_x.shape[0]
+    if k >= 2:
+        out = []
+        for i in range(min(k, max_folds)):
+            fit = [j for j in range(k) if j != i]
+            out.append((support_x[fit], support_y[fit], support_x[i:i + 1], support_y[i:i + 1], fit, i))
+        return out, "leave-one-out"
+    if min(split_halves(support_x)[0].shape[-2:]) < MIN_HALF:
+        return [], "none (one pair too small to split: zero-shot)"
+    xs, ys = split_halves(support_x), split_halves(support_y)
+    # indices name the halves: 0 and 1 of the single pair
+    return [(xs[0], ys[0], xs[1], ys[1], [0], 1), (xs[1], ys[1], xs[0], ys[0], [1], 0)], "split-halves"
+
+
+def _restore_with(learner, path: Path, ops: Operators, fit_x, fit_y, held_x, film_steps: int, cache: dict):
+    """Restore the held-out image with ``path`` fitted on (fit_x, fit_y); FiLM runs are cached per
+    pre-step within one fold."""
+    pre = pre_step(path, ops, held_x, learner)
+    if path.restorer == "none":
+        return pre
+    if path.restorer == "net":
+        return learner.restore(pre)
+    key = (path.pre, path.balance)
+    if key not in cache:
+        fit_pre = pre_step(path, ops, fit_x, learner)
+        cache[key] = _detach(learner.adapt(fit_pre, fit_y, steps=film_steps))
+    return learner.restore(pre, cache[key])
+
+
+def _detach(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in params.items()}
+
+
+def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
+                paths: Iterable[str | Path] | None = None, film_steps: int = 10, max_folds: int = 5,
+                on_fold: FoldCallback | None = None) -> Adapter:
+    """Fit an adapter from K (degraded ``support_x``, clean ``support_y``) pairs, (K, C, H, W) in [0, 1].
+
+    ``paths``: the candidates (names such as ``"film"``, ``"deconv@0.01+film"``; default: all), one
+    path to force it (no validation). ``on_fold(fit_indices, held_out_index)`` is called before every
+    validation fold, so callers (and tests) can check that no fold scores a pair it fitted on."""
+    _check_support(support_x, support_y)
+    candidates = [p if isinstance(p, Path) else Path.parse(p) for p in (paths or default_paths())]
+    if support_x.shape[1] != 3:
+        candidates = [p for p in candidates if p.pre != "haze"]
+    if not candidates:
+        raise AdapterError("no adaptation path to choose from")
+    folds, scheme = _folds(support_x, support_y, max_folds) if len(candidates) > 1 else ([], "forced")
+    scores: dict[str, list[float]] = {p.name: [] for p in candidates}
+    before: list[float] = []
+    for fit_x, fit_y, held_x, held_y, fit_idx, held_idx in folds:
+        if held_idx in fit_idx:  # a guard as well as documentation
+            raise AssertionError("a validation fold scores a pair it fitted on")
+        if on_fold is not None:
+            on_fold(list(fit_idx), held_idx)
+        ops = Operators.fit(fit_y, fit_x, {p.operator for p in candidates if p.operator})
+        before.append(psnr(held_x, held_y))
+        cache: dict = {}
+        for path in candidates:
+            try:
+                out = _restore_with(learner, path, ops, fit_x, fit_y, held_x, film_steps, cache)
+                scores[path.name].append(psnr(out, held_y))
+            except (ValueError, RuntimeError, torch.linalg.LinAlgError):
+                scores[path.name].append(float("-inf"))
+    mean = {name: (sum(v) / len(v) if v else float("nan")) for name, v in scores.items()}
+    if scheme == "forced":
+        chosen = candidates[0]
+    elif not folds:
+        chosen = Path()
+    else:  # the best mean held-out PSNR; ties keep the earlier (simpler) candidate
+        chosen = max(candidates, key=lambda p: (mean[p.name], -candidates.index(p)))
+    ops = Operators.fit(support_y, support_x, {chosen.operator} if chosen.operator else set())
+    film = None
+    if chosen.restorer == "film":
+        film = _detach(learner.adapt(pre_step(chosen, ops, support_x, learner), support_y, steps=film_steps))
+    kernel_fit = ops.kernel
+    if kernel_fit is None:
+        from metarestore.operators.kernel import fit_kernel
+
+        kernel_fit = fit_kernel(support_y, support_x)
+    info = {
+        "path": chosen.name, "shots": int(support_x.shape[0]), "validation": scheme, "folds": len(folds),
+        "film_steps": film_steps if chosen.restorer == "film" else 0,
+        "psnr_before": _finite(sum(before) / len(before)) if before else None,
+        "psnr_after": _finite(mean.get(chosen.name)) if folds else None,
+        "psnr_zero_shot": _finite(mean.get("zero_shot")) if folds else None,
+        "scores": {name: _finite(v) for name, v in mean.items()} if folds else {},
+        "residuals": dict(ops.residuals), "kernel_residual": kernel_fit.residual,
+        "noise": fit_noise(kernel_fit.apply(support_y.double()), support_x.double()).as_dict(),
+    }
+    return Adapter(learner, chosen, ops, film, info)
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(float(value), 4)

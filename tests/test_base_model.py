@@ -1,0 +1,61 @@
+"""The shipped model (builtin:NAME), fine-tuning from a model (train.init) and resuming from a copied
+checkpoint (--resume-from): what lets a user restore on install and a long training span machines."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import smoke_config
+from metarestore.checkpoint import list_checkpoints, load_checkpoint, publish
+from metarestore.engine import MetaTrainer
+from metarestore.hub import DEFAULT_MODEL, ModelNotFoundError, builtin_names, load_model, resolve
+from metarestore.train_local import train_local
+
+
+def test_an_unknown_builtin_model_is_a_clear_error():
+    with pytest.raises(ModelNotFoundError, match="no built-in model 'builtin:nope'"):
+        resolve("builtin:nope")
+    with pytest.raises(ModelNotFoundError):
+        resolve("builtin:../weights")
+
+
+@pytest.mark.skipif("base" not in builtin_names(), reason="no base model shipped in this checkout")
+def test_the_shipped_model_loads_by_default_and_restores():
+    learner, metadata, ref = load_model(DEFAULT_MODEL)
+    assert ref.name == "builtin:base" and metadata["step"] > 0
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(1, 3, 48, 64, generator=g)
+    out = learner.restore(clean + 0.1 * torch.randn(clean.shape, generator=g))
+    assert out.shape == clean.shape and torch.isfinite(out).all()
+
+
+def test_init_fine_tunes_from_a_model_and_takes_its_network_shape(perturbed_smoke_checkpoint, tmp_path):
+    cfg = smoke_config(tmp_path / "run", "model.width=4", f"train.init={perturbed_smoke_checkpoint}")
+    trainer = MetaTrainer(cfg, device="cpu")
+    source = load_checkpoint(perturbed_smoke_checkpoint).model
+    assert cfg.model.width == 8  # the smoke network's, not the width asked for
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, source[name], rtol=0, atol=0)
+    assert trainer.step == 0
+
+
+def test_resume_from_a_copied_checkpoint_continues_its_steps(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = smoke_config(tmp_path / "a", "train.steps=20", "train.checkpoint_every=10", "train.val_every=20")
+    train_local(first, tracking_uri=uri, progress=False, register=False)
+    copied = tmp_path / "committed"
+    shutil.copytree(list_checkpoints(tmp_path / "a" / "checkpoints")[-1], copied)  # step 20, as if from git
+    longer = smoke_config(tmp_path / "b", "train.steps=30", "train.checkpoint_every=10", "train.val_every=30")
+    info = train_local(longer, tracking_uri=uri, progress=False, register=False, resume_from=copied)
+    assert load_checkpoint(info["checkpoint"]).step == 30
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-000030"]
+
+
+def test_publish_keeps_weights_and_drops_training_state(perturbed_smoke_checkpoint, tmp_path):
+    published = publish(perturbed_smoke_checkpoint, tmp_path / "weights" / "x")
+    assert sorted(p.name for p in published.iterdir()) == ["metadata.json", "model.safetensors"]
+    a, b = load_checkpoint(published).model, load_checkpoint(perturbed_smoke_checkpoint).model
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -1,0 +1,98 @@
+"""Export: ONNX (run by onnxruntime) and TorchScript give the model's own output, adapter included, at a
+size the network handles without padding and at one that needs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from safetensors.torch import save_file
+
+from metarestore import degradations
+from metarestore.export import ExportError, load_adapter
+from metarestore.hub import load_model
+from metarestore.meta.adapt import apply_delta, delta
+
+SIZES = [(256, 256), (250, 190)]  # 250x190 is not a multiple of the smoke network's 4: padded inside
+
+
+@pytest.fixture(scope="module")
+def adapted(perturbed_smoke_checkpoint, tmp_path_factory):
+    """The model, an adapter made by adapt() on two real hazy pairs (saved as safetensors), and the test
+    images: crops of another photograph degraded the same way."""
+    learner, _, _ = load_model(perturbed_smoke_checkpoint)
+    family = degradations.get("haze")
+    params = family.sample(0.6, torch.Generator().manual_seed(0))
+    clean = torch.stack([torch.from_numpy(im[:64, :64]).permute(2, 0, 1).float() / 255
+                         for im in (skimage.data.astronaut(), skimage.data.coffee())])
+    adapted_params = learner.adapt(family(clean, params), clean, steps=5)
+    path = tmp_path_factory.mktemp("adapter") / "haze.safetensors"
+    save_file({k: v.contiguous() for k, v in delta(learner.model, adapted_params).items()}, path)
+    photo = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1).float()[None] / 255
+    inputs = {size: family(photo[..., :size[0], :size[1]].contiguous(), params) for size in SIZES}
+    return learner, path, inputs
+
+
+def expected(learner, adapter_path, x):
+    """The model's own output with the adapter applied at call time (not merged)."""
+    params = apply_delta(learner.model, load_adapter(adapter_path, learner.model))
+    return learner.restore(x, params).numpy()
+
+
+@pytest.mark.slow
+def test_onnx_export_with_adapter_matches_the_model(perturbed_smoke_checkpoint, adapted, workdir):
+    import onnxruntime
+
+    learner, adapter, inputs = adapted
+    out = workdir / "model.onnx"
+    proc = subprocess.run([sys.executable, "-m", "metarestore.cli", "export", "--model", perturbed_smoke_checkpoint,
+                           "--adapter", str(adapter), "--format", "onnx", "-o", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "input 'image'" in proc.stdout and out.is_file()
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for size, x in inputs.items():
+        got = session.run(None, {"image": x.numpy()})[0]
+        want = expected(learner, adapter, x)
+        assert got.shape == want.shape == (1, 3, *size)
+        assert np.abs(got - want).max() <= 1e-3, size
+        assert np.abs(got - learner.restore(x).numpy()).max() > 1e-3, "the adapter is merged in"
+    both = torch.cat([inputs[(250, 190)]] * 2)  # a batch of two, same size
+    assert np.abs(session.run(None, {"image": both.numpy()})[0][1] - expected(learner, adapter, both)[1]).max() <= 1e-3
+
+
+@pytest.mark.slow
+def test_torchscript_export_with_adapter_matches_the_model(perturbed_smoke_checkpoint, adapted, workdir):
+    from metarestore.export import export
+
+    learner, adapter, inputs = adapted
+    info = export(perturbed_smoke_checkpoint, "torchscript", workdir / "model.pt", adapter=adapter)
+    scripted = torch.jit.load(info["path"])
+    for size, x in inputs.items():
+        with torch.no_grad():
+            got = scripted(x).numpy()
+        assert got.shape == (1, 3, *size)
+        assert np.abs(got - expected(learner, adapter, x)).max() <= 1e-3, size
+
+
+def test_an_adapter_for_another_model_is_refused(perturbed_smoke_checkpoint, workdir):
+    learner, _, _ = load_model(perturbed_smoke_checkpoint)
+    name, param = next(iter(learner.model.named_parameters()))
+    wrong = workdir / "wrong.safetensors"
+    save_file({name: torch.zeros(param.numel() + 1)}, wrong)
+    with pytest.raises(ExportError, match="does not fit this model"):
+        load_adapter(wrong, learner.model)
+    save_file({"no.such.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(ExportError, match="no parameter 'no.such.weight'"):
+        load_adapter(wrong, learner.model)
+    (workdir / "junk.safetensors").write_bytes(b"not a safetensors file")
+    proc = subprocess.run([sys.executable, "-m", "metarestore.cli", "export", "--model", perturbed_smoke_checkpoint,
+                           "--adapter", str(workdir / "junk.safetensors"), "-o", str(workdir / "m.onnx")],
+                          capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "not a safetensors adapter" in errors[0], proc.stderr
+    assert not (workdir / "m.onnx").exists()

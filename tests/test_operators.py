@@ -1,0 +1,159 @@
+"""Operator identification and operator + prior adaptation (metarestore.operators), on real images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+
+from metarestore.degradations.blur import motion_kernel
+from metarestore.operators import (
+    Adapter,
+    AdapterError,
+    fit_adapter,
+    fit_haze,
+    fit_kernel,
+    fit_noise,
+    fit_tone,
+)
+from metarestore.operators.adapter import psnr
+from metarestore.operators.fourier import convolve
+
+IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel")
+
+
+def crops(size: int, n: int = 6, offset: int = 100) -> torch.Tensor:
+    out = []
+    for name in IMAGES[:n]:
+        image = getattr(skimage.data, name)()[offset:offset + size, offset:offset + size, :3]
+        out.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255)
+    return torch.stack(out)
+
+
+def disc_kernel(radius: float) -> torch.Tensor:
+    """A defocus disc (no registered family uses one): anti-aliased by 4x supersampling."""
+    r = int(np.ceil(radius))
+    fine = (np.arange(-(r + 0.375), r + 0.5, 0.25))
+    yy, xx = np.meshgrid(fine, fine, indexing="ij")
+    inside = (xx**2 + yy**2 <= radius**2).astype(np.float64)
+    k = inside.reshape(2 * r + 1, 4, 2 * r + 1, 4).mean(axis=(1, 3))
+    return torch.from_numpy(k / k.sum())
+
+
+def blurred(x: torch.Tensor, kernel: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (convolve(x, kernel) + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("kernel", [motion_kernel(11, 30.0), disc_kernel(3.5)], ids=["motion", "disc"])
+def test_kernel_fit_recovers_a_known_kernel_from_five_pairs(kernel):
+    clean = crops(128, 5)
+    fit = fit_kernel(clean, blurred(clean, kernel, 0.01), size=31)
+    pad = (fit.size - kernel.shape[-1]) // 2
+    truth = torch.nn.functional.pad(kernel, (pad, pad, pad, pad))
+    assert float((fit.kernel - truth).norm() / truth.norm()) < 0.15
+    assert abs(float(fit.kernel.sum()) - 1) < 1e-6
+    assert fit.residual < 0.1  # the noise is all that is left
+
+
+def test_tone_fit_undoes_a_curve_and_a_colour_matrix():
+    clean = crops(64, 5).double()
+    matrix = torch.tensor([[0.8, 0.15, 0.0], [0.05, 0.85, 0.1], [0.1, 0.0, 0.7]], dtype=torch.float64)
+    degraded = torch.einsum("ij,bjhw->bihw", matrix, clean).clamp(0, 1) ** 0.6
+    fit = fit_tone(clean, degraded)
+    assert fit.residual < 0.05
+    assert psnr(fit.invert(degraded), clean) > psnr(degraded, clean) + 15
+    assert fit_tone(clean, degraded, curves=False).residual > 2 * fit.residual  # the curve matters
+
+
+def test_noise_fit_finds_level_and_signal_dependence():
+    clean = crops(96, 4).double()
+    g = torch.Generator().manual_seed(1)
+    flat = fit_noise(clean, clean + 0.04 * torch.randn(clean.shape, generator=g, dtype=torch.float64))
+    assert abs(flat.sigma - 0.04) < 0.005 and not flat.signal_dependent
+    shot = clean + torch.randn(clean.shape, generator=g, dtype=torch.float64) * (0.02 * clean + 1e-5).sqrt()
+    fit = fit_noise(clean, shot)
+    assert fit.signal_dependent and 0.01 < fit.gain < 0.03
+
+
+def test_haze_fit_recovers_a_coloured_airlight():
+    clean = crops(64, 4)
+    airlight = torch.tensor([0.9, 0.8, 0.6])
+    depth = torch.linspace(0.2, 1.0, 64)[None, None, :, None].expand(4, 1, 64, 64)
+    t = torch.exp(-1.5 * depth)
+    fit = fit_haze(clean, clean * t + (1 - t) * airlight[None, :, None, None])
+    assert torch.allclose(fit.airlight, airlight, atol=0.02)
+
+
+@pytest.fixture(scope="module")
+def learner(smoke_model):
+    from metarestore.hub import load_learner
+
+    return load_learner(smoke_model["checkpoint"])[0]
+
+
+def test_deconvolution_with_the_network_beats_zero_shot_on_an_unseen_blur(learner):
+    """The smoke model never saw a disc (defocus) kernel; five pairs identify it."""
+    clean = crops(64, 6)
+    degraded = blurred(clean, disc_kernel(3.0), 0.005)
+    adapter = fit_adapter(learner, degraded[:5], clean[:5], paths=["deconv@0.01"])
+    test_x, test_y = degraded[5:], clean[5:]
+    zero_shot = psnr(learner.restore(test_x), test_y)
+    assert psnr(adapter.restore(test_x), test_y) > zero_shot + 1.0
+
+
+def test_adapter_choice_never_scores_a_pair_it_fitted_on(learner, monkeypatch):
+    """Every operator fit and every FiLM adaptation is recorded with the fold it ran in: the fold's
+    held-out pair (identified by its pixels) is never among the images they were given."""
+    import metarestore.operators.adapter as adapter_module
+
+    clean = crops(48, 4)
+    degraded = blurred(clean, motion_kernel(7, 60.0), 0.005)
+    folds: list[tuple[list[int], int]] = []
+    seen: list[tuple[int, torch.Tensor]] = []  # (fold number, degraded images a fit was given)
+    real_fit, real_adapt = adapter_module.Operators.fit, learner.adapt
+
+    def record(batch):
+        if batch.shape[0] < len(degraded):  # the final refit on all pairs is not a validation fold
+            seen.append((len(folds) - 1, batch))
+
+    monkeypatch.setattr(adapter_module.Operators, "fit",
+                        classmethod(lambda cls, c, d, needed: (record(d), real_fit(c, d, needed))[1]))
+    monkeypatch.setattr(learner, "adapt", lambda x, y, steps=None: (record(x), real_adapt(x, y, steps))[1])
+    adapter = fit_adapter(learner, degraded, clean, paths=["zero_shot", "film", "deconv@0.01"], film_steps=1,
+                          on_fold=lambda fit, held: folds.append((fit, held)))
+    assert [h for _, h in folds] == [0, 1, 2, 3]
+    assert all(h not in f and sorted([*f, h]) == [0, 1, 2, 3] for f, h in folds)
+    assert {fold for fold, _ in seen} == {0, 1, 2, 3}  # operators and FiLM were fitted in every fold
+    for fold, batch in seen:
+        held = degraded[folds[fold][1]]
+        assert not any(torch.equal(row, held) for row in batch)
+    info = adapter.info
+    assert info["validation"] == "leave-one-out" and info["folds"] == 4
+    assert info["path"] in info["scores"] and info["psnr_after"] == max(info["scores"].values())
+
+
+def test_one_shot_validates_on_halves_or_falls_back_to_zero_shot(learner):
+    clean = crops(64, 1)
+    degraded = blurred(clean, motion_kernel(7, 60.0), 0.005)
+    folds = []
+    adapter = fit_adapter(learner, degraded, clean, paths=["zero_shot", "deconv@0.01"], on_fold=lambda f, h: folds.append((f, h)))
+    assert adapter.info["validation"] == "split-halves" and folds == [([0], 1), ([1], 0)]
+    small = fit_adapter(learner, degraded[..., :40, :40], clean[..., :40, :40], paths=["zero_shot", "deconv@0.01"])
+    assert small.path.name == "zero_shot" and small.info["folds"] == 0
+
+
+def test_adapter_round_trips_through_safetensors_and_rejects_garbage(learner, tmp_path):
+    clean = crops(48, 3)
+    degraded = blurred(clean, motion_kernel(7, 60.0), 0.005)
+    adapter = fit_adapter(learner, degraded, clean, paths=["deconv@0.01+film"], film_steps=1)
+    adapter.save(tmp_path / "a")
+    loaded = Adapter.load(tmp_path / "a", learner)
+    assert loaded.path == adapter.path and loaded.info == adapter.info
+    assert torch.allclose(loaded.restore(degraded), adapter.restore(degraded), atol=1e-5)
+    data = adapter.to_bytes()
+    with pytest.raises(AdapterError):
+        Adapter.from_bytes(data[:100], learner)
+    with pytest.raises(AdapterError):
+        Adapter.from_bytes(b"\x00" * 64, learner)
