@@ -1,11 +1,13 @@
-"""Serving benchmark: restore latency against the bare forward pass, throughput with and without dynamic
-batching, adapter creation time. Prints a markdown table for docs/benchmarks.md.
+"""Serving benchmark, in one run: the model's forward pass against `POST /v1/restore` (256x256 and
+1024x1024), the request path's overhead, throughput with 1/4/8 clients against the raw batched forward
+pass, adapter creation time and the PSNR adapters gain. Prints markdown for docs/benchmarks.md.
 
     .venv/bin/python benchmarks/bench_serving.py                        # trains the smoke model first (~1 min)
-    .venv/bin/python benchmarks/bench_serving.py --model runs/demo/final --requests 400
+    .venv/bin/python benchmarks/bench_serving.py --model runs/cbsd432/final
+    .venv/bin/python benchmarks/bench_serving.py --model M --replicas 2 --threads 1   # compare settings
 
-Starts its own local Ray (2 CPUs) and Serve on 127.0.0.1, one Restorer replica; everything is stopped
-at the end. Run it on a quiet machine: the clients share the CPU with the server.
+Starts its own local Ray (2 CPUs) and Serve on 127.0.0.1; everything is stopped at the end. The clients
+share the CPU with the server: run it on a quiet machine (the load average is printed with the figures).
 """
 
 from __future__ import annotations
@@ -62,29 +64,56 @@ def smoke_model(root: Path) -> str:
     return info["checkpoint"]
 
 
-def forward_times(model: str, tracking_uri: str | None, threads: int, repeats: int) -> list[float]:
-    """The model's own forward (``learner.restore``) on one 256x256 image, in this process."""
-    from metarestore.hub import load_model
-
-    torch.set_num_threads(threads)
-    learner, _, _ = load_model(model, tracking_uri)
-    x = torch.from_numpy(crops(256, 1)[0]).permute(2, 0, 1)[None].float() / 255
-    for _ in range(3):
-        learner.restore(x)
+def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        learner.restore(x)
+        fn()
         times.append((time.perf_counter() - start) * 1000)
     return times
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
+
+
+def forward_figures(learner, threads: int, repeats: int, batch: int, tile: int) -> dict:
+    """The model alone, in this process: one image of each size (tiled as the server tiles), and a batch."""
+    from metarestore.inference import restore_image
+
+    torch.set_num_threads(threads)
+    small, large = as_tensor(crops(256, 1)[0]), as_tensor(big_image(1024))
+    batched = torch.cat([small] * batch)
+    return {
+        "256": timed(lambda: restore_image(learner, small, tile=tile), repeats),
+        "1024": timed(lambda: restore_image(learner, large, tile=tile), max(3, repeats // 10)),
+        "batch": timed(lambda: restore_image(learner, batched, tile=tile), max(3, repeats // batch)),
+    }
+
+
+def big_image(size: int) -> np.ndarray:
+    """A size x size noisy photograph (astronaut, resized)."""
+    image = Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.Resampling.BICUBIC)
+    rng = np.random.default_rng(1)
+    return np.clip(np.asarray(image, dtype=np.float32) + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def post_restore(session: requests.Session, url: str, body: bytes, adapter: str | None = None) -> requests.Response:
+    response = session.post(f"{url}/v1/restore", data=body, headers={"Content-Type": "image/png"},
+                            params={"adapter": adapter} if adapter else None, timeout=300)
+    response.raise_for_status()
+    return response
+
+
 def latencies(url: str, bodies: list[bytes]) -> list[float]:
-    session, times = requests.Session(), []
+    session = requests.Session()
+    post_restore(session, url, bodies[0])
+    times = []
     for body in bodies:
         start = time.perf_counter()
-        response = session.post(f"{url}/v1/restore", data=body, headers={"Content-Type": "image/png"}, timeout=300)
-        response.raise_for_status()
+        post_restore(session, url, body)
         times.append((time.perf_counter() - start) * 1000)
     return times
 
@@ -96,10 +125,7 @@ def throughput(url: str, bodies: list[bytes], clients: int) -> tuple[float, floa
 
     def client(i: int) -> None:
         for body in bodies[i::clients]:
-            response = sessions[i].post(f"{url}/v1/restore", data=body, headers={"Content-Type": "image/png"},
-                                        timeout=300)
-            response.raise_for_status()
-            batch_sizes.append(int(response.headers["X-Batch-Size"]))
+            batch_sizes.append(int(post_restore(sessions[i], url, body).headers["X-Batch-Size"]))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -107,92 +133,169 @@ def throughput(url: str, bodies: list[bytes], clients: int) -> tuple[float, floa
     return len(bodies) / (time.perf_counter() - start), statistics.mean(batch_sizes)
 
 
-def adapter_times(url: str, repeats: int, shots: int = 5, size: int = 128, steps: int = 10) -> tuple[list, list]:
-    clean = crops(size, shots)
-    cast = np.array([1.25, 1.0, 0.8], dtype=np.float32)
-    degraded = [np.clip(c * cast, 0, 255).astype(np.uint8) for c in clean]
+CAST = np.array([1.25, 1.0, 0.8], dtype=np.float32)  # a colour cast: a held-out degradation
+
+
+def cast_pairs(size: int, shots: int, held_out: int) -> tuple[list, list, list, list]:
+    """(degraded, clean) support pairs and held-out test pairs of different crops, one colour cast."""
+    clean = crops(size, shots + held_out)
+    degraded = [np.clip(c * CAST, 0, 255).astype(np.uint8) for c in clean]
+    return degraded[:shots], clean[:shots], degraded[shots:], clean[shots:]
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def adapter_figures(url: str, repeats: int, steps: int, shots: int = 5, size: int = 128) -> dict:
+    """Adapter creation time (client and server side), the server's reported gain, and the gain on held-out
+    images of the same degradation restored through HTTP with and without the adapter."""
+    degraded, clean, test_degraded, test_clean = cast_pairs(size, shots, 8)
     files = []
     for d, c in zip(degraded, clean, strict=True):
         files += [("degraded", ("d.png", png(d), "image/png")), ("clean", ("c.png", png(c), "image/png"))]
-    client, server = [], []
-    for _ in range(repeats):
+    client, infos = [], []
+    for _ in range(repeats + 1):
         start = time.perf_counter()
         response = requests.post(f"{url}/v1/adapters", files=files, data={"steps": str(steps)}, timeout=300)
         response.raise_for_status()
         client.append((time.perf_counter() - start) * 1000)
-        server.append(response.json()["elapsed_ms"])
-        requests.delete(f"{url}/v1/adapters/{response.json()['adapter_id']}", timeout=30)
-    return client, server
+        infos.append(response.json())
+    client, infos = client[1:], infos[1:]  # the first is a warm-up
+    session, gains = requests.Session(), []
+    for d, c in zip(test_degraded, test_clean, strict=True):
+        plain = np.asarray(Image.open(io.BytesIO(post_restore(session, url, png(d)).content)))
+        adapted = np.asarray(Image.open(io.BytesIO(post_restore(session, url, png(d), infos[0]["adapter_id"])
+                                                   .content)))
+        gains.append(psnr_db(adapted, c) - psnr_db(plain, c))
+    for info in infos:
+        requests.delete(f"{url}/v1/adapters/{info['adapter_id']}", timeout=30)
+    return {"client": client, "server": [i["elapsed_ms"] for i in infos],
+            "steps_used": [i["steps_used"] for i in infos], "gain_server": infos[0]["psnr_after"] - infos[0]["psnr_before"],
+            "gain_held_out": statistics.mean(gains)}
+
+
+def reference_adapter(learner, threads: int, steps: int, shots: int = 5, size: int = 128) -> dict:
+    """The previous server path, in this process: ``learner.adapt`` on the whole support images, then
+    both restorations of the support images for psnr_before/after. Its time and its held-out gain."""
+    from metarestore.meta.losses import psnr
+
+    torch.set_num_threads(threads)
+    degraded, clean, test_degraded, test_clean = (torch.cat([as_tensor(a) for a in part])
+                                                  for part in cast_pairs(size, shots, 8))
+
+    def run():
+        params = learner.adapt(degraded, clean, steps=steps)
+        learner.restore(degraded), learner.restore(degraded, params)
+        return params
+
+    times = timed(run, 3, warmup=1)
+    params = learner.adapt(degraded, clean, steps=steps)
+    gain = psnr(learner.restore(test_degraded, params), test_clean) - psnr(learner.restore(test_degraded), test_clean)
+    return {"times": times, "gain_held_out": gain}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Model URI or checkpoint directory (default: train the smoke config).")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs.")
-    parser.add_argument("--requests", type=int, default=200, help="Requests per latency/throughput measurement.")
-    parser.add_argument("--clients", type=int, default=8, help="Concurrent clients for the throughput runs.")
+    parser.add_argument("--requests", type=int, default=100, help="Requests per 256x256 latency/throughput row.")
+    parser.add_argument("--large-requests", type=int, default=20, help="Requests for the 1024x1024 row.")
     parser.add_argument("--adapters", type=int, default=5, help="Adapters created for the adapter timing.")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the replica (and of the "
-                        "bare forward measurement).")
+    parser.add_argument("--steps", type=int, default=10, help="Adaptation steps per adapter.")
+    parser.add_argument("--replicas", type=int, default=1, help="Restorer replicas.")
+    parser.add_argument("--cpus", type=float, default=2.0, help="CPUs of the local Ray (and of the machine "
+                        "used; the replicas share them).")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs, "
+                        "cpus / replicas); also used for the in-process forward figures.")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--tile", type=int, default=512)
     args = parser.parse_args()
 
     import ray
     from ray import serve
 
+    from cluster.ray_runtime import init_ray
+    from metarestore.hub import load_model
     from metarestore.tracking import resolve_uri
     from serving.app import build_app
 
+    cpus_per_replica = args.cpus / args.replicas
+    threads = args.threads or max(1, round(cpus_per_replica))
     tmp = tempfile.TemporaryDirectory(prefix="metarestore-bench-")
     model = args.model or smoke_model(Path(tmp.name))
     if not model.startswith(("models:/", "runs:/")):
         model = str(Path(model).resolve())  # replicas run in another directory
     if args.tracking_uri:
         args.tracking_uri = resolve_uri(args.tracking_uri)
-    forward = forward_times(model, args.tracking_uri, args.threads, max(20, args.requests // 2))
-    bodies = [png(c) for c in crops(256, args.requests)]
+    learner, _, _ = load_model(model, args.tracking_uri)
+    loads = [load()]
+    forward = forward_figures(learner, threads, args.requests, args.max_batch_size, args.tile)
+    reference = reference_adapter(learner, threads, args.steps)
+    loads.append(load())
+    small = [png(c) for c in crops(256, args.requests)]
+    large = [png(big_image(1024))] * args.large_requests
 
-    from cluster.ray_runtime import init_ray
-
-    init_ray(num_cpus=2)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    init_ray(num_cpus=int(args.cpus))
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    rows = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for batch in (8, 1):
-            serve.run(build_app({"model": model, "tracking_uri": args.tracking_uri, "num_replicas": 1,
-                                 "num_cpus": 1, "threads": args.threads, "max_batch_size": batch}),
-                      name="bench", route_prefix="/")
-            latencies(url, bodies[:5])  # warm-up
-            lat = latencies(url, bodies[: max(20, args.requests // 2)])
-            rate, mean_batch = throughput(url, bodies, args.clients)
-            rows.append((batch, lat, rate, mean_batch))
-            if batch == 8:
-                adapt_client, adapt_server = adapter_times(url, args.adapters)
-            serve.delete("bench")
+        serve.run(build_app({"model": model, "tracking_uri": args.tracking_uri, "num_replicas": args.replicas,
+                             "num_cpus": cpus_per_replica, "threads": threads, "tile": args.tile,
+                             "max_batch_size": args.max_batch_size,
+                             "adapter_dir": str(Path(tmp.name) / "adapters")}),
+                  name="bench", route_prefix="/")
+        http_small, http_large = latencies(url, small), latencies(url, large)
+        loads.append(load())
+        rates = {clients: throughput(url, small, clients) for clients in (1, 4, 8)}
+        adapters = adapter_figures(url, args.adapters, args.steps)
+        loads.append(load())
     finally:
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
 
+    p50, p99 = (lambda v: percentile(v, 50)), (lambda v: percentile(v, 99))
+    raw_rate = 1000 * args.max_batch_size / statistics.median(forward["batch"])
     print(f"\nMachine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
-          f"{torch.__version__}, {args.threads} torch threads; one Restorer replica; 256x256 PNG images; "
-          f"{args.requests} requests per row.\n")
+          f"{torch.__version__}; model {model} ({sum(p.numel() for p in learner.model.parameters()):,} "
+          f"parameters); {args.replicas} Restorer replica(s) x {cpus_per_replica:g} CPU x {threads} torch "
+          f"thread(s), max_batch_size {args.max_batch_size}, tile {args.tile}; load average (1/5/15 min) "
+          f"during the run: {', '.join(loads)}.\n")
     print("| measurement | p50 | p99 | throughput |")
     print("|---|---|---|---|")
-    print(f"| model forward alone (`learner.restore`, 256x256) | {percentile(forward, 50):.1f} ms | "
-          f"{percentile(forward, 99):.1f} ms | {1000 / statistics.median(forward):.1f} images/s |")
-    for batch, lat, rate, mean_batch in rows:
-        what = "batching on (max_batch_size 8)" if batch > 1 else "batching off (max_batch_size 1)"
-        print(f"| HTTP restore, 1 client, {what} | {percentile(lat, 50):.1f} ms | {percentile(lat, 99):.1f} ms | |")
-        print(f"| HTTP restore, {args.clients} concurrent clients, {what} | | | {rate:.1f} images/s "
-              f"(mean batch {mean_batch:.1f}) |")
-    print(f"| adapter creation, 5 shots of 128x128, 10 steps (client) | {percentile(adapt_client, 50):.0f} ms | "
-          f"{percentile(adapt_client, 99):.0f} ms | |")
-    print(f"| adapter creation, server-side `elapsed_ms` | {percentile(adapt_server, 50):.0f} ms | "
-          f"{percentile(adapt_server, 99):.0f} ms | |")
+    for size, fwd, http in (("256x256", forward["256"], http_small), ("1024x1024", forward["1024"], http_large)):
+        print(f"| model forward alone, {size} (`restore_image`, in process) | {p50(fwd):.1f} ms | {p99(fwd):.1f} ms "
+              f"| {1000 / statistics.median(fwd):.2f} images/s |")
+        print(f"| `POST /v1/restore`, {size}, 1 client | {p50(http):.1f} ms | {p99(http):.1f} ms | |")
+        print(f"| overhead of the request path, {size} (HTTP p50 - forward p50) | {p50(http) - p50(fwd):+.1f} ms "
+              f"| | |")
+    print(f"| raw batched forward, {args.max_batch_size} x 256x256 in one pass | "
+          f"{p50(forward['batch']):.1f} ms | | {raw_rate:.2f} images/s |")
+    for clients, (rate, mean_batch) in rates.items():
+        print(f"| `POST /v1/restore` 256x256, {clients} concurrent client(s) | | | {rate:.2f} images/s "
+              f"({rate / raw_rate:.2f}x raw batched; mean batch {mean_batch:.1f}) |")
+    print(f"| adapter creation, 5 x 128x128, {args.steps} steps (client) | {p50(adapters['client']):.0f} ms | "
+          f"{p99(adapters['client']):.0f} ms | |")
+    print(f"| the same, server-side `elapsed_ms` (steps kept: {statistics.median(adapters['steps_used']):g}) | "
+          f"{p50(adapters['server']):.0f} ms | {p99(adapters['server']):.0f} ms | |")
+    print(f"| previous path: whole-image `learner.adapt`, {args.steps} steps + 2 restorations (in process) | "
+          f"{p50(reference['times']):.0f} ms | | |")
+    print(f"\nPSNR gained by the adapter on 8 held-out 128x128 crops of the same colour cast: "
+          f"**{adapters['gain_held_out']:+.2f} dB** through the server (reported on its evaluation patches: "
+          f"{adapters['gain_server']:+.2f} dB); the previous whole-image path: {reference['gain_held_out']:+.2f} dB.")
 
 
 if __name__ == "__main__":

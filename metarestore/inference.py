@@ -7,6 +7,7 @@ import copy
 import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -98,3 +99,74 @@ def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
         for hook in hooks:
             hook.remove()
     return max(1, floats * 4 * 4 // (probe * probe))
+
+
+@dataclass
+class Adaptation:
+    """What ``adapt_on_patches`` found: the adapted parameters and how they did on the evaluation patches."""
+
+    params: Params
+    steps: int  # steps taken before the evaluation loss stopped improving (the best step's count)
+    psnr_input: float  # degraded evaluation patches against clean ones
+    psnr_before: float  # restored without adaptation
+    psnr_after: float  # restored with ``params`` (never below psnr_before: step 0 is a candidate)
+
+
+def _patch_corners(gen: torch.Generator, count: int, h: int, w: int, size: int) -> list[tuple[int, int]]:
+    tops = torch.randint(0, h - size + 1, (count,), generator=gen).tolist()
+    lefts = torch.randint(0, w - size + 1, (count,), generator=gen).tolist()
+    return list(zip(tops, lefts, strict=True))
+
+
+def _patches(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, per_image: int,
+             size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_image`` random size x size patches of every pair, the same place in both images."""
+    xs, ys = [], []
+    for i in range(x.shape[0]):
+        for top, left in _patch_corners(gen, per_image, x.shape[-2], x.shape[-1], size):
+            xs.append(x[i, :, top:top + size, left:left + size])
+            ys.append(y[i, :, top:top + size, left:left + size])
+    return torch.stack(xs), torch.stack(ys)
+
+
+def adapt_on_patches(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, *,
+                     patch: int = 64, step_pixels: int = 40_000, eval_pixels: int = 20_000, patience: int = 2,
+                     lr_scale: float = 1.0, seed: int = 0) -> Adaptation:
+    """Few-shot adaptation at a cost independent of the images' size.
+
+    Each of at most ``steps`` first-order steps (the learner's own ``adapt()``, loss and inner rates, the
+    rates times ``lr_scale``) sees fresh random ``patch``-sized crops of the support pairs, about
+    ``step_pixels`` in all: the adaptable parameters of a restorer (FiLM scales and shifts, a decoder)
+    act the same everywhere in an image, so a sample of its patches gives nearly the gradient of the
+    whole and memory stays bounded. Fixed evaluation patches (about ``eval_pixels``) are scored before
+    and after every step; the parameters with the best score are returned, and adaptation stops after
+    ``patience`` steps without improvement. The model itself is never modified.
+    """
+    from metarestore.meta.adapt import adapt, adaptable_params
+    from metarestore.meta.losses import psnr
+
+    k, _, h, w = support_x.shape
+    size = max(8, min(patch, h, w, int((step_pixels / k) ** 0.5)))  # one patch per pair fits the budget
+    gen = torch.Generator().manual_seed(seed)
+    eval_x, eval_y = _patches(support_x, support_y, gen, max(1, round(eval_pixels / (k * size * size))), size)
+    per_step = max(1, round(step_pixels / (k * size * size)))
+    lrs = {g: float(v) * lr_scale for g, v in learner.inner_lrs().items()}
+    params = adaptable_params(learner.model, detach=True)
+
+    def score(p: Params) -> float:
+        return psnr(learner.restore(eval_x, p), eval_y)
+
+    best, best_params, best_step = score(params), params, 0
+    before = best
+    for step in range(1, steps + 1):
+        x, y = _patches(support_x, support_y, gen, per_step, size)
+        params = adapt(learner.model, x, y, steps=1, lrs=lrs, params=params, loss_fn=learner.loss_fn,
+                       first_order=True)
+        params = {n: p.detach().requires_grad_(True) for n, p in params.items()}  # no graph across steps
+        now = score(params)
+        if now > best:
+            best, best_params, best_step = now, params, step
+        elif step - best_step >= patience:
+            break
+    return Adaptation({n: p.detach() for n, p in best_params.items()}, best_step, psnr(eval_x, eval_y), before,
+                      best)

@@ -25,6 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from serving.adapters import AdapterStoreDeployment, Delta, default_adapter_dir
+from serving.batching import Batcher
 from serving.limits import (
     DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_BODY_MB,
@@ -54,11 +55,18 @@ class AppArgs(BaseModel):
                                   "replicas instead (for serve deploy; keeps it out of the YAML).")
     num_replicas: int | None = Field(None, ge=1, description="Restorer replicas (default: the deployment's).")
     num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica.")
-    threads: int = Field(1, ge=1, description="torch threads per replica.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: its "
+                                "num_cpus, rounded, at least 1: more threads than reserved CPUs only contend).")
     compute_slots: int = Field(2, ge=1, description="Forward passes and adaptations a replica runs at once, "
                                "each on its own copy of the model (bounds their memory too).")
     max_batch_size: int = Field(8, ge=1, description="Restore requests batched into one forward pass.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill up.")
+    concurrent_batches: int = Field(1, ge=1, description="Batches a replica runs at once (each borrows one of "
+                                    "the compute_slots). 1 with threads = the replica's CPUs is fastest on CPU.")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="Extra wait for a batch to fill when fewer than "
+                                        "max_batch_size requests are queued (0: never wait; under load batches "
+                                        "form anyway from the requests that queued during the previous pass).")
+    png_level: int = Field(0, ge=0, le=9, description="zlib level of the PNG answers: 0 is 2.5x faster to "
+                           "encode than 1 for about 15% more bytes; raise it for slow networks.")
     tile: int = Field(512, ge=64, description="Images larger than this go through in overlapping tiles.")
     tile_overlap: int = Field(32, ge=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image accepted (pixels).")
@@ -79,9 +87,16 @@ class AppArgs(BaseModel):
     adapt_steps: int = Field(10, ge=1, description="adapt() steps when the request does not say.")
     max_adapt_pixels: int = Field(4_000_000, ge=1, description="Most pixels over all support pairs' degraded "
                                   "images of one adapter (accepted and decoded).")
-    adapt_memory_mb: float = Field(2048.0, gt=0, description="Memory one adaptation may use: pairs holding "
-                                   "more pixels than fit are adapted on random crops (same place in both "
-                                   "images of a pair), so memory is bounded whatever the request.")
+    adapt_memory_mb: float = Field(2048.0, gt=0, description="Memory one adaptation step may use: it bounds "
+                                   "the pixels of the random patches a step sees, whatever the request.")
+    adapt_patch: int = Field(48, ge=16, description="Side of the random square patches of the support pairs "
+                             "that adaptation steps on (fresh ones every step).")
+    adapt_step_pixels: int = Field(12_000, ge=256, description="Pixels of patches per adaptation step, over all "
+                                   "pairs (cost per step, independent of the images' size).")
+    adapt_patience: int = Field(2, ge=1, description="Adaptation stops after this many steps without improving "
+                                "PSNR on fixed evaluation patches of the pairs; the best step's adapter is kept.")
+    adapt_lr_scale: float = Field(3.0, gt=0, description="Inner learning rates of the model times this: larger, "
+                                  "fewer steps (early stopping keeps the best, so too large cannot hurt).")
     adapter_ttl_s: float = Field(3600.0, gt=0, description="Adapters expire this long after creation.")
     adapter_max_mb: float = Field(256.0, gt=0, description="Memory for adapters; least recently used go first.")
     adapter_dir: str | None = Field(None, description="Where adapters are persisted: a directory or an fsspec "
@@ -108,9 +123,10 @@ class AdapterInfo(BaseModel):
     steps: int
     height: int
     width: int
-    psnr_input: float = Field(description="PSNR (dB) of the degraded support images.")
-    psnr_before: float = Field(description="PSNR (dB) on the support pairs restored without the adapter.")
-    psnr_after: float = Field(description="PSNR (dB) on the support pairs restored with the adapter.")
+    steps_used: int | None = Field(None, description="Steps of the adapter kept (early stopping may end sooner).")
+    psnr_input: float = Field(description="PSNR (dB) of the degraded evaluation patches of the support pairs.")
+    psnr_before: float = Field(description="PSNR (dB) on those patches restored without the adapter.")
+    psnr_after: float = Field(description="PSNR (dB) on those patches restored with the adapter.")
     elapsed_ms: float
     created_at: str
     expires_at: str
@@ -204,24 +220,6 @@ def _centre(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x[..., top:top + h, left:left + w]
 
 
-def _crops(x: torch.Tensor, y: torch.Tensor, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """At most ``max_pixels`` over all pairs: one random crop per pair, the same place in both images.
-
-    Seeded by the images' size, so the same request makes the same adapter."""
-    k, _, h, w = x.shape
-    if k * h * w <= max_pixels:
-        return x, y
-    side = max(16, int((max_pixels / k) ** 0.5))
-    ch, cw = min(h, side), min(w, max(side, max_pixels // (k * min(h, side))))
-    cw = min(cw, w)
-    gen = torch.Generator().manual_seed(k * 1_000_003 + h * 1009 + w)
-    tops = torch.randint(0, h - ch + 1, (k,), generator=gen).tolist()
-    lefts = torch.randint(0, w - cw + 1, (k,), generator=gen).tolist()
-    cx = torch.stack([x[i, :, t:t + ch, lf:lf + cw] for i, (t, lf) in enumerate(zip(tops, lefts, strict=True))])
-    cy = torch.stack([y[i, :, t:t + ch, lf:lf + cw] for i, (t, lf) in enumerate(zip(tops, lefts, strict=True))])
-    return cx, cy
-
-
 def _db(value: float) -> float:
     """PSNR for JSON: identical images give infinity, reported as 100 dB."""
     return round(min(value, 100.0), 3)
@@ -250,7 +248,7 @@ class Restorer:
         from metarestore.model.network import count_parameters
 
         self.cfg, self.store = cfg, store
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cfg.threads or max(1, round(cfg.num_cpus)))
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard agrees with ours
         self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri)
         self.pool = ModelPool(self.learner, cfg.compute_slots)  # self.learner itself never runs
@@ -258,8 +256,8 @@ class Restorer:
         self.model_sha256 = self.metadata.get("files", {}).get("model.safetensors", "")
         self.counts = count_parameters(self.learner.model)
         self.replica = serve.get_replica_context().replica_tag
-        self._restore_batch.set_max_batch_size(cfg.max_batch_size)
-        self._restore_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.batcher = Batcher(self._run_batch, cfg.max_batch_size, cfg.concurrent_batches,
+                               cfg.batch_wait_timeout_s)
         app.state.token = self._token()
         app.state.max_header_bytes = int(cfg.max_header_kb * 1024)
         self._uploads = asyncio.Semaphore(cfg.max_uploads)
@@ -323,8 +321,8 @@ class Restorer:
                            "image/png or image/jpeg bytes, or multipart/form-data with a file field 'image'")
         delta = await self._adapter_delta(adapter) if adapter else None
         x, grey = await asyncio.to_thread(decode_image, data, self.cfg.max_pixels, "image", self.cfg.max_aspect)
-        y, batch = await self._restore_batch(_Job(x, adapter, delta))
-        png = await asyncio.to_thread(encode_png, y, grey)
+        y, batch = await self.batcher.submit(_Job(x, adapter, delta))
+        png = await asyncio.to_thread(encode_png, y, grey, self.cfg.png_level)
         return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch)})
 
     @app.post("/v1/adapters", response_model=AdapterInfo, openapi_extra=_ADAPTER_BODY)
@@ -416,29 +414,27 @@ class Restorer:
             xs.append(x)
             ys.append(y)
         h, w = min(x.shape[-2] for x in xs), min(x.shape[-1] for x in xs)
-        support_x, support_y = torch.cat([_centre(x, h, w) for x in xs]), torch.cat([_centre(y, h, w) for y in ys])
-        return _crops(support_x, support_y, self.adapt_pixels)
+        return torch.cat([_centre(x, h, w) for x in xs]), torch.cat([_centre(y, h, w) for y in ys])
 
     def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> tuple[dict, Delta]:
+        from metarestore.inference import adapt_on_patches
         from metarestore.meta.adapt import delta
-        from metarestore.meta.losses import psnr
 
+        cfg = self.cfg
         with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
-            params = learner.adapt(support_x, support_y, steps=steps)
-            before, after = learner.restore(support_x), learner.restore(support_x, params)
-            found = delta(learner.model, params)
-        info = {"shots": len(support_x), "steps": steps, "height": support_x.shape[-2], "width": support_x.shape[-1],
-                "psnr_input": _db(psnr(support_x, support_y)), "psnr_before": _db(psnr(before, support_y)),
-                "psnr_after": _db(psnr(after, support_y)), "model_version": self.version,
-                "model_sha256": self.model_sha256}
-        return info, found
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _restore_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
-        """Requests that arrive together; same-size ones (and the same adapter) share a forward pass."""
-        return await asyncio.to_thread(self._run_batch, jobs)
+            found = adapt_on_patches(learner, support_x, support_y, steps, patch=cfg.adapt_patch,
+                                     step_pixels=min(cfg.adapt_step_pixels, self.adapt_pixels),
+                                     eval_pixels=min(cfg.adapt_step_pixels // 2, self.adapt_pixels),
+                                     patience=cfg.adapt_patience, lr_scale=cfg.adapt_lr_scale)
+            params = delta(learner.model, found.params)
+        info = {"shots": len(support_x), "steps": steps, "steps_used": found.steps, "height": support_x.shape[-2],
+                "width": support_x.shape[-1], "psnr_input": _db(found.psnr_input),
+                "psnr_before": _db(found.psnr_before), "psnr_after": _db(found.psnr_after),
+                "model_version": self.version, "model_sha256": self.model_sha256}
+        return info, params
 
     def _run_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
+        """Requests that queued together; same-size ones (and the same adapter) share a forward pass."""
         from metarestore.inference import restore_image
         from metarestore.meta.adapt import apply_delta
 

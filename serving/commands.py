@@ -130,8 +130,6 @@ def serve_command(
     given = {"num_replicas": replicas, "num_cpus": cpus_per_replica, "max_batch_size": max_batch_size,
              "max_pixels": max_pixels, "max_body_mb": max_body_mb, "adapter_ttl_s": adapter_ttl,
              "adapter_dir": adapter_dir}
-    if cpus_per_replica is not None:
-        given["threads"] = max(1, round(cpus_per_replica))
     try:
         args = AppArgs(model=model, tracking_uri=tracking, token=token,
                        **{k: v for k, v in given.items() if v is not None})

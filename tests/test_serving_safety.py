@@ -32,7 +32,7 @@ def safe_server(ray_local, smoke_model, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": smoke_model["checkpoint"], "num_replicas": 1, "num_cpus": 0.5, "tile": 256,
             "max_pixels": 1_000_000, "max_body_mb": 4, "adapter_dir": str(tmp_path_factory.mktemp("adapters")),
-            "max_uploads": 8, "body_timeout_s": 2.0}
+            "max_uploads": 16, "body_timeout_s": 2.0}
     try:
         serve.run(build_app(args), name=APP, route_prefix="/")
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", args=args)
