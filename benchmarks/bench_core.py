@@ -3,6 +3,7 @@ the reference per-task path and the batched path side by side (fp32, and bf16 au
 patches/s, achieved GFLOP/s and the fraction of this CPU's fp32 peak.
 
     python benchmarks/bench_core.py [--config configs/demo.yaml] [--steps 6] [--threads 2]
+    python benchmarks/bench_core.py --config configs/base.yaml --sweep 8,16,36,72,144   # per-patch cost by batch
 
 Model FLOPs come from ``torch.utils.flop_counter`` on one per-task step (convolutions and matrix
 products, forward and backward; both paths compute the same model FLOPs). The peak is
@@ -68,6 +69,25 @@ def peak_gflops(cores: int, flop_per_cycle: int) -> tuple[float, float]:
     return clock, cores * clock * flop_per_cycle
 
 
+def batch_sweep(cfg, sizes: list[int], repeats: int = 3) -> None:
+    """Forward + backward of the config's network on n patches at once: the cost per patch by batch size
+    (what ``train.max_batch_patches`` is chosen from)."""
+    from metarestore.model import RestorationNet
+
+    torch.manual_seed(0)
+    model = RestorationNet.from_config(cfg.model)
+    x = torch.rand(max(sizes), 3, cfg.data.patch_size, cfg.data.patch_size)
+    print(f"| patches at once | forward + backward (s), best of {repeats} | per patch (ms) |")
+    print("|---|---|---|")
+    for n in sizes:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x[:n]).square().mean().backward()
+            times.append(time.perf_counter() - start)
+        print(f"| {n} | {min(times):.3f} | {1000 * min(times) / n:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -77,10 +97,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--flop-per-cycle", type=int, default=64)
     parser.add_argument("--algorithms", default=",".join(sorted(ALGORITHMS)))
+    parser.add_argument("--sweep", help="only the per-patch cost at these batch sizes, e.g. 8,36,72,144")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = ["data.train=embedded", "data.val=embedded", *args.set]  # the data does not change the cost
     base = load_config(args.config, overrides)
+    if args.sweep:
+        batch_sweep(base, [int(n) for n in args.sweep.split(",")])
+        return
     clock, peak = peak_gflops(args.threads, args.flop_per_cycle)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} "
           f"threads; fp32 peak {peak:.0f} GFLOP/s ({args.threads} x {clock:.2f} GHz x {args.flop_per_cycle})")
