@@ -49,7 +49,7 @@ def test_onnx_export_with_adapter_matches_the_model(perturbed_smoke_checkpoint, 
 
     learner, adapter, inputs = adapted
     out = workdir / "model.onnx"
-    proc = subprocess.run([sys.executable, "-m", "metarestore.cli", "export", "--model", perturbed_smoke_checkpoint,
+    proc = subprocess.run([sys.executable, "-m", "metarestore_cli", "export", "--model", perturbed_smoke_checkpoint,
                            "--adapter", str(adapter), "--format", "onnx", "-o", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -90,7 +90,7 @@ def test_an_adapter_for_another_model_is_refused(perturbed_smoke_checkpoint, wor
     with pytest.raises(ExportError, match="no parameter 'no.such.weight'"):
         load_adapter(wrong, learner.model)
     (workdir / "junk.safetensors").write_bytes(b"not a safetensors file")
-    proc = subprocess.run([sys.executable, "-m", "metarestore.cli", "export", "--model", perturbed_smoke_checkpoint,
+    proc = subprocess.run([sys.executable, "-m", "metarestore_cli", "export", "--model", perturbed_smoke_checkpoint,
                            "--adapter", str(workdir / "junk.safetensors"), "-o", str(workdir / "m.onnx")],
                           capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
