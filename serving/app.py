@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from metarestore.pixels import center_crop
 from serving.adapters import AdapterStoreDeployment, Delta, default_adapter_dir
 from serving.batching import Batcher
 from serving.limits import (
@@ -215,11 +216,6 @@ _ADAPTER_BODY["requestBody"]["content"][MULTIPART]["schema"]["properties"].updat
 
 
 # Helpers come before the deployment: Serve serialises the class when it is decorated.
-def _centre(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-    return x[..., top:top + h, left:left + w]
-
-
 def _db(value: float) -> float:
     """PSNR for JSON: identical images give infinity, reported as 100 dB."""
     return round(min(value, 100.0), 3)
@@ -414,7 +410,7 @@ class Restorer:
             xs.append(x)
             ys.append(y)
         h, w = min(x.shape[-2] for x in xs), min(x.shape[-1] for x in xs)
-        return torch.cat([_centre(x, h, w) for x in xs]), torch.cat([_centre(y, h, w) for y in ys])
+        return torch.cat([center_crop(x, h, w) for x in xs]), torch.cat([center_crop(y, h, w) for y in ys])
 
     def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> tuple[dict, Delta]:
         from metarestore.inference import adapt_on_patches
