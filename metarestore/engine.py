@@ -136,12 +136,11 @@ class MetaTrainer:
                 found = self.learner.batch_gradient(self.sampler.batch(tasks[chunk], self.device),
                                                     scales[chunk].to(self.device, torch.float32))
             losses[chunk] = found.double().cpu()
-        if tasks:
-            for task, scale, loss in zip(tasks, scales, losses, strict=True):
-                i = index[task.family]
-                stats[i] += scale * loss
-                stats[len(self.families) + i] += loss
-                stats[2 * len(self.families) + i] += 1
+        for task, scale, loss in zip(tasks, scales, losses, strict=True):
+            i = index[task.family]
+            stats[i] += scale * loss
+            stats[len(self.families) + i] += loss
+            stats[2 * len(self.families) + i] += 1
         stats[-1] = len(tasks)
         flat = torch.cat([flat_grad(self.params), stats.to(self.device, torch.float32)])
         if reduce is not None:
