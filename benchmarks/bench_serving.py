@@ -16,7 +16,6 @@ import argparse
 import io
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -28,6 +27,8 @@ import requests
 import skimage.data
 import torch
 from PIL import Image
+
+from cluster.ray_runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,12 +195,6 @@ def reference_adapter(learner, threads: int, steps: int, shots: int = 5, size: i
     params = learner.adapt(degraded, clean, steps=steps)
     gain = psnr(learner.restore(test_degraded, params), test_clean) - psnr(learner.restore(test_degraded), test_clean)
     return {"times": times, "gain_held_out": gain}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load() -> str:
