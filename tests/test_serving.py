@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from cluster.ray_runtime import free_port
 from metarestore import degradations
 from metarestore.degradations.base import reseed
 from metarestore.meta.losses import psnr
@@ -62,12 +62,6 @@ def degrade(family: str, x: torch.Tensor, severity: float, seed: int, noise_seed
     if noise_seed is not None:
         params = reseed(params, noise_seed)
     return quantised(fam(x, params))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # the application ------------------------------------------------------------------------------------
