@@ -144,10 +144,11 @@ def serve_command(
     import ray
     from ray import serve
 
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False)
+    from cluster.ray_runtime import init_ray
+
+    # Like train/tune/evaluate: --address joins a cluster (a submitted job passes `auto`), otherwise a new
+    # local Ray; $RAY_ADDRESS alone never redirects a command to someone else's cluster.
+    init_ray(address, include_dashboard=False)
     # After ray.init (which installs its own SIGTERM handler): `kill PID` stops as cleanly as Ctrl-C, and
     # Ctrl-C works even where the shell started us with SIGINT ignored (a background job).
     signal.signal(signal.SIGTERM, _stop)
