@@ -394,7 +394,8 @@ class Restorer:
             limits={"max_pixels": cfg.max_pixels, "max_body_mb": cfg.max_body_mb, "max_shots": cfg.max_shots,
                     "max_steps": cfg.max_steps, "adapt_steps": cfg.adapt_steps, "adapter_ttl_s": cfg.adapter_ttl_s,
                     "max_batch_size": cfg.max_batch_size, "tile": cfg.tile,
-                    "max_aspect": cfg.max_aspect, "adapt_pixels": self.adapt_pixels})
+                    "max_aspect": cfg.max_aspect, "adapt_pixels": self.adapt_pixels, "adapt_side": cfg.adapt_side,
+                    "adapt_folds": cfg.adapt_folds})
 
     @app.post("/v1/restore", response_class=Response, openapi_extra=_RESTORE_BODY,
               responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size."}})
