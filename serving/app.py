@@ -555,8 +555,8 @@ class Restorer:
                 "fit_height": fit["fit_height"], "fit_width": fit["fit_width"], "validation": fit.get("validation"),
                 "folds": fit.get("folds"), "psnr_input": fit.get("psnr_before"),
                 "psnr_before": fit.get("psnr_zero_shot"), "psnr_after": fit.get("psnr_after"),
-                "scores": fit.get("scores", {}), "residuals": fit.get("residuals", {}), "noise": fit.get("noise"),
-                "fit_ms": (time.perf_counter() - start) * 1000,
+                "scores": {n: None if v is None else _db(v) for n, v in fit.get("scores", {}).items()}, "residuals": fit.get("residuals", {}), "noise": fit.get("noise"),
+                "fit_ms": round((time.perf_counter() - start) * 1000, 1),
                 "model_version": self.version, "model_sha256": self.model_sha256}
         return {k: (_db(v) if k.startswith("psnr") and v is not None else _finite(v)) for k, v in info.items()}, data
 
