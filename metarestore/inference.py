@@ -1,18 +1,24 @@
 """Restoring whole images: one forward pass, or overlapping tiles so memory stays bounded; a pool of
-model copies for servers that restore and adapt in several threads at once."""
+model copies for servers that restore and adapt in several threads at once; adapters fitted at a bounded
+cost."""
 
 from __future__ import annotations
 
 import copy
+import math
 import queue
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from metarestore.meta import MetaLearner
 from metarestore.meta.adapt import Params
+from metarestore.pixels import center_crop
+
+if TYPE_CHECKING:
+    from metarestore.operators.adapter import Adapter
 
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:
@@ -83,7 +89,7 @@ class ModelPool:
 def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
     """Estimated peak memory of ``adapt()`` per support pixel: the model's activations per pixel (counted
     on a small probe) x 4 bytes x 4 (kept for backward, their gradients, and the forward's temporaries).
-    A server derives the most pixels it adapts on from its memory budget with it."""
+    A server derives the most pixels it fits an adapter on from its memory budget with it."""
     floats = 0
 
     def count(module, inputs, output):
@@ -101,72 +107,37 @@ def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
     return max(1, floats * 4 * 4 // (probe * probe))
 
 
-@dataclass
-class Adaptation:
-    """What ``adapt_on_patches`` found: the adapted parameters and how they did on the evaluation patches."""
+def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *, kind: str = "auto",
+                paths: Iterable[str] | None = None, max_side: int = 128, max_pixels: int = 1_000_000,
+                film_steps: int = 10, max_folds: int = 3) -> Adapter:
+    """``fit_adapter`` at a bounded cost, for servers: every pair is centre-cropped to at most ``max_side``
+    and to at most ``max_pixels`` over all pairs (the fit's memory and time grow with the pixels it sees,
+    and a kernel, tone curve or FiLM scale is the same everywhere in an image, so a centre crop tells as
+    much as the whole).
 
-    params: Params
-    steps: int  # steps taken before the evaluation loss stopped improving (the best step's count)
-    psnr_input: float  # degraded evaluation patches against clean ones
-    psnr_before: float  # restored without adaptation
-    psnr_after: float  # restored with ``params`` (never below psnr_before: step 0 is a candidate)
-
-
-def _patch_corners(gen: torch.Generator, count: int, h: int, w: int, size: int) -> list[tuple[int, int]]:
-    tops = torch.randint(0, h - size + 1, (count,), generator=gen).tolist()
-    lefts = torch.randint(0, w - size + 1, (count,), generator=gen).tolist()
-    return list(zip(tops, lefts, strict=True))
-
-
-def _patches(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, per_image: int,
-             size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``per_image`` random size x size patches of every pair, the same place in both images."""
-    xs, ys = [], []
-    for i in range(x.shape[0]):
-        for top, left in _patch_corners(gen, per_image, x.shape[-2], x.shape[-1], size):
-            xs.append(x[i, :, top:top + size, left:left + size])
-            ys.append(y[i, :, top:top + size, left:left + size])
-    return torch.stack(xs), torch.stack(ys)
-
-
-def adapt_on_patches(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, *,
-                     patch: int = 64, step_pixels: int = 40_000, eval_pixels: int = 20_000, patience: int = 2,
-                     lr_scale: float = 1.0, seed: int = 0) -> Adaptation:
-    """Few-shot adaptation at a cost independent of the images' size.
-
-    Each of at most ``steps`` first-order steps (the learner's own ``adapt()``, loss and inner rates, the
-    rates times ``lr_scale``) sees fresh random ``patch``-sized crops of the support pairs, about
-    ``step_pixels`` in all: the adaptable parameters of a restorer (FiLM scales and shifts, a decoder)
-    act the same everywhere in an image, so a sample of its patches gives nearly the gradient of the
-    whole and memory stays bounded. Fixed evaluation patches (about ``eval_pixels``) are scored before
-    and after every step; the parameters with the best score are returned, and adaptation stops after
-    ``patience`` steps without improvement. The model itself is never modified.
+    ``kind="auto"``: the path is chosen among ``paths`` (default: the core's) by held-out validation.
+    Any other kind is a path name that is used whatever its score; it is still validated against the
+    zero-shot restorer on the same folds, so its info reports an honest held-out gain too. The info
+    gains ``kind``, ``fit_height`` and ``fit_width``.
     """
-    from metarestore.meta.adapt import adapt, adaptable_params
-    from metarestore.meta.losses import psnr
+    from metarestore.operators.adapter import fit_adapter
 
     k, _, h, w = support_x.shape
-    size = max(8, min(patch, h, w, int((step_pixels / k) ** 0.5)))  # one patch per pair fits the budget
-    gen = torch.Generator().manual_seed(seed)
-    eval_x, eval_y = _patches(support_x, support_y, gen, max(1, round(eval_pixels / (k * size * size))), size)
-    per_step = max(1, round(step_pixels / (k * size * size)))
-    lrs = {g: float(v) * lr_scale for g, v in learner.inner_lrs().items()}
-    params = adaptable_params(learner.model, detach=True)
-
-    def score(p: Params) -> float:
-        return psnr(learner.restore(eval_x, p), eval_y)
-
-    best, best_params, best_step = score(params), params, 0
-    before = best
-    for step in range(1, steps + 1):
-        x, y = _patches(support_x, support_y, gen, per_step, size)
-        params = adapt(learner.model, x, y, steps=1, lrs=lrs, params=params, loss_fn=learner.loss_fn,
-                       first_order=True)
-        params = {n: p.detach().requires_grad_(True) for n, p in params.items()}  # no graph across steps
-        now = score(params)
-        if now > best:
-            best, best_params, best_step = now, params, step
-        elif step - best_step >= patience:
-            break
-    return Adaptation({n: p.detach() for n, p in best_params.items()}, best_step, psnr(eval_x, eval_y), before,
-                      best)
+    side = max(16, min(max_side, math.isqrt(max(1, max_pixels // k))))
+    fit_h, fit_w = min(h, side), min(w, side)
+    x, y = center_crop(support_x, fit_h, fit_w), center_crop(support_y, fit_h, fit_w)
+    args = {"film_steps": film_steps, "max_folds": max_folds}
+    if kind == "auto":
+        adapter = fit_adapter(learner, x, y, paths=paths, **args)
+    elif kind == "zero_shot":
+        adapter = fit_adapter(learner, x, y, paths=[kind], **args)
+    else:  # the asked path first: a tie keeps it; the zero-shot restorer is the reference it is scored against
+        adapter = fit_adapter(learner, x, y, paths=[kind, "zero_shot"], **args)
+        if adapter.path.name != kind:
+            validated = adapter.info
+            adapter = fit_adapter(learner, x, y, paths=[kind], **args)
+            adapter.info.update({n: validated[n] for n in ("validation", "folds", "psnr_before", "psnr_zero_shot",
+                                                            "scores")})
+            adapter.info["psnr_after"] = validated["scores"].get(kind)
+    adapter.info.update(kind=kind, fit_height=fit_h, fit_width=fit_w)
+    return adapter

@@ -1,8 +1,12 @@
 """The adapter store: the one place every replica finds the adapters that any replica made.
 
-An adapter is the small delta of the adapted parameters (``metarestore.meta.adapt.delta``). The store
-keeps them in memory with a time-to-live and a byte budget, evicting the least recently used first,
-and writes each one through to storage on creation: ``ID.safetensors`` (the tensors) and ``ID.json``
+An adapter is the serialised ``metarestore.operators.adapter.Adapter`` (``Adapter.to_bytes()``: its path,
+fitted operators and FiLM parameters as safetensors with a JSON header, never a pickle); the store holds
+those bytes without interpreting them (the replicas parse them against their model). Adapters stored by
+earlier versions (a safetensors file of FiLM deltas, ``metarestore.meta.adapt.delta``) are kept as they
+are; the replicas still read them. The store keeps adapters in memory with a time-to-live and a byte
+budget, evicting the least recently used first, and writes each one through to storage on creation:
+``ID.safetensors`` (the adapter) and ``ID.json``
 (what the API reports), each written atomically (a temporary name, then a rename; the JSON last, so a
 JSON file means a complete adapter). Storage is a local directory or any fsspec URI (``s3://``,
 ``gs://``, a shared volume), so a restarted store replica, application or redeploy reloads every
@@ -22,14 +26,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import torch
 from ray import serve
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 logger = logging.getLogger(__name__)
-
-Delta = dict[str, torch.Tensor]
 
 
 def default_adapter_dir() -> str:
@@ -45,7 +44,7 @@ def iso(timestamp: float) -> str:
 
 @dataclass
 class _Entry:
-    delta: Delta
+    data: bytes
     info: dict
     nbytes: int
     expires: float
@@ -75,29 +74,29 @@ class AdapterStore:
             self.fs.makedirs(self.root, exist_ok=True)
             self._reload()
 
-    def put(self, delta: Delta, info: dict) -> dict:
-        """Store a delta under a new unguessable id; returns ``info`` plus id, size and expiry."""
-        nbytes = sum(t.element_size() * t.nelement() for t in delta.values())
+    def put(self, data: bytes, info: dict) -> dict:
+        """Store an adapter's bytes under a new unguessable id; returns ``info`` plus id, size and expiry."""
+        data = bytes(data)
+        nbytes = len(data)
         if nbytes > self.max_bytes:
             raise ValueError(f"adapter of {nbytes} bytes exceeds the store's {self.max_bytes} bytes")
         now = self.clock()
         adapter_id = secrets.token_urlsafe(12)
         info = {**info, "adapter_id": adapter_id, "bytes": nbytes, "created_at": iso(now),
                 "expires_at": iso(now + self.ttl_s)}
-        entry = _Entry({k: v.detach().cpu().contiguous() for k, v in delta.items()}, info, nbytes,
-                       now + self.ttl_s)
+        entry = _Entry(data, info, nbytes, now + self.ttl_s)
         self._persist(adapter_id, entry)  # on storage before anyone is told the id
         self._insert(adapter_id, entry, now)
         return dict(info)
 
-    def get(self, adapter_id: str) -> tuple[dict, Delta] | None:
-        """(info, delta) and mark it recently used; None when unknown, expired or evicted."""
+    def get(self, adapter_id: str) -> tuple[dict, bytes] | None:
+        """(info, adapter bytes) and mark it recently used; None when unknown, expired or evicted."""
         with self._locked():
             entry = self._live(adapter_id)
             if entry is None:
                 return None
             self._entries.move_to_end(adapter_id)
-            return dict(entry.info), entry.delta
+            return dict(entry.info), entry.data
 
     def info(self, adapter_id: str) -> dict | None:
         with self._locked():
@@ -138,7 +137,7 @@ class AdapterStore:
     def _persist(self, adapter_id: str, entry: _Entry) -> None:
         if self.fs is None:
             return
-        self._write(self._path(adapter_id, ".safetensors"), save_tensors(entry.delta))
+        self._write(self._path(adapter_id, ".safetensors"), entry.data)
         record = {"info": entry.info, "expires": entry.expires}
         self._write(self._path(adapter_id, ".json"), json.dumps(record).encode())  # last: marks it complete
 
@@ -164,12 +163,11 @@ class AdapterStore:
                 if record["expires"] <= now:
                     gone.append(adapter_id)
                     continue
-                delta = load_tensors(self.fs.cat_file(self._path(adapter_id, ".safetensors")))
+                data = self.fs.cat_file(self._path(adapter_id, ".safetensors"))
             except Exception as exc:  # one bad file must not keep the store from starting
                 logger.warning("skipping stored adapter %s: %s", adapter_id, exc)
                 continue
-            nbytes = sum(t.element_size() * t.nelement() for t in delta.values())
-            loaded.append((record["info"]["created_at"], adapter_id, _Entry(delta, record["info"], nbytes,
+            loaded.append((record["info"]["created_at"], adapter_id, _Entry(data, record["info"], len(data),
                                                                              record["expires"])))
         self._unpersist(gone)
         for _, adapter_id, entry in sorted(loaded, key=lambda t: t[0]):

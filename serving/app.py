@@ -9,6 +9,7 @@ replica; adapters made on any replica are used on every replica).
 # No `from __future__ import annotations`: FastAPI must see real types on the class-based routes.
 import asyncio
 import hmac
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from metarestore.pixels import center_crop
-from serving.adapters import AdapterStoreDeployment, Delta, default_adapter_dir
+from serving.adapters import AdapterStoreDeployment, default_adapter_dir
 from serving.batching import Batcher
 from serving.limits import (
     DEFAULT_MAX_ASPECT,
@@ -88,16 +89,15 @@ class AppArgs(BaseModel):
     adapt_steps: int = Field(10, ge=1, description="adapt() steps when the request does not say.")
     max_adapt_pixels: int = Field(4_000_000, ge=1, description="Most pixels over all support pairs' degraded "
                                   "images of one adapter (accepted and decoded).")
-    adapt_memory_mb: float = Field(2048.0, gt=0, description="Memory one adaptation step may use: it bounds "
-                                   "the pixels of the random patches a step sees, whatever the request.")
-    adapt_patch: int = Field(48, ge=16, description="Side of the random square patches of the support pairs "
-                             "that adaptation steps on (fresh ones every step).")
-    adapt_step_pixels: int = Field(12_000, ge=256, description="Pixels of patches per adaptation step, over all "
-                                   "pairs (cost per step, independent of the images' size).")
-    adapt_patience: int = Field(2, ge=1, description="Adaptation stops after this many steps without improving "
-                                "PSNR on fixed evaluation patches of the pairs; the best step's adapter is kept.")
-    adapt_lr_scale: float = Field(3.0, gt=0, description="Inner learning rates of the model times this: larger, "
-                                  "fewer steps (early stopping keeps the best, so too large cannot hurt).")
+    adapt_memory_mb: float = Field(2048.0, gt=0, description="Memory one adapter fit may use: with the model's "
+                                   "activations per pixel it bounds the support pixels fitted on, whatever the request.")
+    adapt_side: int = Field(128, ge=32, description="Pairs are centre-cropped to at most this side before an adapter "
+                            "is fitted (the fit's cost grows with the pixels; a blur kernel of up to 31 px needs "
+                            "about 4x its size).")
+    adapt_folds: int = Field(3, ge=1, description="Most leave-one-out folds that choose an adapter's path.")
+    auto_paths: list[str] | None = Field(None, description="The candidate paths of kind=auto (names as "
+                                         "metarestore.operators.paths.Path.parse reads them; default: the core's "
+                                         "default_paths()).")
     adapter_ttl_s: float = Field(3600.0, gt=0, description="Adapters expire this long after creation.")
     adapter_max_mb: float = Field(256.0, gt=0, description="Memory for adapters; least recently used go first.")
     adapter_dir: str | None = Field(None, description="Where adapters are persisted: a directory or an fsspec "
@@ -120,14 +120,32 @@ class ModelInfo(BaseModel):
 
 class AdapterInfo(BaseModel):
     adapter_id: str
+    kind: str = Field("film", description="The kind asked for: auto (the path chosen by held-out validation) or "
+                      "a path name.")
+    path: str = Field("film", description="The adaptation path used, e.g. film, deconv@0.01+film, hqs@0.01, "
+                      "tone (metarestore.operators.paths).")
     shots: int
-    steps: int
+    steps: int = Field(description="FiLM steps asked for (paths without FiLM take none).")
     height: int
     width: int
-    steps_used: int | None = Field(None, description="Steps of the adapter kept (early stopping may end sooner).")
-    psnr_input: float = Field(description="PSNR (dB) of the degraded evaluation patches of the support pairs.")
-    psnr_before: float = Field(description="PSNR (dB) on those patches restored without the adapter.")
-    psnr_after: float = Field(description="PSNR (dB) on those patches restored with the adapter.")
+    fit_height: int | None = Field(None, description="The pairs were centre-cropped to this size for the fit "
+                                   "(adapt_side and the memory budget bound it).")
+    fit_width: int | None = None
+    steps_used: int | None = Field(None, description="FiLM steps of the adapter (0: its path has no FiLM).")
+    validation: str | None = Field(None, description="How the held-out figures were made: leave-one-out, "
+                                   "split-halves (one pair), or none.")
+    folds: int | None = Field(None, description="Held-out folds scored.")
+    psnr_input: float | None = Field(description="PSNR (dB) of the held-out degraded support images "
+                                     "(null: nothing could be held out).")
+    psnr_before: float | None = Field(description="PSNR (dB) of the held-out support images restored zero-shot "
+                                      "(the model without an adapter).")
+    psnr_after: float | None = Field(description="PSNR (dB) of the held-out support images restored with the "
+                                     "adapter's path, fitted without them.")
+    scores: dict[str, float | None] = Field({}, description="Mean held-out PSNR (dB) of every candidate path.")
+    residuals: dict[str, float | None] = Field({}, description="Relative residuals of the operators fitted "
+                                               "(kernel, tone, haze).")
+    noise: dict[str, float | bool | None] | None = Field(None, description="The noise level fitted on the pairs.")
+    fit_ms: float | None = Field(None, description="Time of the fit itself (ms).")
     elapsed_ms: float
     created_at: str
     expires_at: str
@@ -195,9 +213,9 @@ add_page(app)  # the web page at /: added last, so it answers before authenticat
 
 @dataclass
 class _Job:
-    x: torch.Tensor  # (1, 3, H, W)
+    x: torch.Tensor  # (1, 3, H, W): the image, after the adapter's operator pre-step if it has one
     adapter: str | None
-    delta: Delta | None
+    params: dict[str, torch.Tensor] | None  # the adapter's FiLM parameters (None: the model's own)
 
 
 def _form_file_body(*fields: str) -> dict:
@@ -212,7 +230,9 @@ _RESTORE_BODY["requestBody"]["content"].update({t: {"schema": {"type": "string",
                                                 for t in ("image/png", "image/jpeg")})
 _ADAPTER_BODY = _form_file_body("degraded", "clean")
 _ADAPTER_BODY["requestBody"]["content"][MULTIPART]["schema"]["properties"].update(
-    steps={"type": "integer"}, label={"type": "string", "maxLength": 200})
+    steps={"type": "integer"}, label={"type": "string", "maxLength": 200},
+    kind={"type": "string", "default": "auto", "description": "auto (the path is chosen by leave-one-out on the "
+          "pairs) or a path: film, zero_shot, deconv@0.01, deconv@0.01+film, hqs@0.01, tone, tone+film, haze, ..."})
 
 
 # Helpers come before the deployment: Serve serialises the class when it is decorated.
@@ -227,6 +247,74 @@ def _label(value) -> str | None:
     if not isinstance(value, str) or len(value) > 200 or not value.isprintable():
         raise ApiError(400, "invalid_label", "label must be printable text of at most 200 characters")
     return value
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: non-finite numbers (a residual that could not be computed) become null."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    return value
+
+
+def _kind(value, auto_names: list[str]) -> str:
+    """The ``kind`` form field: auto or a path name that ``Path.parse`` reads back to the same path."""
+    from metarestore.operators.paths import Path
+
+    if value is None or value == "":
+        return "auto"
+    if isinstance(value, str) and value == "auto":
+        return value
+    try:
+        if not isinstance(value, str) or len(value) > 64:
+            raise ValueError(value)
+        path = Path.parse(value)
+        if not math.isfinite(path.balance) or not 0 <= path.balance <= 10 or Path.parse(path.name) != path:
+            raise ValueError(value)
+    except ValueError:
+        shown = str(value)[:40] if isinstance(value, str) else "(a file)"
+        raise ApiError(422, "invalid_kind", f"kind {shown!r} is not auto or an adaptation path; valid: auto, "
+                       f"{', '.join(auto_names)} (PRE@BALANCE and PRE@BALANCE+film with PRE one of deconv, hqs, "
+                       "tone, haze, wiener, rl)") from None
+    return path.name
+
+
+class _PreStep:
+    """An adapter's operator pre-step in the shape of a learner (``restore(x, params)``), so that
+    ``restore_image`` runs it in tiles: its memory stays bounded on large images like the model's."""
+
+    def __init__(self, adapter, learner):
+        self.adapter, self.learner = adapter, learner
+
+    def restore(self, x: torch.Tensor, params=None) -> torch.Tensor:
+        from metarestore.operators.paths import pre_step
+
+        return pre_step(self.adapter.path, self.adapter.operators, x, self.learner)
+
+
+def read_adapter(data: bytes, learner, adapter_id: str = "adapter"):
+    """``Adapter.from_bytes``; an adapter stored by an earlier version (a safetensors file of FiLM
+    deltas, no adapter header) is read as the FiLM path with those deltas; anything else is a 409."""
+    from safetensors.torch import load as load_tensors
+
+    from metarestore.meta.adapt import apply_delta
+    from metarestore.operators.adapter import Adapter, AdapterError
+    from metarestore.operators.paths import Path
+
+    try:
+        return Adapter.from_bytes(data, learner)
+    except AdapterError as exc:
+        problem = str(exc)
+    own = dict(learner.model.named_parameters())
+    try:
+        legacy = load_tensors(data)
+    except Exception:  # noqa: BLE001 - not safetensors at all: the message above says why
+        legacy = {}
+    if legacy and all(n in own and own[n].shape == t.shape for n, t in legacy.items()):
+        return Adapter(learner, Path(restorer="film"), film=apply_delta(learner.model, legacy))
+    raise ApiError(409, "adapter_unreadable", f"adapter {adapter_id[:64]} cannot be used ({problem}); create it "
+                   "again")
 
 
 def _no_adapter(adapter_id: str) -> ApiError:
@@ -258,6 +346,16 @@ class Restorer:
         app.state.max_header_bytes = int(cfg.max_header_kb * 1024)
         self._uploads = asyncio.Semaphore(cfg.max_uploads)
         self.adapt_pixels = max(256, int(cfg.adapt_memory_mb * 2**20) // adapt_bytes_per_pixel(self.learner))
+        self.auto_paths = self._auto_paths(cfg.auto_paths)
+
+    @staticmethod
+    def _auto_paths(names: list[str] | None) -> list[str]:
+        from metarestore.operators.paths import Path, default_paths
+
+        paths = [Path.parse(n) for n in names] if names else default_paths()  # a bad name fails the deploy
+        if not paths:
+            raise ValueError("auto_paths must name at least one path")
+        return [p.name for p in paths]
 
     def _token(self) -> str | None:
         if self.cfg.token is not None:
@@ -296,7 +394,8 @@ class Restorer:
             limits={"max_pixels": cfg.max_pixels, "max_body_mb": cfg.max_body_mb, "max_shots": cfg.max_shots,
                     "max_steps": cfg.max_steps, "adapt_steps": cfg.adapt_steps, "adapter_ttl_s": cfg.adapter_ttl_s,
                     "max_batch_size": cfg.max_batch_size, "tile": cfg.tile,
-                    "max_aspect": cfg.max_aspect, "adapt_pixels": self.adapt_pixels})
+                    "max_aspect": cfg.max_aspect, "adapt_pixels": self.adapt_pixels, "adapt_side": cfg.adapt_side,
+                    "adapt_folds": cfg.adapt_folds})
 
     @app.post("/v1/restore", response_class=Response, openapi_extra=_RESTORE_BODY,
               responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size."}})
@@ -315,15 +414,20 @@ class Restorer:
         else:
             raise ApiError(415, "unsupported_media_type", f"Content-Type {kind or '(none)'} is not accepted: send "
                            "image/png or image/jpeg bytes, or multipart/form-data with a file field 'image'")
-        delta = await self._adapter_delta(adapter) if adapter else None
+        found = await self._adapter(adapter) if adapter else None
         x, grey = await asyncio.to_thread(decode_image, data, self.cfg.max_pixels, "image", self.cfg.max_aspect)
-        y, batch = await self.batcher.submit(_Job(x, adapter, delta))
+        if found is None:
+            y, batch = await self.batcher.submit(_Job(x, None, None))
+        else:
+            y, batch = await self._restore_adapted(adapter, found, x)
         png = await asyncio.to_thread(encode_png, y, grey, self.cfg.png_level)
         return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch)})
 
     @app.post("/v1/adapters", response_model=AdapterInfo, openapi_extra=_ADAPTER_BODY)
     async def create_adapter(self, request: Request) -> JSONResponse:
-        """Adapt to the degradation shown by K (degraded, clean) pairs; returns the adapter's id."""
+        """Adapt to the degradation shown by K (degraded, clean) pairs; returns the adapter's id and how it
+        did on held-out pairs. Form field ``kind``: auto (default: the path is chosen by leave-one-out among
+        zero-shot, FiLM and operator + restorer paths) or one path to use."""
         start = time.perf_counter()
         body = await self._body(request)
         if media_type(request) != MULTIPART:
@@ -341,13 +445,14 @@ class Restorer:
             raise ApiError(400, "too_many_shots", f"{len(degraded)} pairs; at most {self.cfg.max_shots}")
         steps = self._steps(form.get("steps"))
         label = _label(form.get("label"))
+        kind = _kind(form.get("kind"), self.auto_paths)
         pairs = [(await d.read(), await c.read()) for d, c in zip(degraded, clean, strict=True)]
         support_x, support_y = await asyncio.to_thread(self._decode_pairs, pairs)
-        found, params = await asyncio.to_thread(self._adapt, support_x, support_y, steps)
+        found, data = await asyncio.to_thread(self._adapt, support_x, support_y, steps, kind)
         found["elapsed_ms"] = round((time.perf_counter() - start) * 1000, 1)
         found["label"] = label
         try:
-            info = await self.store.put.remote(params, found)
+            info = await self.store.put.remote(data, found)
         except ValueError as exc:
             raise ApiError(413, "adapter_too_large", str(exc)) from None
         return JSONResponse(AdapterInfo(**info).model_dump(), headers=self._headers(info["adapter_id"]))
@@ -371,15 +476,34 @@ class Restorer:
         return {"adapter_id": adapter_id, "deleted": True}
 
     # work -------------------------------------------------------------------------------------------
-    async def _adapter_delta(self, adapter_id: str) -> Delta:
+    async def _adapter(self, adapter_id: str):
+        """The stored adapter, parsed against this replica's model (an ``Adapter``)."""
         found = await self.store.get.remote(adapter_id)
         if found is None:
             raise _no_adapter(adapter_id)
-        info, delta = found
+        info, data = found
         if info.get("model_sha256") != self.model_sha256:
             raise ApiError(409, "adapter_model_mismatch", f"adapter {adapter_id} was made for another model; "
                            "create it again")
-        return delta
+        return await asyncio.to_thread(read_adapter, data, self.learner, adapter_id)
+
+    async def _restore_adapted(self, adapter_id: str, adapter, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``Adapter.restore`` in two parts: the operator pre-step (if the path has one) on this request
+        alone, in tiles, then the restorer (the model with the adapter's FiLM parameters, or as it is) in
+        the batched forward pass with the other requests of the same size and adapter. FiLM-only adapters
+        go straight to the batch; classical paths (wiener, rl: no restorer) are answered unbatched."""
+        if adapter.path.pre != "none":
+            x = await asyncio.to_thread(self._pre_step, adapter, x)
+        if adapter.path.restorer == "none":
+            return x.clamp(0, 1), 1
+        params = adapter.film if adapter.path.restorer == "film" else None
+        return await self.batcher.submit(_Job(x, adapter_id, params))
+
+    def _pre_step(self, adapter, x: torch.Tensor) -> torch.Tensor:
+        from metarestore.inference import restore_image
+
+        with self.pool.borrow() as learner:  # hqs restores with the model: this thread's own copy
+            return restore_image(_PreStep(adapter, learner), x, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
 
     def _steps(self, value) -> int:
         if value is None or value == "":
@@ -412,27 +536,33 @@ class Restorer:
         h, w = min(x.shape[-2] for x in xs), min(x.shape[-1] for x in xs)
         return torch.cat([center_crop(x, h, w) for x in xs]), torch.cat([center_crop(y, h, w) for y in ys])
 
-    def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> tuple[dict, Delta]:
-        from metarestore.inference import adapt_on_patches
-        from metarestore.meta.adapt import delta
+    def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
+               kind: str) -> tuple[dict, bytes]:
+        """``fit_bounded`` on this thread's own model copy: pairs centre-cropped to ``adapt_side`` and the
+        memory budget, at most ``adapt_folds`` leave-one-out folds, ``steps`` FiLM steps per FiLM fit."""
+        from metarestore.inference import fit_bounded
 
         cfg = self.cfg
+        start = time.perf_counter()
         with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
-            found = adapt_on_patches(learner, support_x, support_y, steps, patch=cfg.adapt_patch,
-                                     step_pixels=min(cfg.adapt_step_pixels, self.adapt_pixels),
-                                     eval_pixels=min(cfg.adapt_step_pixels // 2, self.adapt_pixels),
-                                     patience=cfg.adapt_patience, lr_scale=cfg.adapt_lr_scale)
-            params = delta(learner.model, found.params)
-        info = {"shots": len(support_x), "steps": steps, "steps_used": found.steps, "height": support_x.shape[-2],
-                "width": support_x.shape[-1], "psnr_input": _db(found.psnr_input),
-                "psnr_before": _db(found.psnr_before), "psnr_after": _db(found.psnr_after),
+            adapter = fit_bounded(learner, support_x, support_y, kind=kind, paths=self.auto_paths,
+                                  max_side=cfg.adapt_side, max_pixels=self.adapt_pixels, film_steps=steps,
+                                  max_folds=cfg.adapt_folds)
+            data = adapter.to_bytes()
+        fit = adapter.info
+        info = {"kind": kind, "path": adapter.path.name, "shots": len(support_x), "steps": steps,
+                "steps_used": fit.get("film_steps", 0), "height": support_x.shape[-2], "width": support_x.shape[-1],
+                "fit_height": fit["fit_height"], "fit_width": fit["fit_width"], "validation": fit.get("validation"),
+                "folds": fit.get("folds"), "psnr_input": fit.get("psnr_before"),
+                "psnr_before": fit.get("psnr_zero_shot"), "psnr_after": fit.get("psnr_after"),
+                "scores": {n: None if v is None else _db(v) for n, v in fit.get("scores", {}).items()}, "residuals": fit.get("residuals", {}), "noise": fit.get("noise"),
+                "fit_ms": round((time.perf_counter() - start) * 1000, 1),
                 "model_version": self.version, "model_sha256": self.model_sha256}
-        return info, params
+        return {k: (_db(v) if k.startswith("psnr") and v is not None else _finite(v)) for k, v in info.items()}, data
 
     def _run_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
         """Requests that queued together; same-size ones (and the same adapter) share a forward pass."""
         from metarestore.inference import restore_image
-        from metarestore.meta.adapt import apply_delta
 
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -444,8 +574,7 @@ class Restorer:
             first = jobs[members[0]]
             batch = torch.cat([jobs[i].x for i in members])
             with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
-                params = None if first.delta is None else apply_delta(learner.model, first.delta)
-                out = restore_image(learner, batch, params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
+                out = restore_image(learner, batch, first.params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
             for j, i in enumerate(members):
                 results[i] = (out[j:j + 1], len(members))
         return results

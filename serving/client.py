@@ -119,8 +119,9 @@ class RestorerClient:
                 "replica": result.replica}
 
     def create_adapter(self, degraded: Sequence[str | Path | bytes], clean: Sequence[str | Path | bytes],
-                       steps: int | None = None) -> dict:
-        """Send K (degraded, clean) pairs, in order; returns the adapter's JSON (``adapter_id`` etc.)."""
+                       steps: int | None = None, kind: str | None = None) -> dict:
+        """Send K (degraded, clean) pairs, in order; returns the adapter's JSON (``adapter_id``, the ``path``
+        chosen, held-out PSNRs etc.). ``kind``: auto (the server's default) or a path name such as film."""
         if len(degraded) != len(clean):
             raise UserError(f"{len(degraded)} degraded but {len(clean)} clean images: give them in pairs")
         files = []
@@ -128,8 +129,10 @@ class RestorerClient:
             for field, image in (("degraded", d), ("clean", c)):
                 data, content_type = _image_bytes(image)
                 files.append((field, (f"{field}{i}.png", data, content_type)))
-        data = {"steps": str(steps)} if steps is not None else None
-        return self._call("POST", "/v1/adapters", files=files, data=data).json()
+        data = {"steps": str(steps)} if steps is not None else {}
+        if kind is not None:
+            data["kind"] = kind
+        return self._call("POST", "/v1/adapters", files=files, data=data or None).json()
 
     def get_adapter(self, adapter_id: str) -> dict:
         return self._call("GET", f"/v1/adapters/{adapter_id}").json()

@@ -214,6 +214,85 @@ def test_adapter_improves_a_held_out_degradation(server, cast_adapter):
     assert sum(gains) / len(gains) > 0.5, gains
 
 
+# an unseen blur: the adapter fits the kernel and restores through it ---------------------------------------
+BLUR_SUPPORT = [("astronaut", 0, 0), ("astronaut", 220, 180), ("coffee", 0, 0), ("coffee", 150, 300),
+                ("rocket", 120, 200)]
+BLUR_TEST = [("chelsea", 60, 80), ("astronaut", 300, 40)]
+
+
+def blurred(x: torch.Tensor) -> torch.Tensor:
+    """A Gaussian blur (sigma 2, 13x13) no degradation family of the registry makes, as 8-bit PNG pixels."""
+    from metarestore.operators.fourier import convolve
+
+    t = torch.arange(-6, 7, dtype=torch.float64)
+    kernel = torch.exp(-(t[:, None] ** 2 + t[None] ** 2) / 8)
+    return quantised(convolve(x.double(), kernel / kernel.sum()).float().clamp(0, 1))
+
+
+def create_adapter(url: str, degraded, clean, **data) -> requests.Response:
+    return requests.post(f"{url}/v1/adapters", files=pairs_files(degraded, clean), data=data, timeout=600)
+
+
+def test_auto_adapter_fits_an_unseen_blur_and_beats_zero_shot(server):
+    clean = [quantised(photo(n, t, left, 96)) for n, t, left in BLUR_SUPPORT]
+    response = create_adapter(server.url, [blurred(x) for x in clean], clean, steps="3")
+    assert response.status_code == 200, response.text
+    info = response.json()
+    assert info["kind"] == "auto" and info["path"].split("@")[0] in ("deconv", "hqs"), info
+    assert info["validation"] == "leave-one-out" and info["folds"] >= 2 and info["residuals"]["kernel"] < 0.5
+    assert info["psnr_after"] > info["psnr_before"] and info["scores"][info["path"]] == info["psnr_after"]
+    assert info["fit_ms"] > 0 and (info["fit_height"], info["fit_width"]) == (96, 96)
+    assert requests.get(f"{server.url}/v1/adapters/{info['adapter_id']}", timeout=30).json() == info
+    for name, top, left in BLUR_TEST:  # images the adapter never saw, blurred the same way
+        clean_test = quantised(photo(name, top, left, 128))
+        test = blurred(clean_test)
+        plain, adapted = restore(server.url, test), restore(server.url, test, adapter=info["adapter_id"])
+        assert adapted.status_code == 200 and adapted.headers["X-Adapter"] == info["adapter_id"]
+        assert psnr(decode(adapted.content), clean_test) > psnr(decode(plain.content), clean_test) + 1.0, name
+
+
+def test_adapter_kind_forces_the_path_and_unknown_kinds_are_refused(server):
+    clean = [quantised(photo(n, t, left, 64)) for n, t, left in BLUR_SUPPORT[:3]]
+    degraded = [blurred(x) for x in clean]
+    forced = create_adapter(server.url, degraded, clean, steps="2", kind="film")
+    assert forced.status_code == 200, forced.text
+    info = forced.json()
+    assert (info["kind"], info["path"], info["steps_used"]) == ("film", "film", 2)
+    assert set(info["scores"]) == {"film", "zero_shot"} and info["psnr_after"] == info["scores"]["film"]
+    image = degraded[0]
+    assert restore(server.url, image, adapter=info["adapter_id"]).content != restore(server.url, image).content
+    operator = create_adapter(server.url, degraded, clean, kind="deconv@0.01").json()
+    assert (operator["path"], operator["steps_used"]) == ("deconv@0.01", 0)
+    for bad in ("lasso", "deconv@x", "deconv@-1", "deconv@nan", "x" * 300):
+        response = create_adapter(server.url, degraded, clean, kind=bad)
+        assert_error(response, 422, "invalid_kind")
+        assert "auto" in response.json()["error"]["message"] and "film" in response.json()["error"]["message"]
+
+
+def test_adapters_of_the_previous_format_still_load(smoke_model):
+    """Adapters stored before operator adapters (a safetensors file of FiLM deltas) restore as they did;
+    anything else unreadable is a 409 that says to create the adapter again, never a 500."""
+    from safetensors.torch import save
+
+    from metarestore.hub import load_model
+    from metarestore.meta.adapt import delta
+    from serving.app import read_adapter
+    from serving.limits import ApiError
+
+    learner = load_model(smoke_model["checkpoint"])[0]
+    clean = torch.cat([quantised(photo(n, t, left, 48)) for n, t, left in SUPPORT[:3]])
+    degraded = torch.cat([degrade(CAST["family"], x[None], 0.8, 0) for x in clean])
+    params = learner.adapt(degraded, clean, steps=2)
+    old = save({n: t.contiguous() for n, t in delta(learner.model, params).items()})
+    adapter = read_adapter(old, learner)
+    assert adapter.path.name == "film"
+    assert torch.allclose(adapter.restore(degraded), learner.restore(degraded, params), atol=1e-5)
+    for bad in (save({"not.a.parameter": torch.zeros(3)}), b"not an adapter"):
+        with pytest.raises(ApiError) as err:
+            read_adapter(bad, learner)
+        assert (err.value.status, err.value.code) == (409, "adapter_unreadable")
+
+
 def test_adapter_works_on_the_other_replica(server, cast_adapter):
     creator = cast_adapter.headers["X-Replica"]
     adapter_id = cast_adapter.json()["adapter_id"]
@@ -397,14 +476,14 @@ def test_adapter_store_ttl_and_lru_by_bytes():
 
     now = [1000.0]
     store = AdapterStore(ttl_s=60, max_bytes=3 * 400, clock=lambda: now[0])
-    delta = {"w": torch.zeros(100)}  # 400 bytes
-    a, b, c = (store.put(delta, {"n": i})["adapter_id"] for i in range(3))
-    assert store.get(a) is not None  # a is now the most recently used
-    d = store.put(delta, {"n": 3})["adapter_id"]  # over budget: the least recently used (b) goes
+    data = bytes(400)
+    a, b, c = (store.put(data, {"n": i})["adapter_id"] for i in range(3))
+    assert store.get(a) == ({"n": 0, **store.info(a)}, data)  # a is now the most recently used
+    d = store.put(data, {"n": 3})["adapter_id"]  # over budget: the least recently used (b) goes
     assert store.info(b) is None and all(store.info(k) for k in (a, c, d))
     assert store.stats()["bytes"] == 1200
     with pytest.raises(ValueError):
-        store.put({"w": torch.zeros(1000)}, {})
+        store.put(bytes(1201), {})
     now[0] += 61
     assert store.get(a) is None and store.stats()["adapters"] == 0
     assert not store.delete(c)

@@ -14,7 +14,17 @@ import pytest
 import requests
 import skimage.data
 from PIL import Image
-from test_serving import assert_error, decode, degrade, free_port, pairs_files, photo, quantised, restore
+from test_serving import (
+    assert_error,
+    blurred,
+    decode,
+    degrade,
+    free_port,
+    pairs_files,
+    photo,
+    quantised,
+    restore,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +51,12 @@ def safe_server(ray_local, smoke_model, tmp_path_factory):
 
 
 def support(k: int, n: int = 4, size: int = 80) -> tuple[list, list]:
-    """Pair set ``k``: crops of two photographs with colour casts of a severity of its own."""
+    """Pair set ``k``: crops of two photographs with colour casts of a severity of its own; set 4 is an
+    unseen blur instead (its adapter takes an operator path)."""
     clean = [quantised(photo(("astronaut", "coffee")[i % 2], 30 * i + 11 * k, 40 * i + 7 * k, size))
              for i in range(n)]
+    if k == 4:
+        return [blurred(x) for x in clean], clean
     degraded = [degrade("color_cast", x, 0.5 + 0.1 * k, seed=k, noise_seed=i) for i, x in enumerate(clean)]
     return degraded, clean
 
@@ -90,6 +103,7 @@ def test_concurrent_restores_and_adaptations_equal_sequential(safe_server):
         assert (decode(response.content) - expected).abs().max() <= TOL, (i, adapter)
     for k, response in created.items():
         info = response.json()
+        assert info["path"] == alone[k]["path"], k
         for key in ("psnr_before", "psnr_after", "psnr_input"):
             assert abs(info[key] - alone[k][key]) <= 0.01, (k, key, info[key], alone[k][key])
         served = decode(restore(url, probe, adapter=info["adapter_id"]).content)

@@ -118,7 +118,7 @@ def text(driver, element_id: str) -> str:
 @pytest.mark.slow
 def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver = browser
     # the page needs no token; the API does, and the page says so
@@ -159,6 +159,9 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     steps = driver.find_element(By.ID, "steps")
     steps.clear()
     steps.send_keys("5")
+    kind = Select(driver.find_element(By.ID, "kind"))
+    assert kind.first_selected_option.get_attribute("value") == "auto"  # the page's default
+    kind.select_by_value("film")  # FiLM always changes the output, which the checks below rely on
     driver.execute_script("""
         window.sawProgress = false;
         new MutationObserver(() => { if (!document.getElementById('adapt-progress').hidden) window.sawProgress = true; })
@@ -168,8 +171,10 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     assert driver.execute_script("return window.sawProgress;")
     info = json.loads(text(driver, "adapter-info"))
     assert info["shots"] == 3 and info["steps"] == 5 and info["elapsed_ms"] > 0
-    assert {"psnr_input", "psnr_before", "psnr_after", "expires_at"} <= set(info)
-    assert f"{info['psnr_before']} → {info['psnr_after']} dB" in text(driver, "adapter-summary")
+    assert {"psnr_input", "psnr_before", "psnr_after", "expires_at", "path", "scores"} <= set(info)
+    assert (info["kind"], info["path"]) == ("film", "film") and info["psnr_after"] == info["scores"]["film"]
+    summary = text(driver, "adapter-summary")
+    assert f"path {info['path']}" in summary and f"{info['psnr_before']} → {info['psnr_after']} dB" in summary
     assert driver.execute_script("return document.getElementById('adapter-select').value;") == info["adapter_id"]
 
     driver.find_element(By.ID, "restore-button").click()
@@ -179,8 +184,7 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     catalogue = requests.get(f"{server}/web/samples.json", timeout=60).json()  # public, like the page
     query_png = requests.get(f"{server}/{catalogue['pairs']['query']}", timeout=60).content
     query = decode(query_png)
-    # the server adapts on seeded random patches (metarestore.inference.adapt_on_patches): its own answer
-    # for this adapter is the reference, and it must differ from the unadapted model's
+    # the server's own answer for this adapter is the reference, and it must differ from the unadapted model's
     served = requests.post(f"{server}/v1/restore?adapter={info['adapter_id']}", data=query_png, timeout=120,
                            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "image/png"})
     assert served.status_code == 200 and served.headers["X-Adapter"] == info["adapter_id"]

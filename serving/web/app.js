@@ -261,6 +261,7 @@ async function makeAdapter() {
     form.append("clean", pair.clean, `clean-${i}.png`);
   });
   if ($("steps").value) form.append("steps", $("steps").value);
+  form.append("kind", $("kind").value || "auto");
   document.body.dataset.adapter = "working";
   $("adapt-button").disabled = true;
   $("adapt-progress").hidden = false;
@@ -271,15 +272,20 @@ async function makeAdapter() {
   }, 250);
   try {
     const info = await (await api("v1/adapters", { method: "POST", body: form })).json();
-    const gain = (info.psnr_after - info.psnr_before).toFixed(2);
-    $("adapter-summary").textContent = `Adapter ${info.adapter_id}: PSNR on its pairs ${info.psnr_before} → ` +
-      `${info.psnr_after} dB (${gain >= 0 ? "+" : ""}${gain} dB; the degraded inputs: ${info.psnr_input} dB), ` +
-      `${info.shots} pairs, ${info.steps} steps, ${(info.elapsed_ms / 1000).toFixed(1)} s. Expires ${info.expires_at}.`;
+    const held = info.psnr_after !== null && info.psnr_before !== null;
+    const gain = held ? (info.psnr_after - info.psnr_before).toFixed(2) : null;
+    const signed = held ? `${gain >= 0 ? "+" : ""}${gain} dB` : "not validated";
+    const figures = held
+      ? `PSNR on held-out pairs ${info.psnr_before} → ${info.psnr_after} dB (${signed} over zero-shot; ` +
+        `the degraded inputs: ${info.psnr_input} dB)`
+      : "too few pixels to hold any out: not validated";
+    $("adapter-summary").textContent = `Adapter ${info.adapter_id}, path ${info.path} (kind ${info.kind}): ` +
+      `${figures}, ${info.shots} pairs, ${(info.elapsed_ms / 1000).toFixed(1)} s. Expires ${info.expires_at}.`;
     $("adapter-info").textContent = JSON.stringify(info, null, 1);
     $("adapter-info").hidden = false;
     const option = document.createElement("option");
     option.value = info.adapter_id;
-    option.textContent = `${info.adapter_id} (${gain >= 0 ? "+" : ""}${gain} dB on ${info.shots} pairs)`;
+    option.textContent = `${info.adapter_id} (${info.path}, ${signed} on ${info.shots} pairs)`;
     $("adapter-select").appendChild(option);
     $("adapter-select").value = info.adapter_id;
     document.body.dataset.adapter = "done";
