@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from metarestore.degradations._ops import pad_mode
 
+DIRECT_MAX = 7  # kernel sizes convolved directly; larger ones cost less through the FFT
+
 
 def taper(height: int, width: int, border: int, device=None) -> torch.Tensor:
     """A (H, W) window, 1 in the interior and a raised-cosine ramp ``border`` pixels wide at the edges:
@@ -73,9 +75,15 @@ def convolve(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     k = kernel.shape[-1]
     pad = k // 2
     xp = F.pad(x.to(torch.float64), (pad, pad, pad, pad), mode=pad_mode(x, pad))
-    # conv2d is a correlation: flip the kernel so that this is a true convolution, like the FFT's
-    weight = kernel.to(x.device, torch.float64).flip(-2, -1)[:, None]
-    return F.conv2d(xp, weight, groups=channels).to(x.dtype)
+    kernel = kernel.to(x.device, torch.float64)
+    if k <= DIRECT_MAX:
+        # conv2d is a correlation: flip the kernel so that this is a true convolution, like the FFT's
+        return F.conv2d(xp, kernel.flip(-2, -1)[:, None], groups=channels).to(x.dtype)
+    # Large kernels (fitted ones are up to 31 px) through the FFT: a circular convolution of the padded
+    # image, whose samples from k - 1 on never wrap around, are exactly the valid part of the direct one.
+    size = xp.shape[-2:]
+    full = torch.fft.irfft2(torch.fft.rfft2(xp) * torch.fft.rfft2(kernel, s=size), s=size)
+    return full[..., k - 1:, k - 1:].to(x.dtype)
 
 
 def deconvolve(y: torch.Tensor, kernel: torch.Tensor, balance: float, prior: torch.Tensor | None = None,
