@@ -17,8 +17,6 @@ import yaml
 
 from metarestore.errors import UserError
 
-ADAPT_MODES = ("all", "decoder", "norm_bias", "film")
-LOSSES = ("l1", "charbonnier", "psnr")
 OPTIMIZERS = ("adamw", "sgd")
 INNER_LR_GROUPS = ("default", "intro", "encoder", "middle", "decoder", "ending")
 
@@ -55,7 +53,7 @@ class ModelConfig:
     enc_blocks: list[int] = field(default_factory=lambda: [1, 1, 2])
     middle_blocks: int = 2
     dec_blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
-    adapt: str = "film"  # which parameters the inner loop adapts: all | decoder | norm_bias | film
+    adapt: str = "film"  # the adapter kind the inner loop adapts (metarestore.model.kinds.KINDS)
 
 
 @dataclass
@@ -145,13 +143,15 @@ class Config:
 
     def validate(self) -> Config:
         from metarestore import degradations
-        from metarestore.meta.learner import ALGORITHMS  # the registry is the one source of names
+        from metarestore.meta.learner import ALGORITHMS  # the registries are the one source of names
+        from metarestore.meta.losses import LOSSES
+        from metarestore.model.kinds import KINDS
 
         problems = []
         if self.meta.algorithm not in ALGORITHMS:
             problems.append(f"meta.algorithm must be one of {', '.join(ALGORITHMS)}")
-        if self.model.adapt not in ADAPT_MODES:
-            problems.append(f"model.adapt must be one of {', '.join(ADAPT_MODES)}")
+        if self.model.adapt not in KINDS:
+            problems.append(f"model.adapt must be one of {', '.join(KINDS)}")
         if self.train.lr_schedule not in ("constant", "cosine"):
             problems.append("train.lr_schedule must be constant or cosine")
         if self.train.precision not in ("fp32", "bf16"):

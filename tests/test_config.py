@@ -35,3 +35,16 @@ def test_bad_override_syntax():
 
 def test_flatten_for_mlflow_params():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
+
+
+def test_adapter_kinds_and_losses_come_from_their_registries():
+    from metarestore.meta.losses import LOSSES
+    from metarestore.model.kinds import KINDS
+
+    with pytest.raises(ConfigError, match="model.adapt must be one of") as bad_kind:
+        from_dict({"model": {"adapt": "prompt"}})
+    assert all(name in str(bad_kind.value) for name in KINDS) and "lora" in KINDS
+    with pytest.raises(ConfigError, match="meta.loss must be one of") as bad_loss:
+        from_dict({"meta": {"loss": "l3"}})
+    assert all(name in str(bad_loss.value) for name in LOSSES)
+    assert from_dict({"model": {"adapt": "lora"}, "meta": {"loss": "psnr"}}).model.adapt == "lora"

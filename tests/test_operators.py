@@ -120,7 +120,7 @@ def test_adapter_choice_never_scores_a_pair_it_fitted_on(learner, monkeypatch):
 
     monkeypatch.setattr(adapter_module.Operators, "fit",
                         classmethod(lambda cls, c, d, needed: (record(d), real_fit(c, d, needed))[1]))
-    monkeypatch.setattr(learner, "adapt", lambda x, y, steps=None: (record(x), real_adapt(x, y, steps))[1])
+    monkeypatch.setattr(learner, "adapt", lambda x, y, steps=None, **kw: (record(x), real_adapt(x, y, steps, **kw))[1])
     adapter = fit_adapter(learner, degraded, clean, paths=["zero_shot", "film", "deconv@0.01"], film_steps=1,
                           on_fold=lambda fit, held: folds.append((fit, held)))
     assert [h for _, h in folds] == [0, 1, 2, 3]
@@ -157,3 +157,42 @@ def test_adapter_round_trips_through_safetensors_and_rejects_garbage(learner, tm
         Adapter.from_bytes(data[:100], learner)
     with pytest.raises(AdapterError):
         Adapter.from_bytes(b"\x00" * 64, learner)
+
+
+def test_a_lora_adapter_round_trips_with_identical_restoration(learner):
+    import json
+
+    from safetensors.torch import load, save
+
+    from metarestore.operators.adapter import _metadata
+
+    clean = crops(48, 3)
+    degraded = (clean * torch.tensor([1.0, 0.85, 0.7]).view(1, 3, 1, 1) + 0.04).clamp(0, 1)  # a colour cast
+    adapter = fit_adapter(learner, degraded, clean, paths=["lora"], steps=2)
+    assert adapter.path.name == "lora" and adapter.info["steps"] == 2
+    assert adapter.params and all(n.endswith((".lora_a", ".lora_b")) for n in adapter.params)
+    assert any(float(v.abs().max()) > 0 for n, v in adapter.params.items() if n.endswith(".lora_b"))
+    data = adapter.to_bytes()
+    loaded = Adapter.from_bytes(data, learner)
+    assert loaded.path.name == "lora" and set(loaded.params) == set(adapter.params)
+    assert torch.equal(loaded.restore(degraded), adapter.restore(degraded))
+    assert not torch.equal(adapter.restore(degraded), learner.restore(degraded))  # it does adapt
+    forced = fit_adapter(learner, degraded, clean, paths=["deconv@0.01+lora"], film_steps=1)  # the old name
+    assert forced.path.restorer == "lora" and forced.info["steps"] == 1
+    film = Adapter.from_bytes(fit_adapter(learner, degraded, clean, paths=["film"], steps=1).to_bytes(), learner)
+    header = json.loads(_metadata(film.to_bytes())["adapter"])
+    mismatched = save({k: v.contiguous() for k, v in load(film.to_bytes()).items()},
+                      metadata={"adapter": json.dumps({**header, "path": "lora"})})
+    with pytest.raises(AdapterError, match="lora"):  # FiLM tensors under a LoRA path: refused, not guessed
+        Adapter.from_bytes(mismatched, learner)
+
+
+def test_paths_name_every_registered_adapter_kind():
+    from metarestore.model.kinds import KINDS
+    from metarestore.operators import Path
+
+    for kind in KINDS:
+        assert Path.parse(kind) == Path(restorer=kind) and Path.parse(kind).name == kind
+        assert Path.parse(f"deconv@0.01+{kind}") == Path("deconv", 0.01, kind)
+    with pytest.raises(ValueError, match="unknown adapter kind 'prompt'"):
+        Path.parse("deconv@0.01+prompt")

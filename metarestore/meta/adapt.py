@@ -6,6 +6,10 @@ task, support images ``(K, C, H, W)``, or a whole meta-step's tasks at once, sup
 ``(T, K, C, H, W)`` with parameters carrying a leading task dimension: ``torch.func.vmap`` then runs every
 task's inner step in one batched forward and backward pass.
 
+What is adapted is the model's adapter kind (``metarestore.model.kinds``), or the ``kind`` a call names:
+the adapted state is that kind's dict of tensors, mapped onto the network's parameters for every forward
+(for the subset kinds, such as ``film``, the state *is* those parameters).
+
 ``functional_call`` swaps the parameters on the module for the duration of a call, so one module must not
 be used from two threads at once (serving gives each concurrent call a module of its own).
 """
@@ -19,9 +23,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from metarestore.meta.losses import LossFn, l1
-from metarestore.model import adaptable_names, param_group
+from metarestore.model import param_group
+from metarestore.model.kinds import AdapterKind, Params, kind_of
 
-Params = dict[str, torch.Tensor]
+Kind = str | AdapterKind | None
 LearningRates = Mapping[str, float | torch.Tensor]
 
 
@@ -38,13 +43,9 @@ def lr_for(name: str, lrs: LearningRates) -> float | torch.Tensor:
     return group_lr(param_group(name), lrs)
 
 
-def adaptable_params(model: nn.Module, mode: str | None = None, detach: bool = False) -> Params:
-    """The parameters the inner loop adapts; ``detach=True`` gives fresh leaves (evaluation/serving)."""
-    names = set(adaptable_names(model, mode))
-    params = {n: p for n, p in model.named_parameters() if n in names}
-    if detach:
-        params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-    return params
+def adaptable_params(model: nn.Module, kind: Kind = None, detach: bool = False) -> Params:
+    """The state the inner loop starts from; ``detach=True`` gives fresh leaves (evaluation/serving)."""
+    return kind_of(model, kind).initial(model, detach)
 
 
 def per_task(params: Params, tasks: int) -> Params:
@@ -52,14 +53,20 @@ def per_task(params: Params, tasks: int) -> Params:
     return {n: p.expand(tasks, *p.shape) for n, p in params.items()}
 
 
-def forward_with(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """Run the model with ``params`` replacing its own (others come from the module).
+def _call(model: nn.Module, kind: AdapterKind, state: Params, x: torch.Tensor) -> torch.Tensor:
+    return functional_call(model, kind.parameters(model, state), (x,), strict=False)
+
+
+def forward_with(model: nn.Module, params: Params, x: torch.Tensor, kind: Kind = None) -> torch.Tensor:
+    """Run the model with the adapted state ``params`` (of ``kind``, default the model's) in place of its
+    own parameters (the others come from the module).
 
     ``x`` of shape (T, N, C, H, W) with task-stacked ``params`` runs each task with its own parameters.
     """
+    kind = kind_of(model, kind)
     if x.dim() == 5:
-        return vmap(lambda p, xi: functional_call(model, p, (xi,), strict=False))(params, x)
-    return functional_call(model, params, (x,), strict=False)
+        return vmap(lambda p, xi: _call(model, kind, p, xi))(params, x)
+    return _call(model, kind, params, x)
 
 
 def task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -67,14 +74,14 @@ def task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -> to
     return vmap(loss_fn)(pred, target)
 
 
-def _inner_grads(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
-                 first_order: bool) -> list[torch.Tensor]:
+def _inner_grads(model: nn.Module, kind: AdapterKind, params: Params, x: torch.Tensor, y: torch.Tensor,
+                 loss_fn: LossFn, first_order: bool) -> list[torch.Tensor]:
     if x.dim() == 4:  # one task: plain autograd, the reference implementation
-        loss = loss_fn(forward_with(model, params, x), y)
+        loss = loss_fn(forward_with(model, params, x, kind), y)
         return list(torch.autograd.grad(loss, list(params.values()), create_graph=not first_order))
 
     def loss_of(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return loss_fn(functional_call(model, p, (xi,), strict=False), yi)
+        return loss_fn(_call(model, kind, p, xi), yi)
 
     if first_order:  # no graph through the inner gradient: computed outside autograd's view
         with torch.no_grad():
@@ -86,31 +93,33 @@ def _inner_grads(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Ten
 
 def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *, steps: int,
           lrs: LearningRates, params: Params | None = None, loss_fn: LossFn = l1,
-          first_order: bool = False) -> Params:
-    """Take ``steps`` gradient steps on the support pairs; returns the adapted parameters.
+          first_order: bool = False, kind: Kind = None) -> Params:
+    """Take ``steps`` gradient steps on the support pairs; returns the adapted state of ``kind`` (default
+    the model's own adapter kind).
 
-    ``params`` defaults to the model's adaptable parameters (graph-connected, for meta-training; given a
-    leading task dimension when ``support_x`` has one); pass ``adaptable_params(model, detach=True)`` to
-    adapt without touching the model. ``first_order=True`` drops the inner Jacobian.
+    ``params`` defaults to the kind's starting state (the model's own parameters, graph-connected, for
+    meta-training; given a leading task dimension when ``support_x`` has one); pass
+    ``adaptable_params(model, kind, detach=True)`` to adapt without touching the model.
+    ``first_order=True`` drops the inner Jacobian.
     """
+    kind = kind_of(model, kind)
     if params is None:
-        params = adaptable_params(model)
+        params = kind.initial(model)
         if support_x.dim() == 5:
             params = per_task(params, support_x.shape[0])
     with torch.enable_grad():
         for _ in range(steps):
-            grads = _inner_grads(model, params, support_x, support_y, loss_fn, first_order)
+            grads = _inner_grads(model, kind, params, support_x, support_y, loss_fn, first_order)
             params = {name: p - lr_for(name, lrs) * g
                       for (name, p), g in zip(params.items(), grads, strict=True)}
     return params
 
 
-def delta(model: nn.Module, params: Params) -> Params:
-    """Adapted minus meta-learned values: the small adapter a server stores per client."""
-    own = dict(model.named_parameters())
-    return {n: (p.detach() - own[n].detach()).cpu() for n, p in params.items()}
+def delta(model: nn.Module, params: Params, kind: Kind = None) -> Params:
+    """The small adapter a server stores per client (subset kinds: adapted minus meta-learned values)."""
+    return kind_of(model, kind).delta(model, params)
 
 
-def apply_delta(model: nn.Module, adapter: Params) -> Params:
-    own = dict(model.named_parameters())
-    return {n: own[n].detach() + d.to(own[n].device, own[n].dtype) for n, d in adapter.items()}
+def apply_delta(model: nn.Module, adapter: Params, kind: Kind = None) -> Params:
+    """The adapted state back from a stored ``delta``."""
+    return kind_of(model, kind).from_delta(model, adapter)

@@ -41,7 +41,7 @@ from metarestore.meta.adapt import (
     task_losses,
 )
 from metarestore.meta.losses import get_loss
-from metarestore.model import adaptable_names, param_group
+from metarestore.model import adaptable_names, kind_of, param_group
 
 ALGORITHMS: dict[str, type[MetaLearner]] = {}
 
@@ -89,16 +89,26 @@ class MetaLearner(nn.Module):
         """Restore the inner rates a checkpoint recorded (``inner_lr_values`` of the trained learner)."""
         self.fixed_lrs = {g: float(values[g]) for g in self.groups}
 
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None) -> Params:
-        """Inference-time adaptation: fresh leaves, first order, the model itself untouched."""
-        lrs = {g: float(v) for g, v in self.inner_lrs().items()}
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None, *,
+              kind: str | None = None) -> Params:
+        """Inference-time adaptation: fresh leaves, first order, the model itself untouched.
+
+        ``kind`` (default the model's own) picks the adapter kind; another kind than the one the
+        inner rates were (meta-)learned for uses that kind's own ``inner_lr``."""
+        own = kind_of(self.model)
+        chosen = kind_of(self.model, kind)
+        if chosen.name == own.name:
+            lrs = {g: float(v) for g, v in self.inner_lrs().items()}
+        else:
+            lrs = {"default": chosen.inner_lr}
         return adapt(self.model, support_x, support_y, steps=self.inner_steps if steps is None else steps,
-                     lrs=lrs, params=adaptable_params(self.model, detach=True), loss_fn=self.loss_fn,
-                     first_order=True)
+                     lrs=lrs, params=chosen.initial(self.model, detach=True), loss_fn=self.loss_fn,
+                     first_order=True, kind=chosen)
 
     @torch.no_grad()
-    def restore(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
-        out = self.model(x) if params is None else forward_with(self.model, params, x)
+    def restore(self, x: torch.Tensor, params: Params | None = None, *, kind: str | None = None) -> torch.Tensor:
+        """Restore ``x``, with an adapted state of ``kind`` (default the model's own) when given."""
+        out = self.model(x) if params is None else forward_with(self.model, params, x, kind)
         return out.clamp(0, 1)
 
     # outer loop -----------------------------------------------------------------------------------

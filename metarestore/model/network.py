@@ -64,27 +64,8 @@ def param_group(name: str) -> str:
     return {"downs": "encoder", "encoders": "encoder", "ups": "decoder", "decoders": "decoder"}.get(head, head)
 
 
-def is_adaptable(name: str, mode: str) -> bool:
-    """Which parameters the inner loop adapts; the rest stay at their meta-learned values."""
-    if mode == "all":
-        return True
-    if mode == "decoder":
-        return param_group(name) in ("decoder", "ending")
-    if mode == "norm_bias":
-        return ".norm" in name or name.endswith(".bias")
-    if mode == "film":
-        return name.endswith(("film_scale", "film_shift"))
-    raise ValueError(f"unknown adapt mode {mode!r}")
+def count_parameters(model: nn.Module, kind: str | None = None) -> tuple[int, int]:
+    """(all parameters, adapted numbers per task for ``kind``, default the model's own)."""
+    from metarestore.model.kinds import kind_of  # kinds builds on this module (param_group)
 
-
-def adaptable_names(model: nn.Module, mode: str | None = None) -> list[str]:
-    mode = mode or model.adapt_mode
-    return [name for name, _ in model.named_parameters() if is_adaptable(name, mode)]
-
-
-def count_parameters(model: nn.Module, mode: str | None = None) -> tuple[int, int]:
-    """(all parameters, adaptable parameters)."""
-    names = set(adaptable_names(model, mode))
-    total = sum(p.numel() for p in model.parameters())
-    adaptable = sum(p.numel() for n, p in model.named_parameters() if n in names)
-    return total, adaptable
+    return sum(p.numel() for p in model.parameters()), kind_of(model, kind).count(model)

@@ -1,10 +1,11 @@
 """``fit_adapter``: few-shot adaptation that picks, per adapter, how to use the support pairs.
 
-Candidates (``paths.default_paths``): the restorer as is (zero-shot), FiLM gradient adaptation
-(``learner.adapt``), and operator + prior paths, where an operator fitted on the pairs (blur kernel,
-tone/colour model, haze) is undone first and the restorer cleans up, optionally FiLM-adapted too; plus the
-classical Wiener / Richardson-Lucy with the same fitted kernel. The choice is made by held-out validation:
-with K >= 2 pairs, leave-one-out (everything, operators and FiLM alike, is fitted on K-1 pairs and scored
+Candidates (``paths.default_paths``): the restorer as is (zero-shot), gradient adaptation of an adapter
+kind (``learner.adapt(kind=...)``: FiLM, LoRA, ...), and operator + prior paths, where an operator fitted
+on the pairs (blur kernel, tone/colour model, haze) is undone first and the restorer cleans up, optionally
+adapted too; plus the classical Wiener / Richardson-Lucy with the same fitted kernel. The choice is made by
+held-out validation: with K >= 2 pairs, leave-one-out (everything, operators and adaptation alike, is
+fitted on K-1 pairs and scored
 on the pair left out; at most ``max_folds`` folds); with K = 1, the single pair is cut into two halves
 along its longer side and each half is scored with what was fitted on the other; when the halves would
 be too small (< 32 px), nothing can be validated and the adapter falls back to zero-shot (the base model
@@ -26,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from metarestore.errors import UserError
+from metarestore.model.kinds import get_kind
 from metarestore.operators.haze import HazeFit
 from metarestore.operators.kernel import MAX_KERNEL, KernelFit
 from metarestore.operators.noise import fit_noise
@@ -55,8 +57,13 @@ class Adapter:
     learner: object  # MetaLearner: the prior; not stored with the adapter
     path: Path
     operators: Operators = field(default_factory=Operators)
-    film: dict[str, torch.Tensor] | None = None
+    params: dict[str, torch.Tensor] | None = None  # the adapted state of the kind ``path.restorer`` names
     info: dict = field(default_factory=dict)
+
+    @property
+    def film(self) -> dict[str, torch.Tensor] | None:
+        """The adapted state under its former name (FiLM was the only kind)."""
+        return self.params
 
     @torch.no_grad()
     def restore(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +71,9 @@ class Adapter:
         pre = pre_step(self.path, self.operators, x, self.learner)
         if self.path.restorer == "none":
             return pre.clamp(0, 1)
-        return self.learner.restore(pre, self.film if self.path.restorer == "film" else None)
+        if not self.path.adapted:
+            return self.learner.restore(pre)
+        return self.learner.restore(pre, self.params, kind=self.path.restorer)
 
     # storage --------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -78,8 +87,8 @@ class Adapter:
             tensors["tone.offset"] = ops.tone.offset.float().contiguous()
         if ops.haze is not None:
             tensors["haze.airlight"] = ops.haze.airlight.float().contiguous()
-        for name, value in (self.film or {}).items():
-            tensors[f"film.{name}"] = value.detach().float().cpu().contiguous()
+        for name, value in (self.params or {}).items():  # e.g. film.<parameter>, lora.<module>.lora_a
+            tensors[f"{self.path.restorer}.{name}"] = value.detach().float().cpu().contiguous()
         header = {"format": FORMAT, "version": VERSION, "path": self.path.name, "residuals": ops.residuals,
                   "haze_omega": ops.haze.omega if ops.haze is not None else None, "info": self.info}
         return st_save(tensors, metadata={"adapter": json.dumps(header)})
@@ -115,14 +124,17 @@ class Adapter:
                                residuals.get("haze", float("nan")))
         if path.operator is not None and getattr(ops, path.operator) is None:
             raise AdapterError(f"path {path.name} needs the {path.operator} operator, which is missing")
-        film = {k[len("film."):]: v for k, v in tensors.items() if k.startswith("film.")} or None
-        if path.restorer == "film":
-            own = dict(learner.model.named_parameters())
-            if not film or any(n not in own or own[n].shape != v.shape for n, v in film.items()):
-                raise AdapterError("FiLM parameters do not match this model")
-            device = next(learner.model.parameters()).device
-            film = {n: v.to(device) for n, v in film.items()}
-        return cls(learner, path, ops, film, header.get("info", {}))
+        params = None
+        if path.adapted:
+            prefix = f"{path.restorer}."
+            params = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            try:
+                get_kind(path.restorer).check(learner.model, params)
+            except ValueError as exc:
+                raise AdapterError(f"the adapted {path.restorer} state does not fit this model: {exc}") from None
+            own = next(learner.model.parameters())
+            params = {n: v.to(own.device, own.dtype) for n, v in params.items()}
+        return cls(learner, path, ops, params, header.get("info", {}))
 
     def save(self, directory: str | FsPath) -> FsPath:
         """Write adapter.safetensors (everything) and adapter.json (the info, for people)."""
@@ -180,19 +192,19 @@ def _folds(support_x, support_y, max_folds: int):
     return [(xs[0], ys[0], xs[1], ys[1], [0], 1), (xs[1], ys[1], xs[0], ys[0], [1], 0)], "split-halves"
 
 
-def _restore_with(learner, path: Path, ops: Operators, fit_x, fit_y, held_x, film_steps: int, cache: dict):
-    """Restore the held-out image with ``path`` fitted on (fit_x, fit_y); FiLM runs are cached per
-    pre-step within one fold."""
+def _restore_with(learner, path: Path, ops: Operators, fit_x, fit_y, held_x, steps: int, cache: dict):
+    """Restore the held-out image with ``path`` fitted on (fit_x, fit_y); adaptations are cached per
+    pre-step and kind within one fold."""
     pre = pre_step(path, ops, held_x, learner)
     if path.restorer == "none":
         return pre
     if path.restorer == "net":
         return learner.restore(pre)
-    key = (path.pre, path.balance)
+    key = (path.pre, path.balance, path.restorer)
     if key not in cache:
         fit_pre = pre_step(path, ops, fit_x, learner)
-        cache[key] = _detach(learner.adapt(fit_pre, fit_y, steps=film_steps))
-    return learner.restore(pre, cache[key])
+        cache[key] = _detach(learner.adapt(fit_pre, fit_y, steps=steps, kind=path.restorer))
+    return learner.restore(pre, cache[key], kind=path.restorer)
 
 
 def _detach(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -200,13 +212,17 @@ def _detach(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
-                paths: Iterable[str | Path] | None = None, film_steps: int = 10, max_folds: int = 5,
-                on_fold: FoldCallback | None = None) -> Adapter:
+                paths: Iterable[str | Path] | None = None, steps: int = 10, max_folds: int = 5,
+                on_fold: FoldCallback | None = None, film_steps: int | None = None) -> Adapter:
     """Fit an adapter from K (degraded ``support_x``, clean ``support_y``) pairs, (K, C, H, W) in [0, 1].
 
-    ``paths``: the candidates (names such as ``"film"``, ``"deconv@0.01+film"``; default: all), one
-    path to force it (no validation). ``on_fold(fit_indices, held_out_index)`` is called before every
-    validation fold, so callers (and tests) can check that no fold scores a pair it fitted on."""
+    ``paths``: the candidates (names such as ``"film"``, ``"lora"``, ``"deconv@0.01+film"``; default:
+    ``default_paths()``), one path to force it (no validation). ``steps``: gradient steps of every adapted
+    restorer (``film_steps`` is its former name, still accepted). ``on_fold(fit_indices, held_out_index)``
+    is called before every validation fold, so callers (and tests) can check that no fold scores a pair
+    it fitted on."""
+    if film_steps is not None:
+        steps = film_steps
     _check_support(support_x, support_y)
     candidates = [p if isinstance(p, Path) else Path.parse(p) for p in (paths or default_paths())]
     if support_x.shape[1] != 3:
@@ -226,7 +242,7 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         cache: dict = {}
         for path in candidates:
             try:
-                out = _restore_with(learner, path, ops, fit_x, fit_y, held_x, film_steps, cache)
+                out = _restore_with(learner, path, ops, fit_x, fit_y, held_x, steps, cache)
                 scores[path.name].append(psnr(out, held_y))
             except (ValueError, RuntimeError, torch.linalg.LinAlgError):
                 scores[path.name].append(float("-inf"))
@@ -238,9 +254,10 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     else:  # the best mean held-out PSNR; ties keep the earlier (simpler) candidate
         chosen = max(candidates, key=lambda p: (mean[p.name], -candidates.index(p)))
     ops = Operators.fit(support_y, support_x, {chosen.operator} if chosen.operator else set())
-    film = None
-    if chosen.restorer == "film":
-        film = _detach(learner.adapt(pre_step(chosen, ops, support_x, learner), support_y, steps=film_steps))
+    params = None
+    if chosen.adapted:
+        params = _detach(learner.adapt(pre_step(chosen, ops, support_x, learner), support_y, steps=steps,
+                                       kind=chosen.restorer))
     kernel_fit = ops.kernel
     if kernel_fit is None:
         from metarestore.operators.kernel import fit_kernel
@@ -248,7 +265,7 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         kernel_fit = fit_kernel(support_y, support_x)
     info = {
         "path": chosen.name, "shots": int(support_x.shape[0]), "validation": scheme, "folds": len(folds),
-        "film_steps": film_steps if chosen.restorer == "film" else 0,
+        "steps": steps if chosen.adapted else 0,
         "psnr_before": _finite(sum(before) / len(before)) if before else None,
         "psnr_after": _finite(mean.get(chosen.name)) if folds else None,
         "psnr_zero_shot": _finite(mean.get("zero_shot")) if folds else None,
@@ -256,7 +273,7 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         "residuals": dict(ops.residuals), "kernel_residual": kernel_fit.residual,
         "noise": fit_noise(kernel_fit.apply(support_y.double()), support_x.double()).as_dict(),
     }
-    return Adapter(learner, chosen, ops, film, info)
+    return Adapter(learner, chosen, ops, params, info)
 
 
 def _finite(value: float | None) -> float | None:

@@ -3,8 +3,9 @@ on support pairs and the restorer (a ``MetaLearner``) as the image prior.
 
 A path is a pre-step that undoes the fitted operator (deconvolution, tone inversion, dehazing, or none),
 optionally half-quadratic splitting with the restorer as the denoiser, then the restorer itself with its
-own weights, FiLM parameters adapted on (pre-stepped support, clean) pairs, or no restorer at all (the
-classical baselines). Every path is named by a short string, e.g. ``deconv@0.01+film``.
+own weights, its state of an adapter kind (``metarestore.model.kinds``: ``film``, ``lora``, ...) adapted
+by gradient steps on (pre-stepped support, clean) pairs, or no restorer at all (the classical baselines).
+Every path is named by a short string, e.g. ``deconv@0.01+film`` or ``lora``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from metarestore.model.kinds import KINDS
 from metarestore.operators.fourier import deconvolve
 from metarestore.operators.haze import HazeFit, fit_haze
 from metarestore.operators.kernel import KernelFit, fit_kernel
@@ -28,16 +30,21 @@ OPERATOR_OF = {"deconv": "kernel", "hqs": "kernel", "wiener": "kernel", "rl": "k
 class Path:
     pre: str = "none"  # one of PRE_STEPS
     balance: float = 0.0  # Tikhonov weight of deconv/hqs/wiener
-    restorer: str = "net"  # "net" (the model as is), "film" (adapted), "none" (classical)
+    restorer: str = "net"  # "net" (the model as is), an adapter kind (adapted, e.g. "film"), "none" (classical)
+
+    @property
+    def adapted(self) -> bool:
+        """Whether the restorer is gradient-adapted (``restorer`` names an adapter kind)."""
+        return self.restorer not in ("net", "none")
 
     @property
     def name(self) -> str:
         pre = "zero_shot" if self.pre == "none" and self.restorer == "net" else self.pre
-        if self.pre == "none" and self.restorer == "film":
-            return "film"
+        if self.pre == "none" and self.adapted:
+            return self.restorer
         if self.balance:
             pre = f"{pre}@{self.balance:g}"
-        return pre if self.restorer in ("net", "none") else f"{pre}+{self.restorer}"
+        return f"{pre}+{self.restorer}" if self.adapted else pre
 
     @property
     def operator(self) -> str | None:
@@ -48,10 +55,13 @@ class Path:
         restorer = "net"
         if name == "zero_shot":
             return cls()
-        if name == "film":
-            return cls(restorer="film")
-        if name.endswith("+film"):
-            name, restorer = name[: -len("+film")], "film"
+        if name in KINDS:
+            return cls(restorer=name)
+        if "+" in name:
+            name, _, restorer = name.rpartition("+")
+            if restorer not in KINDS:
+                raise ValueError(f"unknown adapter kind {restorer!r} in an adaptation path "
+                                 f"(known: {', '.join(KINDS)})")
         pre, _, balance = name.partition("@")
         if pre not in PRE_STEPS:
             raise ValueError(f"unknown adaptation path {name!r}")
@@ -62,7 +72,7 @@ class Path:
 
 def default_paths() -> list[Path]:
     """The candidates an adapter chooses among by held-out validation."""
-    paths = [Path(), Path(restorer="film")]
+    paths = [Path(), Path(restorer="film"), Path(restorer="lora")]
     for balance in (0.003, 0.03):
         paths.append(Path("deconv", balance))
     paths += [Path("deconv", 0.01, "film"), Path("hqs", 0.01), Path("tone"), Path("tone", restorer="film"),
