@@ -54,7 +54,7 @@ def main() -> None:
             folds = args.folds or defaults.adapt_folds
             start = time.perf_counter()
             adapter = fit_bounded(learner, degraded, clean, kind=kind, max_side=side, max_folds=folds,
-                                  film_steps=defaults.adapt_steps)
+                                  steps=defaults.adapt_steps)
             info = adapter.info
             print(f"| {kind} | {side} | {folds} | {info['path']} | {info['psnr_zero_shot']} | {info['psnr_after']} | "
                   f"{time.perf_counter() - start:.1f} s |", flush=True)

@@ -176,7 +176,7 @@ def run(learner, *, shots=(1, 5, 10), degradations=None, source=None, size=64, t
             scores = {"input": psnr(test, test_clean), "zero_shot": zero}
             film = learner.adapt(sx, sy, steps=film_steps)
             scores["film"] = psnr(learner.restore(test, {n: p.detach() for n, p in film.items()}), test_clean)
-            adapter = fit_adapter(learner, sx, sy, film_steps=film_steps, max_folds=max_folds)
+            adapter = fit_adapter(learner, sx, sy, steps=film_steps, max_folds=max_folds)
             scores["auto"] = psnr(adapter.restore(test), test_clean)
             if name in KERNEL_LIKE:
                 for method, path in (("wiener", "wiener@0.01"), ("richardson_lucy", "rl")):

@@ -42,11 +42,12 @@ def _window(tile_h: int, tile_w: int, overlap: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None = None, tile: int | None = 512,
-                  overlap: int = 32) -> torch.Tensor:
-    """Restore a (B, 3, H, W) batch in [0, 1]; images larger than ``tile`` go through in tiles."""
+                  overlap: int = 32, kind: str | None = None) -> torch.Tensor:
+    """Restore a (B, 3, H, W) batch in [0, 1], with an adapted state ``params`` of adapter ``kind``
+    (default the model's own) when given; images larger than ``tile`` go through in tiles."""
     h, w = x.shape[-2:]
     if tile is None or (h <= tile and w <= tile):
-        return learner.restore(x, params)
+        return learner.restore(x, params, kind=kind)
     out = torch.zeros_like(x)
     weight = torch.zeros(1, 1, h, w, device=x.device)
     stride = max(1, tile - overlap)
@@ -54,7 +55,7 @@ def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None =
         for left in _starts(w, tile, stride):
             patch = x[..., top:top + tile, left:left + tile]
             win = _window(patch.shape[-2], patch.shape[-1], overlap, x.device)
-            out[..., top:top + tile, left:left + tile] += learner.restore(patch, params) * win
+            out[..., top:top + tile, left:left + tile] += learner.restore(patch, params, kind=kind) * win
             weight[..., top:top + tile, left:left + tile] += win
     return (out / weight).clamp(0, 1)
 
@@ -109,11 +110,12 @@ def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
 
 def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *, kind: str = "auto",
                 paths: Iterable[str] | None = None, max_side: int = 128, max_pixels: int = 1_000_000,
-                film_steps: int = 10, max_folds: int = 3) -> Adapter:
+                steps: int = 10, max_folds: int = 3, patch: int | None = 64) -> Adapter:
     """``fit_adapter`` at a bounded cost, for servers: every pair is centre-cropped to at most ``max_side``
     and to at most ``max_pixels`` over all pairs (the fit's memory and time grow with the pixels it sees,
     and a kernel, tone curve or FiLM scale is the same everywhere in an image, so a centre crop tells as
-    much as the whole).
+    much as the whole); each gradient step of an adapted restorer sees one random ``patch``-px window
+    per pair.
 
     ``kind="auto"``: the path is chosen among ``paths`` (default: the core's) by held-out validation.
     Any other kind is a path name that is used whatever its score; it is still validated against the
@@ -126,7 +128,7 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
     side = max(16, min(max_side, math.isqrt(max(1, max_pixels // k))))
     fit_h, fit_w = min(h, side), min(w, side)
     x, y = center_crop(support_x, fit_h, fit_w), center_crop(support_y, fit_h, fit_w)
-    args = {"film_steps": film_steps, "max_folds": max_folds}
+    args = {"steps": steps, "max_folds": max_folds, "patch": patch}
     if kind == "auto":
         adapter = fit_adapter(learner, x, y, paths=paths, **args)
     elif kind == "zero_shot":

@@ -1,5 +1,5 @@
-"""8-bit pixels and centre crops: the one home of turning [0, 1] floats into 8-bit values and of cutting
-the central window of an image (a leaf module: it imports nothing of the package)."""
+"""8-bit pixels and crops: the one home of turning [0, 1] floats into 8-bit values and of cutting windows
+out of images (a leaf module: it imports nothing of the package)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,16 @@ def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     ch, cw = min(height, h), min(width, w)
     top, left = (h - ch) // 2, (w - cw) // 2
     return x[..., top:top + ch, left:left + cw]
+
+
+def random_crops(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random ``size`` x ``size`` window per pair of (K, C, H, W) ``x`` and ``y``, at the same place
+    in both (sides shorter than ``size`` are kept whole)."""
+    h, w = x.shape[-2:]
+    ch, cw = min(size, h), min(size, w)
+    tops = torch.randint(0, h - ch + 1, (x.shape[0],), generator=generator).tolist()
+    lefts = torch.randint(0, w - cw + 1, (x.shape[0],), generator=generator).tolist()
+    xs = torch.stack([x[i, :, t:t + ch, s:s + cw] for i, (t, s) in enumerate(zip(tops, lefts, strict=True))])
+    ys = torch.stack([y[i, :, t:t + ch, s:s + cw] for i, (t, s) in enumerate(zip(tops, lefts, strict=True))])
+    return xs, ys

@@ -215,7 +215,8 @@ add_page(app)  # the web page at /: added last, so it answers before authenticat
 class _Job:
     x: torch.Tensor  # (1, 3, H, W): the image, after the adapter's operator pre-step if it has one
     adapter: str | None
-    params: dict[str, torch.Tensor] | None  # the adapter's FiLM parameters (None: the model's own)
+    params: dict[str, torch.Tensor] | None  # the adapter's adapted state (None: the model's own parameters)
+    kind: str | None = None  # the adapter kind of ``params`` (film, lora, ...)
 
 
 def _form_file_body(*fields: str) -> dict:
@@ -312,7 +313,7 @@ def read_adapter(data: bytes, learner, adapter_id: str = "adapter"):
     except Exception:  # noqa: BLE001 - not safetensors at all: the message above says why
         legacy = {}
     if legacy and all(n in own and own[n].shape == t.shape for n, t in legacy.items()):
-        return Adapter(learner, Path(restorer="film"), film=apply_delta(learner.model, legacy))
+        return Adapter(learner, Path(restorer="film"), params=apply_delta(learner.model, legacy))
     raise ApiError(409, "adapter_unreadable", f"adapter {adapter_id[:64]} cannot be used ({problem}); create it "
                    "again")
 
@@ -489,15 +490,16 @@ class Restorer:
 
     async def _restore_adapted(self, adapter_id: str, adapter, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``Adapter.restore`` in two parts: the operator pre-step (if the path has one) on this request
-        alone, in tiles, then the restorer (the model with the adapter's FiLM parameters, or as it is) in
-        the batched forward pass with the other requests of the same size and adapter. FiLM-only adapters
-        go straight to the batch; classical paths (wiener, rl: no restorer) are answered unbatched."""
+        alone, in tiles, then the restorer (the model with the adapter's FiLM/LoRA state, or as it is) in the
+        batched forward pass with the other requests of the same size and adapter. Adapters without a
+        pre-step go straight to the batch; classical paths (wiener, rl: no restorer) are answered unbatched."""
         if adapter.path.pre != "none":
             x = await asyncio.to_thread(self._pre_step, adapter, x)
         if adapter.path.restorer == "none":
             return x.clamp(0, 1), 1
-        params = adapter.film if adapter.path.restorer == "film" else None
-        return await self.batcher.submit(_Job(x, adapter_id, params))
+        if not adapter.path.adapted:
+            return await self.batcher.submit(_Job(x, adapter_id, None))
+        return await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
 
     def _pre_step(self, adapter, x: torch.Tensor) -> torch.Tensor:
         from metarestore.inference import restore_image
@@ -546,12 +548,12 @@ class Restorer:
         start = time.perf_counter()
         with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
             adapter = fit_bounded(learner, support_x, support_y, kind=kind, paths=self.auto_paths,
-                                  max_side=cfg.adapt_side, max_pixels=self.adapt_pixels, film_steps=steps,
+                                  max_side=cfg.adapt_side, max_pixels=self.adapt_pixels, steps=steps,
                                   max_folds=cfg.adapt_folds)
             data = adapter.to_bytes()
         fit = adapter.info
         info = {"kind": kind, "path": adapter.path.name, "shots": len(support_x), "steps": steps,
-                "steps_used": fit.get("film_steps", 0), "height": support_x.shape[-2], "width": support_x.shape[-1],
+                "steps_used": fit.get("steps", 0), "height": support_x.shape[-2], "width": support_x.shape[-1],
                 "fit_height": fit["fit_height"], "fit_width": fit["fit_width"], "validation": fit.get("validation"),
                 "folds": fit.get("folds"), "psnr_input": fit.get("psnr_before"),
                 "psnr_before": fit.get("psnr_zero_shot"), "psnr_after": fit.get("psnr_after"),
@@ -574,7 +576,8 @@ class Restorer:
             first = jobs[members[0]]
             batch = torch.cat([jobs[i].x for i in members])
             with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
-                out = restore_image(learner, batch, first.params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
+                out = restore_image(learner, batch, first.params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap,
+                                    kind=first.kind)
             for j, i in enumerate(members):
                 results[i] = (out[j:j + 1], len(members))
         return results

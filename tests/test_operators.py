@@ -121,17 +121,33 @@ def test_adapter_choice_never_scores_a_pair_it_fitted_on(learner, monkeypatch):
     monkeypatch.setattr(adapter_module.Operators, "fit",
                         classmethod(lambda cls, c, d, needed: (record(d), real_fit(c, d, needed))[1]))
     monkeypatch.setattr(learner, "adapt", lambda x, y, steps=None, **kw: (record(x), real_adapt(x, y, steps, **kw))[1])
-    adapter = fit_adapter(learner, degraded, clean, paths=["zero_shot", "film", "deconv@0.01"], film_steps=1,
+    adapter = fit_adapter(learner, degraded, clean, paths=["zero_shot", "film", "deconv@0.01"], steps=1,
                           on_fold=lambda fit, held: folds.append((fit, held)))
-    assert [h for _, h in folds] == [0, 1, 2, 3]
+    assert [h for _, h in folds] == [0, 1, 2, 3] * 2  # a round of plain paths, a round of adapted ones
     assert all(h not in f and sorted([*f, h]) == [0, 1, 2, 3] for f, h in folds)
-    assert {fold for fold, _ in seen} == {0, 1, 2, 3}  # operators and FiLM were fitted in every fold
+    assert {fold for fold, _ in seen} == set(range(8))  # operators, then FiLM, were fitted in every fold
     for fold, batch in seen:
         held = degraded[folds[fold][1]]
         assert not any(torch.equal(row, held) for row in batch)
     info = adapter.info
     assert info["validation"] == "leave-one-out" and info["folds"] == 4
     assert info["path"] in info["scores"] and info["psnr_after"] == max(info["scores"].values())
+
+
+def test_adapted_paths_build_only_on_a_pre_step_that_helps(learner):
+    """On a blur, deconvolution helps by itself and a tone inversion cannot: FiLM is validated on top of
+    the first and never fitted on top of the second (its score is null)."""
+    from metarestore.operators.adapter import HELPS_DB
+
+    clean = crops(64, 5)
+    degraded = blurred(clean, disc_kernel(3.0), 0.005)
+    adapter = fit_adapter(learner, degraded, clean, steps=1,
+                          paths=["zero_shot", "deconv@0.01", "deconv@0.01+film", "tone", "tone+film"])
+    scores = adapter.info["scores"]
+    assert scores["deconv@0.01"] > scores["zero_shot"] + HELPS_DB
+    assert scores["tone"] <= scores["zero_shot"] + HELPS_DB
+    assert scores["deconv@0.01+film"] is not None and scores["tone+film"] is None
+    assert adapter.path.name in ("deconv@0.01", "deconv@0.01+film")
 
 
 def test_one_shot_validates_on_halves_or_falls_back_to_zero_shot(learner):
@@ -147,7 +163,7 @@ def test_one_shot_validates_on_halves_or_falls_back_to_zero_shot(learner):
 def test_adapter_round_trips_through_safetensors_and_rejects_garbage(learner, tmp_path):
     clean = crops(48, 3)
     degraded = blurred(clean, motion_kernel(7, 60.0), 0.005)
-    adapter = fit_adapter(learner, degraded, clean, paths=["deconv@0.01+film"], film_steps=1)
+    adapter = fit_adapter(learner, degraded, clean, paths=["deconv@0.01+film"], steps=1)
     adapter.save(tmp_path / "a")
     loaded = Adapter.load(tmp_path / "a", learner)
     assert loaded.path == adapter.path and loaded.info == adapter.info
@@ -177,7 +193,7 @@ def test_a_lora_adapter_round_trips_with_identical_restoration(learner):
     assert loaded.path.name == "lora" and set(loaded.params) == set(adapter.params)
     assert torch.equal(loaded.restore(degraded), adapter.restore(degraded))
     assert not torch.equal(adapter.restore(degraded), learner.restore(degraded))  # it does adapt
-    forced = fit_adapter(learner, degraded, clean, paths=["deconv@0.01+lora"], film_steps=1)  # the old name
+    forced = fit_adapter(learner, degraded, clean, paths=["deconv@0.01+lora"], steps=1)
     assert forced.path.restorer == "lora" and forced.info["steps"] == 1
     film = Adapter.from_bytes(fit_adapter(learner, degraded, clean, paths=["film"], steps=1).to_bytes(), learner)
     header = json.loads(_metadata(film.to_bytes())["adapter"])

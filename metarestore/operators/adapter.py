@@ -9,7 +9,9 @@ fitted on K-1 pairs and scored
 on the pair left out; at most ``max_folds`` folds); with K = 1, the single pair is cut into two halves
 along its longer side and each half is scored with what was fitted on the other; when the halves would
 be too small (< 32 px), nothing can be validated and the adapter falls back to zero-shot (the base model
-is never made worse unseen). The chosen path is then refitted on all pairs.
+is never made worse unseen). Paths without gradient steps are scored first; an adapted path on an
+operator pre-step (``deconv@0.01+film``) is scored only if that pre-step alone beat zero-shot (its score
+is then reported as null). The chosen path is then refitted on all pairs.
 
 An adapter serialises to safetensors (tensors plus a JSON header, never a pickle).
 """
@@ -37,6 +39,7 @@ from metarestore.operators.tone import KNOTS, ToneFit
 FORMAT = "metarestore-operator-adapter"
 VERSION = 1
 MIN_HALF = 32
+HELPS_DB = 0.1  # what a pre-step must gain over zero-shot, held out, before adapted paths build on it
 ADAPTER_FILE = "adapter.safetensors"
 INFO_FILE = "adapter.json"
 
@@ -192,7 +195,8 @@ def _folds(support_x, support_y, max_folds: int):
     return [(xs[0], ys[0], xs[1], ys[1], [0], 1), (xs[1], ys[1], xs[0], ys[0], [1], 0)], "split-halves"
 
 
-def _restore_with(learner, path: Path, ops: Operators, fit_x, fit_y, held_x, steps: int, cache: dict):
+def _restore_with(learner, path: Path, ops: Operators, fit_x, fit_y, held_x, steps: int, cache: dict,
+                  patch: int | None = None):
     """Restore the held-out image with ``path`` fitted on (fit_x, fit_y); adaptations are cached per
     pre-step and kind within one fold."""
     pre = pre_step(path, ops, held_x, learner)
@@ -203,8 +207,21 @@ def _restore_with(learner, path: Path, ops: Operators, fit_x, fit_y, held_x, ste
     key = (path.pre, path.balance, path.restorer)
     if key not in cache:
         fit_pre = pre_step(path, ops, fit_x, learner)
-        cache[key] = _detach(learner.adapt(fit_pre, fit_y, steps=steps, kind=path.restorer))
+        cache[key] = _detach(learner.adapt(fit_pre, fit_y, steps=steps, kind=path.restorer, patch=patch))
     return learner.restore(pre, cache[key], kind=path.restorer)
+
+
+def _worth_adapting(path: Path, plain: list[Path], scores: dict[str, list[float]]) -> bool:
+    """An adapted path with an operator pre-step is validated only when some plain path with that
+    pre-step beat zero-shot on the held-out pairs: gradient steps polish an inversion that works, they do
+    not rescue one that does not (and each costs as much as all the plain paths together)."""
+    if path.pre == "none":
+        return True
+    same = [sum(scores[p.name]) / len(scores[p.name]) for p in plain if p.pre == path.pre and scores[p.name]]
+    zero = scores.get(Path().name)
+    if not same or not zero:
+        return True  # nothing to compare with: validate it
+    return max(same) > sum(zero) / len(zero) + HELPS_DB
 
 
 def _detach(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -213,16 +230,15 @@ def _detach(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
                 paths: Iterable[str | Path] | None = None, steps: int = 10, max_folds: int = 5,
-                on_fold: FoldCallback | None = None, film_steps: int | None = None) -> Adapter:
+                on_fold: FoldCallback | None = None, patch: int | None = None) -> Adapter:
     """Fit an adapter from K (degraded ``support_x``, clean ``support_y``) pairs, (K, C, H, W) in [0, 1].
 
     ``paths``: the candidates (names such as ``"film"``, ``"lora"``, ``"deconv@0.01+film"``; default:
     ``default_paths()``), one path to force it (no validation). ``steps``: gradient steps of every adapted
-    restorer (``film_steps`` is its former name, still accepted). ``on_fold(fit_indices, held_out_index)``
-    is called before every validation fold, so callers (and tests) can check that no fold scores a pair
-    it fitted on."""
-    if film_steps is not None:
-        steps = film_steps
+    restorer; with ``patch``, each step sees one random window of that size per pair rather than the
+    whole pairs (``MetaLearner.adapt``), which bounds a fit's cost whatever the images' size.
+    ``on_fold(fit_indices, held_out_index)`` is called before every validation fold (in each of the two
+    rounds), so callers (and tests) can check that no fold scores a pair it fitted on."""
     _check_support(support_x, support_y)
     candidates = [p if isinstance(p, Path) else Path.parse(p) for p in (paths or default_paths())]
     if support_x.shape[1] != 3:
@@ -232,32 +248,45 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     folds, scheme = _folds(support_x, support_y, max_folds) if len(candidates) > 1 else ([], "forced")
     scores: dict[str, list[float]] = {p.name: [] for p in candidates}
     before: list[float] = []
-    for fit_x, fit_y, held_x, held_y, fit_idx, held_idx in folds:
-        if held_idx in fit_idx:  # a guard as well as documentation
-            raise AssertionError("a validation fold scores a pair it fitted on")
-        if on_fold is not None:
-            on_fold(list(fit_idx), held_idx)
-        ops = Operators.fit(fit_y, fit_x, {p.operator for p in candidates if p.operator})
-        before.append(psnr(held_x, held_y))
-        cache: dict = {}
-        for path in candidates:
-            try:
-                out = _restore_with(learner, path, ops, fit_x, fit_y, held_x, steps, cache)
-                scores[path.name].append(psnr(out, held_y))
-            except (ValueError, RuntimeError, torch.linalg.LinAlgError):
-                scores[path.name].append(float("-inf"))
+    plain = [p for p in candidates if not p.adapted]
+    fitted: list[Operators] = []
+    # Two rounds over the folds: the paths without gradient steps first (cheap), then the adapted ones
+    # (the cost of a fit), each of those only on a pre-step that helps by itself (``_worth_adapting``).
+    for round_ in ("plain", "adapted"):
+        if round_ == "adapted":
+            stage = [p for p in candidates if p.adapted and _worth_adapting(p, plain, scores)]
+            if not stage:
+                break
+        else:
+            stage = plain
+        for n, (fit_x, fit_y, held_x, held_y, fit_idx, held_idx) in enumerate(folds):
+            if held_idx in fit_idx:  # a guard as well as documentation
+                raise AssertionError("a validation fold scores a pair it fitted on")
+            if on_fold is not None:
+                on_fold(list(fit_idx), held_idx)
+            if round_ == "plain":
+                fitted.append(Operators.fit(fit_y, fit_x, {p.operator for p in candidates if p.operator}))
+                before.append(psnr(held_x, held_y))
+            cache: dict = {}
+            for path in stage:
+                try:
+                    out = _restore_with(learner, path, fitted[n], fit_x, fit_y, held_x, steps, cache, patch)
+                    scores[path.name].append(psnr(out, held_y))
+                except (ValueError, RuntimeError, torch.linalg.LinAlgError):
+                    scores[path.name].append(float("-inf"))
     mean = {name: (sum(v) / len(v) if v else float("nan")) for name, v in scores.items()}
     if scheme == "forced":
         chosen = candidates[0]
     elif not folds:
         chosen = Path()
     else:  # the best mean held-out PSNR; ties keep the earlier (simpler) candidate
-        chosen = max(candidates, key=lambda p: (mean[p.name], -candidates.index(p)))
+        chosen = max(candidates, key=lambda p: (mean[p.name] if scores[p.name] else float("-inf"),
+                                                -candidates.index(p)))
     ops = Operators.fit(support_y, support_x, {chosen.operator} if chosen.operator else set())
     params = None
     if chosen.adapted:
         params = _detach(learner.adapt(pre_step(chosen, ops, support_x, learner), support_y, steps=steps,
-                                       kind=chosen.restorer))
+                                       kind=chosen.restorer, patch=patch))
     kernel_fit = ops.kernel
     if kernel_fit is None:
         from metarestore.operators.kernel import fit_kernel
