@@ -11,7 +11,9 @@ formats keep that padding symbolic, so one file serves every size. ONNX goes thr
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -40,53 +42,74 @@ class Restorer(nn.Module):
         return self.net(image).clamp(0, 1)
 
 
-def load_adapter(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Read an adapter (safetensors: parameter name -> delta) and check it against ``model``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def adapter_bytes(spec: str | Path, adapter_dir: str | None = None, model_sha256: str | None = None) -> bytes:
+    """The bytes of the adapter ``spec``: a file, or the ID of an adapter a server stored in
+    ``adapter_dir`` (an fsspec URI or directory; default METARESTORE_CACHE/adapters, the server's default),
+    checked against the model it was made for when the store recorded it."""
+    import fsspec
 
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"adapter not found: {path}")
+    from metarestore.hub import CACHE
+
+    path = Path(spec)
+    if path.is_file():
+        return path.read_bytes()
+    text = str(spec)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", text):
+        raise ExportError(f"adapter not found: {text} (give an adapter file or the ID of a stored adapter)")
+    root = str(adapter_dir or CACHE / "adapters")
+    fs, base = fsspec.core.url_to_fs(root)
+    stored = f"{base.rstrip('/')}/{text}"
+    if not fs.exists(f"{stored}.safetensors"):
+        raise ExportError(f"adapter not found: no file {text} and no adapter {text} in {root}")
+    if model_sha256 and fs.exists(f"{stored}.json"):
+        made_for = json.loads(fs.cat_file(f"{stored}.json")).get("info", {}).get("model_sha256")
+        if made_for and made_for != model_sha256:
+            raise ExportError(f"adapter {text} was made for another model (sha256 {made_for[:12]}...); export "
+                              "it with that model")
+    return fs.cat_file(f"{stored}.safetensors")
+
+
+def load_adapter(spec: str | Path, learner, adapter_dir: str | None = None, model_sha256: str | None = None):
+    """The adapter ``spec`` (file or stored ID, see ``adapter_bytes``) read for ``learner``."""
+    from metarestore.operators.adapter import AdapterError, read_adapter
+
     try:
-        adapter = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ExportError(f"{path} is not a safetensors adapter ({str(exc)[:120]})") from None
-    own = dict(model.named_parameters())
-    if not adapter:
-        raise ExportError(f"adapter {path} holds no parameters")
-    for name, value in adapter.items():
-        if name not in own:
-            raise ExportError(f"adapter {path} does not fit this model: it has no parameter {name!r}")
-        if value.shape != own[name].shape:
-            raise ExportError(f"adapter {path} does not fit this model: {name} is {tuple(value.shape)}, "
-                              f"the model's is {tuple(own[name].shape)}")
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise ExportError(f"adapter {path}: {name} is not a finite floating-point tensor")
-    return adapter
+        return read_adapter(adapter_bytes(spec, adapter_dir, model_sha256), learner)
+    except AdapterError as exc:
+        raise ExportError(f"adapter {spec}: {exc}") from None
 
 
-def merge_adapter(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
-    """Add the adapter's deltas into the model's own weights (in place)."""
-    from metarestore.meta.adapt import apply_delta
+def merge_adapter(learner, adapter) -> None:
+    """Write the adapter's adapted state into the network's own weights (in place). Only adapters whose
+    path is the network alone (zero-shot, or adapted FiLM/LoRA/...) can be merged: an operator pre-step
+    (deconvolution, tone or haze inversion) or a classical path is not part of the network."""
+    from metarestore.model import get_kind
 
-    merged = apply_delta(model, adapter)
+    path = adapter.path
+    if path.pre != "none" or path.restorer == "none":
+        raise ExportError(f"the adapter's path {path.name} runs a fitted operator before (or instead of) the "
+                          "network, which cannot be merged into its weights; export an adapter made with "
+                          "kind film or lora (or restore with the server)")
+    if not path.adapted:
+        return
+    model = learner.model
+    merged = get_kind(path.restorer).parameters(model, adapter.params)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in merged:
                 param.copy_(merged[name])
 
 
-def exportable(model_uri: str, adapter: str | Path | None = None,
-               tracking_uri: str | None = None) -> tuple[Restorer, dict]:
+def exportable(model_uri: str, adapter: str | Path | None = None, tracking_uri: str | None = None,
+               adapter_dir: str | None = None) -> tuple[Restorer, dict]:
     """The model at ``model_uri`` (adapter merged), ready to export; and the checkpoint's metadata."""
     from metarestore.hub import load_model
 
     learner, metadata, _ = load_model(model_uri, tracking_uri)
-    net = learner.model
     if adapter is not None:
-        merge_adapter(net, load_adapter(adapter, net))
-    return Restorer(net).eval(), metadata
+        sha = metadata.get("files", {}).get("model.safetensors")
+        merge_adapter(learner, load_adapter(adapter, learner, adapter_dir, sha))
+    return Restorer(learner.model).eval(), metadata
 
 
 def multiple(model: nn.Module) -> int:
@@ -143,14 +166,14 @@ def to_torchscript(model: Restorer, out: Path) -> None:
 
 
 def export(model_uri: str, fmt: str, out: str | Path, adapter: str | Path | None = None,
-           tracking_uri: str | None = None) -> dict:
+           tracking_uri: str | None = None, adapter_dir: str | None = None) -> dict:
     """Export ``model_uri`` (with ``adapter`` merged) to ``out``; returns what was written."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out} is a directory; give the output file")
-    model, metadata = exportable(model_uri, adapter, tracking_uri)
+    model, metadata = exportable(model_uri, adapter, tracking_uri, adapter_dir)
     torch.manual_seed(0)  # the example input
     (to_onnx if fmt == "onnx" else to_torchscript)(model, out)
     return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "min_size": multiple(model),

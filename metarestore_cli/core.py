@@ -116,13 +116,19 @@ def export(
     model: Annotated[str, typer.Option(help="builtin:base (the default), a checkpoint directory or an MLflow "
                                        "model URI.")] = "builtin:base",
     format: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
-    adapter: Annotated[Path | None, typer.Option(help="Adapter file (safetensors deltas) merged into the weights.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="Adapter merged into the weights: a file (safetensors) or "
+                                                "the ID of an adapter the server stored (see --adapter-dir). "
+                                                "Paths with an operator step (deconv, tone, haze) cannot be "
+                                                "merged.")] = None,
+    adapter_dir: Annotated[str | None, typer.Option(help="Where the server stores adapters (a directory or an "
+                                                    "fsspec URI; default ~/.cache/metarestore/adapters, the "
+                                                    "server's default).")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Export the model (an adapter merged in) to ONNX or TorchScript, with dynamic batch, height and width."""
     from metarestore.export import export as run_export
 
-    info = run_export(model, format, output, adapter=adapter, tracking_uri=tracking_uri)
+    info = run_export(model, format, output, adapter=adapter, tracking_uri=tracking_uri, adapter_dir=adapter_dir)
     typer.echo(f"{info['path']}: {info['format']}, {info['bytes'] / 2**20:.1f} MiB; input '{info['input']}' "
                f"(N, 3, H, W) float32 in [0, 1], H and W >= {info['min_size']}; output '{info['output']}'")
 

@@ -295,27 +295,16 @@ class _PreStep:
 
 
 def read_adapter(data: bytes, learner, adapter_id: str = "adapter"):
-    """``Adapter.from_bytes``; an adapter stored by an earlier version (a safetensors file of FiLM
-    deltas, no adapter header) is read as the FiLM path with those deltas; anything else is a 409."""
-    from safetensors.torch import load as load_tensors
-
-    from metarestore.meta.adapt import apply_delta
-    from metarestore.operators.adapter import Adapter, AdapterError
-    from metarestore.operators.paths import Path
+    """The core's ``read_adapter`` (this format or an earlier version's FiLM deltas); anything else is a
+    409: the stored adapter cannot be used, the client must create it again."""
+    from metarestore.operators.adapter import AdapterError
+    from metarestore.operators.adapter import read_adapter as read
 
     try:
-        return Adapter.from_bytes(data, learner)
+        return read(data, learner)
     except AdapterError as exc:
-        problem = str(exc)
-    own = dict(learner.model.named_parameters())
-    try:
-        legacy = load_tensors(data)
-    except Exception:  # noqa: BLE001 - not safetensors at all: the message above says why
-        legacy = {}
-    if legacy and all(n in own and own[n].shape == t.shape for n, t in legacy.items()):
-        return Adapter(learner, Path(restorer="film"), params=apply_delta(learner.model, legacy))
-    raise ApiError(409, "adapter_unreadable", f"adapter {adapter_id[:64]} cannot be used ({problem}); create it "
-                   "again")
+        raise ApiError(409, "adapter_unreadable", f"adapter {adapter_id[:64]} cannot be used ({exc}); create "
+                       "it again") from None
 
 
 def _no_adapter(adapter_id: str) -> ApiError:

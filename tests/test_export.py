@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from metarestore import degradations
 from metarestore.export import ExportError, load_adapter
 from metarestore.hub import load_model
-from metarestore.meta.adapt import apply_delta, delta
+from metarestore.meta.adapt import delta
 
 SIZES = [(256, 256), (250, 190)]  # 250x190 is not a multiple of the smoke network's 4: padded inside
 
@@ -39,8 +39,7 @@ def adapted(perturbed_smoke_checkpoint, tmp_path_factory):
 
 def expected(learner, adapter_path, x):
     """The model's own output with the adapter applied at call time (not merged)."""
-    params = apply_delta(learner.model, load_adapter(adapter_path, learner.model))
-    return learner.restore(x, params).numpy()
+    return load_adapter(adapter_path, learner).restore(x).numpy()
 
 
 @pytest.mark.slow
@@ -85,10 +84,10 @@ def test_an_adapter_for_another_model_is_refused(perturbed_smoke_checkpoint, wor
     wrong = workdir / "wrong.safetensors"
     save_file({name: torch.zeros(param.numel() + 1)}, wrong)
     with pytest.raises(ExportError, match="does not fit this model"):
-        load_adapter(wrong, learner.model)
+        load_adapter(wrong, learner)
     save_file({"no.such.weight": torch.zeros(3)}, wrong)
     with pytest.raises(ExportError, match="no parameter 'no.such.weight'"):
-        load_adapter(wrong, learner.model)
+        load_adapter(wrong, learner)
     (workdir / "junk.safetensors").write_bytes(b"not a safetensors file")
     proc = subprocess.run([sys.executable, "-m", "metarestore_cli", "export", "--model", perturbed_smoke_checkpoint,
                            "--adapter", str(workdir / "junk.safetensors"), "-o", str(workdir / "m.onnx")],
@@ -96,3 +95,43 @@ def test_an_adapter_for_another_model_is_refused(perturbed_smoke_checkpoint, wor
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "not a safetensors adapter" in errors[0], proc.stderr
     assert not (workdir / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_a_stored_lora_adapter_exports_by_its_id_and_operator_paths_are_refused(perturbed_smoke_checkpoint, workdir):
+    """A server's stored adapter (``ID.safetensors`` + ``ID.json`` in its adapter directory), here of the
+    lora kind, is merged by ID; an adapter whose path deconvolves first cannot be, and says why."""
+    import json
+
+    from metarestore.export import export
+    from metarestore.operators.adapter import fit_adapter
+
+    learner, metadata, _ = load_model(perturbed_smoke_checkpoint)
+    family = degradations.get("color_cast")
+    params = family.sample(0.8, torch.Generator().manual_seed(1))
+    clean = torch.stack([torch.from_numpy(im[:64, :64]).permute(2, 0, 1).float() / 255
+                         for im in (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.rocket())])
+    store = workdir / "adapters"
+    store.mkdir()
+    sha = metadata["files"]["model.safetensors"]
+    for adapter_id, path in (("lora-one", "lora"), ("deconv-one", "deconv@0.01")):
+        made = fit_adapter(learner, family(clean, params), clean, paths=[path], steps=3)
+        (store / f"{adapter_id}.safetensors").write_bytes(made.to_bytes())
+        (store / f"{adapter_id}.json").write_text(json.dumps({"info": {"model_sha256": sha}}))
+    lora = load_adapter("lora-one", learner, str(store))
+    assert lora.path.name == "lora"
+    info = export(perturbed_smoke_checkpoint, "torchscript", workdir / "lora.pt", adapter="lora-one",
+                  adapter_dir=str(store))
+    x = family(torch.from_numpy(skimage.data.chelsea()[:96, :80]).permute(2, 0, 1).float()[None] / 255, params)
+    with torch.no_grad():
+        got = torch.jit.load(info["path"])(x)
+    assert (got - lora.restore(x)).abs().max() <= 1e-4
+    assert (got - learner.restore(x)).abs().max() > 1e-3, "the lora adapter is merged in"
+    with pytest.raises(ExportError, match="cannot be merged"):
+        export(perturbed_smoke_checkpoint, "torchscript", workdir / "d.pt", adapter="deconv-one", adapter_dir=str(store))
+    (store / "lora-one.json").write_text(json.dumps({"info": {"model_sha256": "0" * 64}}))
+    with pytest.raises(ExportError, match="made for another model"):
+        export(perturbed_smoke_checkpoint, "torchscript", workdir / "e.pt", adapter="lora-one", adapter_dir=str(store))
+    with pytest.raises(ExportError, match="no adapter nope"):
+        export(perturbed_smoke_checkpoint, "torchscript", workdir / "f.pt", adapter="nope", adapter_dir=str(store))
+    assert not any((workdir / n).exists() for n in ("d.pt", "e.pt", "f.pt"))

@@ -154,6 +154,34 @@ class Adapter:
         return cls.from_bytes((FsPath(directory) / ADAPTER_FILE).read_bytes(), learner)
 
 
+def read_adapter(data: bytes, learner) -> Adapter:
+    """An adapter from its bytes: ``Adapter.to_bytes``' format, or a plain safetensors file of FiLM deltas
+    (parameter name -> adapted minus meta-learned value: what ``meta.adapt.delta`` gives, and what servers
+    stored before operator adapters), read as the ``film`` path."""
+    from metarestore.meta.adapt import apply_delta
+
+    try:
+        return Adapter.from_bytes(data, learner)
+    except AdapterError as exc:
+        problem = str(exc)
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # noqa: BLE001 - not safetensors at all
+        raise AdapterError(f"not a safetensors adapter ({str(exc)[:120]})") from None
+    if not tensors:
+        raise AdapterError(f"the adapter holds no tensors ({problem})")
+    own = dict(learner.model.named_parameters())
+    for name, value in tensors.items():
+        if name not in own:
+            raise AdapterError(f"the adapter does not fit this model: it has no parameter {name!r}")
+        if value.shape != own[name].shape:
+            raise AdapterError(f"the adapter does not fit this model: {name} is {tuple(value.shape)}, the "
+                               f"model's is {tuple(own[name].shape)}")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise AdapterError(f"the adapter's {name} is not a finite floating-point tensor")
+    return Adapter(learner, Path(restorer="film"), params=apply_delta(learner.model, tensors, "film"))
+
+
 def _metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors blob (its JSON header, 8-byte little-endian length first)."""
     n = int.from_bytes(data[:8], "little")
