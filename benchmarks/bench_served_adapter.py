@@ -1,6 +1,6 @@
 """The cost of a served adapter fit, in one process: ``metarestore.inference.fit_bounded`` with the serving
 defaults (``serving.app.AppArgs``: pairs centre-cropped to ``adapt_side``, ``adapt_folds`` leave-one-out
-folds, 10 FiLM steps) on 5 pairs of 256x256 crops of scikit-image photographs blurred by a Gaussian
+folds, 10 gradient steps on 64 px windows per adapted path) on 5 pairs of 256x256 crops of scikit-image photographs blurred by a Gaussian
 (sigma 2) that no degradation family makes; for kind auto and for kind film. Prints a markdown table.
 
     .venv/bin/python benchmarks/bench_served_adapter.py --model builtin:base --threads 2
@@ -54,7 +54,7 @@ def main() -> None:
             folds = args.folds or defaults.adapt_folds
             start = time.perf_counter()
             adapter = fit_bounded(learner, degraded, clean, kind=kind, max_side=side, max_folds=folds,
-                                  steps=defaults.adapt_steps)
+                                  steps=defaults.adapt_steps, patch=defaults.adapt_patch)
             info = adapter.info
             print(f"| {kind} | {side} | {folds} | {info['path']} | {info['psnr_zero_shot']} | {info['psnr_after']} | "
                   f"{time.perf_counter() - start:.1f} s |", flush=True)

@@ -18,6 +18,7 @@ from metarestore.checkpoint import Checkpoint, optimizer_from_tensors, optimizer
 from metarestore.config import Config
 from metarestore.data import EMBEDDED, EpisodeSampler, PatchSampler, TaskSpec, load_images
 from metarestore.degradations.base import cpu_generator, stable_seed
+from metarestore.errors import ResumeError
 from metarestore.fewshot import Task, few_shot
 from metarestore.meta import MetaLearner, flat_grad, make_learner, set_flat_grad
 from metarestore.model import RestorationNet, count_parameters
@@ -184,20 +185,27 @@ class MetaTrainer:
                 "inner_lr": self.learner.inner_lr_values(), "inner_steps": cfg.meta.inner_steps,
                 "step": self.step, "parameters": total, "adaptable_parameters": adaptable}
 
+    def learner_state(self) -> dict[str, torch.Tensor]:
+        """The learner's own state beyond the network's weights (its ``state_dict`` without ``model.``):
+        Meta-SGD's learned inner rates; empty for the other algorithms."""
+        return {k: v.detach() for k, v in self.learner.state_dict().items() if not k.startswith("model.")}
+
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, optimizer_info = optimizer_to_tensors(self.optimizer)
-        if self.learner.learns_inner_lrs:
-            tensors.update({f"learner.log_lr.{g}": p.detach() for g, p in self.learner.log_lr.items()})
+        tensors.update({f"learner.{k}": v for k, v in self.learner_state().items()})
         return tensors, {"step": self.step, "optimizer": optimizer_info,
                          "sampler": {"seed": self.cfg.seed, "next_step": self.step}}
 
     def load_state(self, ckpt: Checkpoint) -> None:
         """Resume: weights, optimizer, learned inner rates and the sampler's position."""
         self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.model.items()})
-        if self.learner.learns_inner_lrs:
-            with torch.no_grad():
-                for g, p in self.learner.log_lr.items():
-                    p.copy_(ckpt.training_tensors[f"learner.log_lr.{g}"])
+        own = self.learner_state()
+        saved = {k[len("learner."):]: v.to(self.device) for k, v in ckpt.training_tensors.items()
+                 if k.startswith("learner.")}
+        if set(saved) != set(own):
+            raise ResumeError(f"the checkpoint's learner state ({', '.join(sorted(saved)) or 'none'}) is not this "
+                              f"algorithm's ({', '.join(sorted(own)) or 'none'})")
+        self.learner.load_state_dict({**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **saved})
         optimizer_from_tensors(self.optimizer, {k: v.to(self.device) for k, v in ckpt.training_tensors.items()},
                                ckpt.training_state["optimizer"])
         self.step = int(ckpt.training_state["sampler"]["next_step"])

@@ -95,6 +95,9 @@ class AppArgs(BaseModel):
                             "is fitted (the fit's cost grows with the pixels; a blur kernel of up to 31 px needs "
                             "about 4x its size).")
     adapt_folds: int = Field(3, ge=1, description="Most leave-one-out folds that choose an adapter's path.")
+    adapt_patch: int = Field(64, ge=8, description="Each gradient step of an adapter fit sees one random window "
+                             "of this side per pair (an adapted FiLM/LoRA state acts alike everywhere in an "
+                             "image, so windows give nearly the whole pairs' gradient at a fraction of the cost).")
     auto_paths: list[str] | None = Field(None, description="The candidate paths of kind=auto (names as "
                                          "metarestore.operators.paths.Path.parse reads them; default: the core's "
                                          "default_paths()).")
@@ -282,13 +285,13 @@ def _kind(value, auto_names: list[str]) -> str:
 
 
 class _PreStep:
-    """An adapter's operator pre-step in the shape of a learner (``restore(x, params)``), so that
+    """An adapter's operator pre-step in the shape of a learner (``restore(x, params, kind=)``), so that
     ``restore_image`` runs it in tiles: its memory stays bounded on large images like the model's."""
 
     def __init__(self, adapter, learner):
         self.adapter, self.learner = adapter, learner
 
-    def restore(self, x: torch.Tensor, params=None) -> torch.Tensor:
+    def restore(self, x: torch.Tensor, params=None, kind=None) -> torch.Tensor:
         from metarestore.operators.paths import pre_step
 
         return pre_step(self.adapter.path, self.adapter.operators, x, self.learner)
@@ -385,7 +388,7 @@ class Restorer:
                     "max_steps": cfg.max_steps, "adapt_steps": cfg.adapt_steps, "adapter_ttl_s": cfg.adapter_ttl_s,
                     "max_batch_size": cfg.max_batch_size, "tile": cfg.tile,
                     "max_aspect": cfg.max_aspect, "adapt_pixels": self.adapt_pixels, "adapt_side": cfg.adapt_side,
-                    "adapt_folds": cfg.adapt_folds})
+                    "adapt_folds": cfg.adapt_folds, "adapt_patch": cfg.adapt_patch})
 
     @app.post("/v1/restore", response_class=Response, openapi_extra=_RESTORE_BODY,
               responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size."}})
@@ -530,7 +533,8 @@ class Restorer:
     def _adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int,
                kind: str) -> tuple[dict, bytes]:
         """``fit_bounded`` on this thread's own model copy: pairs centre-cropped to ``adapt_side`` and the
-        memory budget, at most ``adapt_folds`` leave-one-out folds, ``steps`` FiLM steps per FiLM fit."""
+        memory budget, at most ``adapt_folds`` leave-one-out folds, ``steps`` gradient steps per adapted
+        path, each on ``adapt_patch``-px windows."""
         from metarestore.inference import fit_bounded
 
         cfg = self.cfg
@@ -538,6 +542,7 @@ class Restorer:
         with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
             adapter = fit_bounded(learner, support_x, support_y, kind=kind, paths=self.auto_paths,
                                   max_side=cfg.adapt_side, max_pixels=self.adapt_pixels, steps=steps,
+                                  patch=cfg.adapt_patch,
                                   max_folds=cfg.adapt_folds)
             data = adapter.to_bytes()
         fit = adapter.info

@@ -59,3 +59,26 @@ def test_publish_keeps_weights_and_drops_training_state(perturbed_smoke_checkpoi
     assert sorted(p.name for p in published.iterdir()) == ["metadata.json", "model.safetensors"]
     a, b = load_checkpoint(published).model, load_checkpoint(perturbed_smoke_checkpoint).model
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_resumed_learner_gets_its_whole_state_back(tmp_path):
+    """Meta-SGD's learned inner rates travel with the training state as the learner's ``state_dict`` (no
+    ``model.`` part); a checkpoint of another algorithm's state is refused rather than half-loaded."""
+    from metarestore.checkpoint import Checkpoint
+    from metarestore.errors import ResumeError
+
+    cfg = smoke_config(tmp_path / "run", "meta.algorithm=metasgd")
+    trainer = MetaTrainer(cfg, device="cpu")
+    trainer.run_step()
+    trainer.run_step()
+    tensors, state = trainer.training_state()
+    learned = trainer.learner.inner_lr_values()
+    assert learned != MetaTrainer(cfg, device="cpu").learner.inner_lr_values(), "two steps move the rates"
+    assert {k for k in tensors if k.startswith("learner.")} == {f"learner.log_lr.{g}" for g in learned}
+    saved = Checkpoint({}, {k: v.clone() for k, v in trainer.model.state_dict().items()}, tensors, state)
+    resumed = MetaTrainer(cfg, device="cpu")
+    resumed.load_state(saved)
+    assert resumed.learner.inner_lr_values() == learned and resumed.step == trainer.step
+    fomaml = MetaTrainer(smoke_config(tmp_path / "other", "meta.algorithm=fomaml"), device="cpu")
+    with pytest.raises(ResumeError, match="learner state"):
+        fomaml.load_state(saved)
