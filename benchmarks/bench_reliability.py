@@ -263,13 +263,13 @@ def main() -> None:
     from ray import serve
 
     from cluster.ray_runtime import init_ray
+    from metarestore.hub import portable_uri
     from metarestore.tracking import resolve_uri
     from serving.app import build_app
 
     tmp = tempfile.TemporaryDirectory(prefix="metarestore-reliability-")
     model = args.model or smoke_model(Path(tmp.name))
-    if not model.startswith(("models:/", "runs:/")):
-        model = str(Path(model).resolve())
+    model = portable_uri(model)  # replicas run in another directory
     tracking = resolve_uri(args.tracking_uri) if args.tracking_uri else None
     init_ray(num_cpus=2)
     port = free_port()

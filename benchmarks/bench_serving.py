@@ -222,7 +222,7 @@ def main() -> None:
     from ray import serve
 
     from cluster.ray_runtime import init_ray
-    from metarestore.hub import load_model
+    from metarestore.hub import load_model, portable_uri
     from metarestore.tracking import resolve_uri
     from serving.app import build_app
 
@@ -230,8 +230,7 @@ def main() -> None:
     threads = args.threads or max(1, round(cpus_per_replica))
     tmp = tempfile.TemporaryDirectory(prefix="metarestore-bench-")
     model = args.model or smoke_model(Path(tmp.name))
-    if not model.startswith(("models:/", "runs:/")):
-        model = str(Path(model).resolve())  # replicas run in another directory
+    model = portable_uri(model)  # replicas run in another directory
     if args.tracking_uri:
         args.tracking_uri = resolve_uri(args.tracking_uri)
     learner, _, _ = load_model(model, args.tracking_uri)

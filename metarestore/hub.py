@@ -45,6 +45,16 @@ def _find_checkpoint(root: Path) -> Path:
     return found[0]
 
 
+URI_SCHEMES = ("models:/", "runs:/", "builtin:")
+
+
+def portable_uri(uri: str) -> str:
+    """``uri`` as another process in another directory (a Serve replica, a Ray worker) reads it: model
+    URIs as they are, a checkpoint path made absolute."""
+    uri = str(uri)
+    return uri if uri.startswith(URI_SCHEMES) else str(Path(uri).expanduser().resolve())
+
+
 def resolve(uri: str, tracking_uri: str | None = None) -> ModelRef:
     """Turn a model URI into a local checkpoint directory (downloaded and cached for MLflow URIs)."""
     uri = str(uri)

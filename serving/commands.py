@@ -105,7 +105,7 @@ def serve_command(
 
     from pydantic import ValidationError
 
-    from metarestore.hub import DEFAULT_MODEL, load_model
+    from metarestore.hub import DEFAULT_MODEL, load_model, portable_uri
     from metarestore.tracking import resolve_uri
 
     token = None
@@ -115,8 +115,7 @@ def serve_command(
             raise UserError(f"--token-env {token_env}: that environment variable is not set or empty")
     tracking = resolve_uri(tracking_uri)
     model = model or DEFAULT_MODEL
-    if not model.startswith(("models:/", "runs:/", "builtin:")):
-        model = str(Path(model).expanduser().resolve())
+    model = portable_uri(model)
     # A wrong URI or a corrupt checkpoint fails here, in seconds and before Ray starts (this also fills
     # the download cache that the replicas on this machine then read).
     _, _, ref = load_model(model, tracking)

@@ -39,7 +39,7 @@ def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignme
                   train_loop: Callable[[dict[str, Any]], None] | None = None):
     """A TorchTrainer for this experiment (also used by every Ray Tune trial). ``train_loop``: the
     per-worker function (default ``training.worker.train_func``; fault-injection tests wrap it)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from training.worker import train_func
@@ -55,7 +55,9 @@ def build_trainer(cfg: Config, *, workers: int, gpus_per_worker: float, assignme
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=cfg.distributed.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints))))
+                             checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
+                             # Ray Train's own INFO lines (worker group, each report) stay in Ray's log files
+                             logging_config=LoggingConfig(log_level="WARNING")))
 
 
 def train_distributed(cfg: Config, workers: int | None = None, gpus_per_worker: float | None = None,
