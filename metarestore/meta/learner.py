@@ -43,16 +43,11 @@ from metarestore.meta.adapt import (
 from metarestore.meta.losses import get_loss
 from metarestore.model import adaptable_names, kind_of, param_group
 from metarestore.pixels import random_crops
+from metarestore.registry import registrar
 
 ALGORITHMS: dict[str, type[MetaLearner]] = {}
 
-
-def register(name: str):
-    def add(cls: type[MetaLearner]) -> type[MetaLearner]:
-        cls.name = name
-        ALGORITHMS[name] = cls
-        return cls
-    return add
+register = registrar(ALGORITHMS)
 
 
 def make_learner(model: nn.Module, cfg: MetaConfig) -> MetaLearner:

@@ -20,18 +20,13 @@ import torch
 from torch import nn
 
 from metarestore.model.network import param_group
+from metarestore.registry import registrar
 
 Params = dict[str, torch.Tensor]
 
 KINDS: dict[str, type[AdapterKind]] = {}
 
-
-def register(name: str):
-    def add(cls: type[AdapterKind]) -> type[AdapterKind]:
-        cls.name = name
-        KINDS[name] = cls
-        return cls
-    return add
+register = registrar(KINDS)
 
 
 def get_kind(kind: str | AdapterKind) -> AdapterKind:
