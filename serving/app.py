@@ -222,6 +222,27 @@ class _Job:
     kind: str | None = None  # the adapter kind of ``params`` (film, lora, ...)
 
 
+class _Timing:
+    """Where a request's time went, as a ``Server-Timing`` header (durations in ms, in the order measured)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.parts: list[tuple[str, float]] = []
+
+    def add(self, name: str, seconds: float) -> None:
+        self.parts.append((name, seconds))
+
+    def mark(self, name: str, minus: float = 0.0) -> None:
+        """``name`` took the time since the previous mark, less ``minus`` seconds (reported separately)."""
+        now = time.perf_counter()
+        self.add(name, max(0.0, now - self.last - minus))
+        self.last = now
+
+    def header(self) -> str:
+        parts = self.parts + [("total", time.perf_counter() - self.start)]
+        return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in parts)
+
+
 def _form_file_body(*fields: str) -> dict:
     """OpenAPI request body for routes that parse their multipart form themselves (to bound its size)."""
     props = {f: {"type": "array", "items": {"type": "string", "format": "binary"}} for f in fields}
@@ -393,8 +414,13 @@ class Restorer:
     @app.post("/v1/restore", response_class=Response, openapi_extra=_RESTORE_BODY,
               responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size."}})
     async def restore(self, request: Request, adapter: str | None = None) -> Response:
-        """Restore one PNG/JPEG (raw body with Content-Type image/png|jpeg, or multipart field ``image``)."""
+        """Restore one PNG/JPEG (raw body with Content-Type image/png|jpeg, or multipart field ``image``).
+
+        The answer's ``Server-Timing`` header says where the replica's time went (ms): reading the body,
+        the adapter lookup, decoding, waiting for the model (queue), the forward pass, encoding, total."""
+        timing = _Timing()
         body = await self._body(request)
+        timing.mark("read")
         kind = media_type(request)
         if kind == MULTIPART:
             form = await parse_form(request, body, max_files=1)
@@ -407,14 +433,21 @@ class Restorer:
         else:
             raise ApiError(415, "unsupported_media_type", f"Content-Type {kind or '(none)'} is not accepted: send "
                            "image/png or image/jpeg bytes, or multipart/form-data with a file field 'image'")
-        found = await self._adapter(adapter) if adapter else None
+        if adapter:
+            found = await self._adapter(adapter)
+            timing.mark("adapter")
         x, grey = await asyncio.to_thread(decode_image, data, self.cfg.max_pixels, "image", self.cfg.max_aspect)
-        if found is None:
-            y, batch = await self.batcher.submit(_Job(x, None, None))
+        timing.mark("decode")
+        if adapter:
+            y, batch, forward_s = await self._restore_adapted(adapter, found, x)
         else:
-            y, batch = await self._restore_adapted(adapter, found, x)
+            y, batch, forward_s = await self.batcher.submit(_Job(x, None, None))
+        timing.mark("queue", minus=forward_s)
+        timing.add("forward", forward_s)
         png = await asyncio.to_thread(encode_png, y, grey, self.cfg.png_level)
-        return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch)})
+        timing.mark("encode")
+        return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch),
+                                                              "Server-Timing": timing.header()})
 
     @app.post("/v1/adapters", response_model=AdapterInfo, openapi_extra=_ADAPTER_BODY)
     async def create_adapter(self, request: Request) -> JSONResponse:
@@ -480,18 +513,24 @@ class Restorer:
                            "create it again")
         return await asyncio.to_thread(read_adapter, data, self.learner, adapter_id)
 
-    async def _restore_adapted(self, adapter_id: str, adapter, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    async def _restore_adapted(self, adapter_id: str, adapter, x: torch.Tensor) -> tuple[torch.Tensor, int, float]:
         """``Adapter.restore`` in two parts: the operator pre-step (if the path has one) on this request
         alone, in tiles, then the restorer (the model with the adapter's FiLM/LoRA state, or as it is) in the
         batched forward pass with the other requests of the same size and adapter. Adapters without a
-        pre-step go straight to the batch; classical paths (wiener, rl: no restorer) are answered unbatched."""
+        pre-step go straight to the batch; classical paths (wiener, rl: no restorer) are answered unbatched.
+        Returns (image, batch size, compute seconds: the pre-step's and the forward pass's)."""
+        pre_s = 0.0
         if adapter.path.pre != "none":
+            start = time.perf_counter()
             x = await asyncio.to_thread(self._pre_step, adapter, x)
+            pre_s = time.perf_counter() - start
         if adapter.path.restorer == "none":
-            return x.clamp(0, 1), 1
+            return x.clamp(0, 1), 1, pre_s
         if not adapter.path.adapted:
-            return await self.batcher.submit(_Job(x, adapter_id, None))
-        return await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
+            y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, None))
+        else:
+            y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
+        return y, batch, pre_s + forward_s
 
     def _pre_step(self, adapter, x: torch.Tensor) -> torch.Tensor:
         from metarestore.inference import restore_image
@@ -556,8 +595,9 @@ class Restorer:
                 "model_version": self.version, "model_sha256": self.model_sha256}
         return {k: (_db(v) if k.startswith("psnr") and v is not None else _finite(v)) for k, v in info.items()}, data
 
-    def _run_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
-        """Requests that queued together; same-size ones (and the same adapter) share a forward pass."""
+    def _run_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int, float]]:
+        """Requests that queued together; same-size ones (and the same adapter) share a forward pass.
+        Each gets (its image, the size of its pass, the seconds of its pass)."""
         from metarestore.inference import restore_image
 
         groups: dict[tuple, list[int]] = {}
@@ -565,16 +605,25 @@ class Restorer:
             h, w = job.x.shape[-2:]
             alone = i if max(h, w) > self.cfg.tile else -1  # tiled images go one by one: bounded memory
             groups.setdefault((h, w, job.adapter, alone), []).append(i)
-        results: list[tuple[torch.Tensor, int]] = [None] * len(jobs)  # type: ignore[list-item]
+        results: list[tuple[torch.Tensor, int, float]] = [None] * len(jobs)  # type: ignore[list-item]
         for members in groups.values():
             first = jobs[members[0]]
             batch = torch.cat([jobs[i].x for i in members])
             with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
+                start = time.perf_counter()
                 out = restore_image(learner, batch, first.params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap,
                                     kind=first.kind)
+                seconds = time.perf_counter() - start
             for j, i in enumerate(members):
-                results[i] = (out[j:j + 1], len(members))
+                results[i] = (out[j:j + 1], len(members), seconds)
         return results
+
+
+def logging_config(access_log: bool = False) -> dict:
+    """Serve's ``logging_config`` for ``serve.start`` (the proxy) and ``serve.run`` (the replicas). Without
+    access logs a request writes no line (Serve's default is one INFO line per request and per call between
+    deployments, in the console and in Ray's log directory); warnings and errors are still shown and kept."""
+    return {"enable_access_log": access_log}
 
 
 def build_app(args: dict) -> serve.Application:
