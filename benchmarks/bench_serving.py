@@ -80,18 +80,24 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
 
 
-def forward_figures(learner, threads: int, repeats: int, large_repeats: int, batch: int, tile: int) -> dict:
-    """The model alone, in this process: one image of each size (tiled as the server tiles), and a batch."""
+def forward_figures(learner, threads: int, repeats: int, large_repeats: int, batch: int, tile: int,
+                    max_batch_pixels: int | None) -> dict:
+    """The model alone, in this process: one image of each size (tiled as the server tiles), and a batch.
+    Run as the replica runs it: in a worker thread, with ``threads`` torch threads set in that thread."""
     from metarestore.inference import restore_image
 
-    torch.set_num_threads(threads)
     small, large = as_tensor(crops(256, 1)[0]), as_tensor(big_image(1024))
     batched = torch.cat([small] * batch)
-    return {
-        "256": timed(lambda: restore_image(learner, small, tile=tile), repeats),
-        "1024": timed(lambda: restore_image(learner, large, tile=tile), max(1, large_repeats), warmup=1),
-        "batch": timed(lambda: restore_image(learner, batched, tile=tile), max(3, repeats // batch)),
-    }
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as worker:
+        def run(x, **kw):
+            return lambda: worker.submit(restore_image, learner, x, tile=tile, **kw).result()
+
+        return {
+            "256": timed(run(small), repeats),
+            "1024": timed(run(large), max(1, large_repeats), warmup=1),
+            "batch": timed(run(batched), max(3, repeats // batch)),
+            "chunked": timed(run(batched, max_batch_pixels=max_batch_pixels), max(3, repeats // batch)),
+        }
 
 
 def big_image(size: int) -> np.ndarray:
@@ -215,6 +221,8 @@ def load() -> str:
 
 
 def main() -> None:
+    from serving.app import AppArgs
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Model URI or checkpoint directory (default: train the smoke config).")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs.")
@@ -229,7 +237,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs, "
                         "cpus / replicas); also used for the in-process forward figures.")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--tile", type=int, default=AppArgs.model_fields["tile"].default)
+    parser.add_argument("--max-batch-pixels", type=int, default=AppArgs.model_fields["max_batch_pixels"].default)
     args = parser.parse_args()
 
     import ray
@@ -249,7 +258,8 @@ def main() -> None:
         args.tracking_uri = resolve_uri(args.tracking_uri)
     learner, _, _ = load_model(model, args.tracking_uri)
     loads = [load()]
-    forward = forward_figures(learner, threads, args.requests, args.large_requests, args.max_batch_size, args.tile)
+    forward = forward_figures(learner, threads, args.requests, args.large_requests, args.max_batch_size, args.tile,
+                              args.max_batch_pixels)
     reference = reference_adapter(learner, threads, args.steps) if args.adapters else None
     loads.append(load())
     small = [png(c) for c in crops(256, args.requests)]
@@ -262,7 +272,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config())
         serve.run(build_app({"model": model, "tracking_uri": args.tracking_uri, "num_replicas": args.replicas,
                              "num_cpus": cpus_per_replica, "threads": threads, "tile": args.tile,
-                             "max_batch_size": args.max_batch_size,
+                             "max_batch_size": args.max_batch_size, "max_batch_pixels": args.max_batch_pixels,
                              "adapter_dir": str(Path(tmp.name) / "adapters")}),
                   name="bench", route_prefix="/", logging_config=logging_config())
         http_small, http_large = latencies(url, small), latencies(url, large)
@@ -280,7 +290,8 @@ def main() -> None:
     print(f"\nMachine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
           f"{torch.__version__}; model {model} ({sum(p.numel() for p in learner.model.parameters()):,} "
           f"parameters); {args.replicas} Restorer replica(s) x {cpus_per_replica:g} CPU x {threads} torch "
-          f"thread(s), max_batch_size {args.max_batch_size}, tile {args.tile}; load average (1/5/15 min) "
+          f"thread(s), max_batch_size {args.max_batch_size}, max_batch_pixels {args.max_batch_pixels}, tile "
+          f"{args.tile}; load average (1/5/15 min) "
           f"during the run: {', '.join(loads)}.\n")
     print("| measurement | p50 | p99 | throughput |")
     print("|---|---|---|---|")
@@ -295,6 +306,8 @@ def main() -> None:
               f"{p50([h - f for h, f in zip(http, served, strict=True)]):+.1f} ms | | |")
     print(f"| raw batched forward, {args.max_batch_size} x 256x256 in one pass | "
           f"{p50(forward['batch']):.1f} ms | | {raw_rate:.2f} images/s |")
+    print(f"| the same in passes of at most {args.max_batch_pixels} pixels (`max_batch_pixels`) | "
+          f"{p50(forward['chunked']):.1f} ms | | {1000 * args.max_batch_size / p50(forward['chunked']):.2f} images/s |")
     for clients, (rate, mean_batch) in rates.items():
         print(f"| `POST /v1/restore` 256x256, {clients} concurrent client(s) | | | {rate:.2f} images/s "
               f"({rate / raw_rate:.2f}x raw batched; mean batch {mean_batch:.1f}) |")

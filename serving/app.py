@@ -61,7 +61,11 @@ class AppArgs(BaseModel):
                                 "num_cpus, rounded, at least 1: more threads than reserved CPUs only contend).")
     compute_slots: int = Field(2, ge=1, description="Forward passes and adaptations a replica runs at once, "
                                "each on its own copy of the model (bounds their memory too).")
-    max_batch_size: int = Field(8, ge=1, description="Restore requests batched into one forward pass.")
+    max_batch_size: int = Field(8, ge=1, description="Restore requests batched together.")
+    max_batch_pixels: int | None = Field(65536, ge=1, description="Most pixels of one forward pass: a batch "
+                                         "runs in chunks of this size (on CPU small passes stay in the caches: "
+                                         "8 x 256x256 at once cost 2.5x more per image than one at a time). "
+                                         "None: the whole batch at once (a GPU wants large passes).")
     concurrent_batches: int = Field(1, ge=1, description="Batches a replica runs at once (each borrows one of "
                                     "the compute_slots). 1 with threads = the replica's CPUs is fastest on CPU.")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="Extra wait for a batch to fill when fewer than "
@@ -346,7 +350,8 @@ class Restorer:
         from metarestore.model.network import count_parameters
 
         self.cfg, self.store = cfg, store
-        torch.set_num_threads(cfg.threads or max(1, round(cfg.num_cpus)))
+        self.threads = cfg.threads or max(1, round(cfg.num_cpus))
+        torch.set_num_threads(self.threads)
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard agrees with ours
         self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri)
         self.pool = ModelPool(self.learner, cfg.compute_slots)  # self.learner itself never runs
@@ -532,9 +537,16 @@ class Restorer:
             y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
         return y, batch, pre_s + forward_s
 
+    def _torch_threads(self) -> None:
+        """torch's intra-op thread count is per OS thread: the worker threads that run forward passes start
+        with torch's default (OMP_NUM_THREADS, else every core), not the count set in ``__init__``."""
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
     def _pre_step(self, adapter, x: torch.Tensor) -> torch.Tensor:
         from metarestore.inference import restore_image
 
+        self._torch_threads()
         with self.pool.borrow() as learner:  # hqs restores with the model: this thread's own copy
             return restore_image(_PreStep(adapter, learner), x, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
 
@@ -600,6 +612,7 @@ class Restorer:
         Each gets (its image, the size of its pass, the seconds of its pass)."""
         from metarestore.inference import restore_image
 
+        self._torch_threads()
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             h, w = job.x.shape[-2:]
@@ -612,7 +625,7 @@ class Restorer:
             with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
                 start = time.perf_counter()
                 out = restore_image(learner, batch, first.params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap,
-                                    kind=first.kind)
+                                    kind=first.kind, max_batch_pixels=self.cfg.max_batch_pixels)
                 seconds = time.perf_counter() - start
             for j, i in enumerate(members):
                 results[i] = (out[j:j + 1], len(members), seconds)
