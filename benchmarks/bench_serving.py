@@ -238,6 +238,8 @@ def main() -> None:
                         "cpus / replicas); also used for the in-process forward figures.")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--tile", type=int, default=AppArgs.model_fields["tile"].default)
+    parser.add_argument("--niceness", type=lambda v: None if v == "ray" else int(v),
+                        default=AppArgs.model_fields["niceness"].default, help="Of the replicas ('ray': Ray's 15).")
     parser.add_argument("--max-batch-pixels", type=int, default=AppArgs.model_fields["max_batch_pixels"].default)
     args = parser.parse_args()
 
@@ -273,6 +275,7 @@ def main() -> None:
         serve.run(build_app({"model": model, "tracking_uri": args.tracking_uri, "num_replicas": args.replicas,
                              "num_cpus": cpus_per_replica, "threads": threads, "tile": args.tile,
                              "max_batch_size": args.max_batch_size, "max_batch_pixels": args.max_batch_pixels,
+                             "niceness": args.niceness,
                              "adapter_dir": str(Path(tmp.name) / "adapters")}),
                   name="bench", route_prefix="/", logging_config=logging_config())
         http_small, http_large = latencies(url, small), latencies(url, large)
@@ -290,7 +293,7 @@ def main() -> None:
     print(f"\nMachine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
           f"{torch.__version__}; model {model} ({sum(p.numel() for p in learner.model.parameters()):,} "
           f"parameters); {args.replicas} Restorer replica(s) x {cpus_per_replica:g} CPU x {threads} torch "
-          f"thread(s), max_batch_size {args.max_batch_size}, max_batch_pixels {args.max_batch_pixels}, tile "
+          f"thread(s) at nice {15 if args.niceness is None else args.niceness}, max_batch_size {args.max_batch_size}, max_batch_pixels {args.max_batch_pixels}, tile "
           f"{args.tile}; load average (1/5/15 min) "
           f"during the run: {', '.join(loads)}.\n")
     print("| measurement | p50 | p99 | throughput |")
