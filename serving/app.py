@@ -65,7 +65,7 @@ class AppArgs(BaseModel):
     compute_slots: int = Field(2, ge=1, description="Forward passes and adaptations a replica runs at once, "
                                "each on its own copy of the model (bounds their memory too).")
     max_batch_size: int = Field(8, ge=1, description="Restore requests batched together.")
-    max_batch_pixels: int | None = Field(65536, ge=1, description="Most pixels of one forward pass: a batch "
+    max_batch_pixels: int | None = Field(131072, ge=1, description="Most pixels of one forward pass: a batch "
                                          "runs in chunks of this size (on CPU small passes stay in the caches: "
                                          "8 x 256x256 at once cost 2.5x more per image than one at a time). "
                                          "None: the whole batch at once (a GPU wants large passes).")
