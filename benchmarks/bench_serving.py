@@ -80,18 +80,24 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255
 
 
-def forward_figures(learner, threads: int, repeats: int, batch: int, tile: int) -> dict:
-    """The model alone, in this process: one image of each size (tiled as the server tiles), and a batch."""
+def forward_figures(learner, threads: int, repeats: int, large_repeats: int, batch: int, tile: int,
+                    max_batch_pixels: int | None) -> dict:
+    """The model alone, in this process: one image of each size (tiled as the server tiles), and a batch.
+    Run as the replica runs it: in a worker thread, with ``threads`` torch threads set in that thread."""
     from metarestore.inference import restore_image
 
-    torch.set_num_threads(threads)
     small, large = as_tensor(crops(256, 1)[0]), as_tensor(big_image(1024))
     batched = torch.cat([small] * batch)
-    return {
-        "256": timed(lambda: restore_image(learner, small, tile=tile), repeats),
-        "1024": timed(lambda: restore_image(learner, large, tile=tile), max(3, repeats // 10)),
-        "batch": timed(lambda: restore_image(learner, batched, tile=tile), max(3, repeats // batch)),
-    }
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as worker:
+        def run(x, **kw):
+            return lambda: worker.submit(restore_image, learner, x, tile=tile, **kw).result()
+
+        return {
+            "256": timed(run(small), repeats),
+            "1024": timed(run(large), max(1, large_repeats), warmup=1),
+            "batch": timed(run(batched), max(3, repeats // batch)),
+            "chunked": timed(run(batched, max_batch_pixels=max_batch_pixels), max(3, repeats // batch)),
+        }
 
 
 def big_image(size: int) -> np.ndarray:
@@ -108,15 +114,28 @@ def post_restore(session: requests.Session, url: str, body: bytes, adapter: str 
     return response
 
 
-def latencies(url: str, bodies: list[bytes]) -> list[float]:
+def server_timing(header: str) -> dict[str, float]:
+    """``Server-Timing: read;dur=0.3, decode;dur=2.1, ...`` as {name: ms}."""
+    parts = {}
+    for metric in header.split(","):
+        name, *params = (p.strip() for p in metric.split(";"))
+        durations = [float(p[4:]) for p in params if p.startswith("dur=")]
+        if name and durations:
+            parts[name] = durations[0]
+    return parts
+
+
+def latencies(url: str, bodies: list[bytes]) -> tuple[list[float], list[dict[str, float]]]:
+    """Client latencies (ms) of one request at a time, and each answer's Server-Timing parts."""
     session = requests.Session()
     post_restore(session, url, bodies[0])
-    times = []
+    times, parts = [], []
     for body in bodies:
         start = time.perf_counter()
-        post_restore(session, url, body)
+        response = post_restore(session, url, body)
         times.append((time.perf_counter() - start) * 1000)
-    return times
+        parts.append(server_timing(response.headers.get("Server-Timing", "")))
+    return times, parts
 
 
 def throughput(url: str, bodies: list[bytes], clients: int) -> tuple[float, float]:
@@ -202,12 +221,15 @@ def load() -> str:
 
 
 def main() -> None:
+    from serving.app import AppArgs
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Model URI or checkpoint directory (default: train the smoke config).")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ and runs:/ URIs.")
     parser.add_argument("--requests", type=int, default=100, help="Requests per 256x256 latency/throughput row.")
     parser.add_argument("--large-requests", type=int, default=20, help="Requests for the 1024x1024 row.")
-    parser.add_argument("--adapters", type=int, default=5, help="Adapters created for the adapter timing.")
+    parser.add_argument("--adapters", type=int, default=5, help="Adapters created for the adapter timing "
+                        "(0: skip the adapter rows).")
     parser.add_argument("--steps", type=int, default=10, help="Adaptation steps per adapter.")
     parser.add_argument("--replicas", type=int, default=1, help="Restorer replicas.")
     parser.add_argument("--cpus", type=float, default=2.0, help="CPUs of the local Ray (and of the machine "
@@ -215,7 +237,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per replica (default: its CPUs, "
                         "cpus / replicas); also used for the in-process forward figures.")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--tile", type=int, default=AppArgs.model_fields["tile"].default)
+    parser.add_argument("--niceness", type=lambda v: None if v == "ray" else int(v),
+                        default=AppArgs.model_fields["niceness"].default, help="Of the replicas ('ray': Ray's 15).")
+    parser.add_argument("--max-batch-pixels", type=int, default=AppArgs.model_fields["max_batch_pixels"].default)
     args = parser.parse_args()
 
     import ray
@@ -224,7 +249,7 @@ def main() -> None:
     from cluster.ray_runtime import init_ray
     from metarestore.hub import load_model, portable_uri
     from metarestore.tracking import resolve_uri
-    from serving.app import build_app
+    from serving.app import build_app, logging_config
 
     cpus_per_replica = args.cpus / args.replicas
     threads = args.threads or max(1, round(cpus_per_replica))
@@ -235,26 +260,28 @@ def main() -> None:
         args.tracking_uri = resolve_uri(args.tracking_uri)
     learner, _, _ = load_model(model, args.tracking_uri)
     loads = [load()]
-    forward = forward_figures(learner, threads, args.requests, args.max_batch_size, args.tile)
-    reference = reference_adapter(learner, threads, args.steps)
+    forward = forward_figures(learner, threads, args.requests, args.large_requests, args.max_batch_size, args.tile,
+                              args.max_batch_pixels)
+    reference = reference_adapter(learner, threads, args.steps) if args.adapters else None
     loads.append(load())
     small = [png(c) for c in crops(256, args.requests)]
-    large = [png(big_image(1024))] * args.large_requests
+    large = [png(big_image(1024))] * max(1, args.large_requests)
 
     init_ray(num_cpus=int(args.cpus))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config())
         serve.run(build_app({"model": model, "tracking_uri": args.tracking_uri, "num_replicas": args.replicas,
                              "num_cpus": cpus_per_replica, "threads": threads, "tile": args.tile,
-                             "max_batch_size": args.max_batch_size,
+                             "max_batch_size": args.max_batch_size, "max_batch_pixels": args.max_batch_pixels,
+                             "niceness": args.niceness,
                              "adapter_dir": str(Path(tmp.name) / "adapters")}),
-                  name="bench", route_prefix="/")
+                  name="bench", route_prefix="/", logging_config=logging_config())
         http_small, http_large = latencies(url, small), latencies(url, large)
         loads.append(load())
         rates = {clients: throughput(url, small, clients) for clients in (1, 4, 8)}
-        adapters = adapter_figures(url, args.adapters, args.steps)
+        adapters = adapter_figures(url, args.adapters, args.steps) if args.adapters else None
         loads.append(load())
     finally:
         serve.shutdown()
@@ -266,30 +293,47 @@ def main() -> None:
     print(f"\nMachine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch "
           f"{torch.__version__}; model {model} ({sum(p.numel() for p in learner.model.parameters()):,} "
           f"parameters); {args.replicas} Restorer replica(s) x {cpus_per_replica:g} CPU x {threads} torch "
-          f"thread(s), max_batch_size {args.max_batch_size}, tile {args.tile}; load average (1/5/15 min) "
+          f"thread(s) at nice {15 if args.niceness is None else args.niceness}, max_batch_size {args.max_batch_size}, max_batch_pixels {args.max_batch_pixels}, tile "
+          f"{args.tile}; load average (1/5/15 min) "
           f"during the run: {', '.join(loads)}.\n")
     print("| measurement | p50 | p99 | throughput |")
     print("|---|---|---|---|")
-    for size, fwd, http in (("256x256", forward["256"], http_small), ("1024x1024", forward["1024"], http_large)):
+    for size, fwd, (http, parts) in (("256x256", forward["256"], http_small), ("1024x1024", forward["1024"], http_large)):
+        served = [p["forward"] for p in parts]
         print(f"| model forward alone, {size} (`restore_image`, in process) | {p50(fwd):.1f} ms | {p99(fwd):.1f} ms "
               f"| {1000 / statistics.median(fwd):.2f} images/s |")
+        print(f"| the same forward inside the replica (Server-Timing `forward`) | {p50(served):.1f} ms | "
+              f"{p99(served):.1f} ms | |")
         print(f"| `POST /v1/restore`, {size}, 1 client | {p50(http):.1f} ms | {p99(http):.1f} ms | |")
-        print(f"| overhead of the request path, {size} (HTTP p50 - forward p50) | {p50(http) - p50(fwd):+.1f} ms "
-              f"| | |")
+        print(f"| overhead of the request path, {size} (HTTP - the replica's forward, per request) | "
+              f"{p50([h - f for h, f in zip(http, served, strict=True)]):+.1f} ms | | |")
     print(f"| raw batched forward, {args.max_batch_size} x 256x256 in one pass | "
           f"{p50(forward['batch']):.1f} ms | | {raw_rate:.2f} images/s |")
+    print(f"| the same in passes of at most {args.max_batch_pixels} pixels (`max_batch_pixels`) | "
+          f"{p50(forward['chunked']):.1f} ms | | {1000 * args.max_batch_size / p50(forward['chunked']):.2f} images/s |")
     for clients, (rate, mean_batch) in rates.items():
         print(f"| `POST /v1/restore` 256x256, {clients} concurrent client(s) | | | {rate:.2f} images/s "
               f"({rate / raw_rate:.2f}x raw batched; mean batch {mean_batch:.1f}) |")
-    print(f"| adapter creation, 5 x 128x128, {args.steps} steps (client) | {p50(adapters['client']):.0f} ms | "
-          f"{p99(adapters['client']):.0f} ms | |")
-    print(f"| the same, server-side `elapsed_ms` (steps kept: {statistics.median(adapters['steps_used']):g}) | "
-          f"{p50(adapters['server']):.0f} ms | {p99(adapters['server']):.0f} ms | |")
-    print(f"| previous path: whole-image `learner.adapt`, {args.steps} steps + 2 restorations (in process) | "
-          f"{p50(reference['times']):.0f} ms | | |")
-    print(f"\nPSNR gained by the adapter on 8 held-out 128x128 crops of the same colour cast: "
-          f"**{adapters['gain_held_out']:+.2f} dB** through the server (reported on its evaluation patches: "
-          f"{adapters['gain_server']:+.2f} dB); the previous whole-image path: {reference['gain_held_out']:+.2f} dB.")
+    if adapters is not None and reference is not None:
+        print(f"| adapter creation, 5 x 128x128, {args.steps} steps (client) | {p50(adapters['client']):.0f} ms | "
+              f"{p99(adapters['client']):.0f} ms | |")
+        print(f"| the same, server-side `elapsed_ms` (steps kept: {statistics.median(adapters['steps_used']):g}) | "
+              f"{p50(adapters['server']):.0f} ms | {p99(adapters['server']):.0f} ms | |")
+        print(f"| previous path: whole-image `learner.adapt`, {args.steps} steps + 2 restorations (in process) | "
+              f"{p50(reference['times']):.0f} ms | | |")
+    print("\nWhere a request's time goes, 1 client (p50 of each part, ms; Server-Timing from the replica; the hop "
+          "is the client's latency less the replica's total: the proxy, the network and the client's own work):\n")
+    names = ["read", "decode", "queue", "forward", "encode", "total"]
+    print("| image | " + " | ".join(names) + " | client | hop |")
+    print("|---|" + "---|" * (len(names) + 2))
+    for size, (http, parts) in (("256x256", http_small), ("1024x1024", http_large)):
+        hop = [h - p["total"] for h, p in zip(http, parts, strict=True)]
+        cells = [f"{p50([p.get(n, 0.0) for p in parts]):.1f}" for n in names]
+        print(f"| {size} | " + " | ".join(cells) + f" | {p50(http):.1f} | {p50(hop):.1f} |")
+    if adapters is not None and reference is not None:
+        print(f"\nPSNR gained by the adapter on 8 held-out 128x128 crops of the same colour cast: "
+              f"**{adapters['gain_held_out']:+.2f} dB** through the server (reported on its evaluation patches: "
+              f"{adapters['gain_server']:+.2f} dB); the previous whole-image path: {reference['gain_held_out']:+.2f} dB.")
 
 
 if __name__ == "__main__":

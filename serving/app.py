@@ -59,9 +59,16 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: its "
                                 "num_cpus, rounded, at least 1: more threads than reserved CPUs only contend).")
+    niceness: int | None = Field(0, ge=0, le=19, description="Scheduling niceness of the Restorer replicas. "
+                                 "Ray starts its workers at 15, below anything else on the machine (a training "
+                                 "job at nice 10 takes 3x a replica's share of a shared core); None: Ray's.")
     compute_slots: int = Field(2, ge=1, description="Forward passes and adaptations a replica runs at once, "
                                "each on its own copy of the model (bounds their memory too).")
-    max_batch_size: int = Field(8, ge=1, description="Restore requests batched into one forward pass.")
+    max_batch_size: int = Field(8, ge=1, description="Restore requests batched together.")
+    max_batch_pixels: int | None = Field(131072, ge=1, description="Most pixels of one forward pass: a batch "
+                                         "runs in chunks of this size (on CPU small passes stay in the caches: "
+                                         "8 x 256x256 at once cost 2.5x more per image than one at a time). "
+                                         "None: the whole batch at once (a GPU wants large passes).")
     concurrent_batches: int = Field(1, ge=1, description="Batches a replica runs at once (each borrows one of "
                                     "the compute_slots). 1 with threads = the replica's CPUs is fastest on CPU.")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="Extra wait for a batch to fill when fewer than "
@@ -69,7 +76,8 @@ class AppArgs(BaseModel):
                                         "form anyway from the requests that queued during the previous pass).")
     png_level: int = Field(0, ge=0, le=9, description="zlib level of the PNG answers: 0 is 2.5x faster to "
                            "encode than 1 for about 15% more bytes; raise it for slow networks.")
-    tile: int = Field(512, ge=64, description="Images larger than this go through in overlapping tiles.")
+    tile: int = Field(256, ge=64, description="Images larger than this go through in overlapping tiles: 256 is "
+                      "the fastest on CPU (activations stay in cache); larger on a GPU.")
     tile_overlap: int = Field(32, ge=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="Largest image accepted (pixels).")
     max_body_mb: float = Field(DEFAULT_MAX_BODY_MB, gt=0, description="Largest request body (MiB).")
@@ -222,6 +230,27 @@ class _Job:
     kind: str | None = None  # the adapter kind of ``params`` (film, lora, ...)
 
 
+class _Timing:
+    """Where a request's time went, as a ``Server-Timing`` header (durations in ms, in the order measured)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.parts: list[tuple[str, float]] = []
+
+    def add(self, name: str, seconds: float) -> None:
+        self.parts.append((name, seconds))
+
+    def mark(self, name: str, minus: float = 0.0) -> None:
+        """``name`` took the time since the previous mark, less ``minus`` seconds (reported separately)."""
+        now = time.perf_counter()
+        self.add(name, max(0.0, now - self.last - minus))
+        self.last = now
+
+    def header(self) -> str:
+        parts = self.parts + [("total", time.perf_counter() - self.start)]
+        return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in parts)
+
+
 def _form_file_body(*fields: str) -> dict:
     """OpenAPI request body for routes that parse their multipart form themselves (to bound its size)."""
     props = {f: {"type": "array", "items": {"type": "string", "format": "binary"}} for f in fields}
@@ -325,7 +354,8 @@ class Restorer:
         from metarestore.model.network import count_parameters
 
         self.cfg, self.store = cfg, store
-        torch.set_num_threads(cfg.threads or max(1, round(cfg.num_cpus)))
+        self.threads = cfg.threads or max(1, round(cfg.num_cpus))
+        torch.set_num_threads(self.threads)
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard agrees with ours
         self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri)
         self.pool = ModelPool(self.learner, cfg.compute_slots)  # self.learner itself never runs
@@ -393,8 +423,13 @@ class Restorer:
     @app.post("/v1/restore", response_class=Response, openapi_extra=_RESTORE_BODY,
               responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size."}})
     async def restore(self, request: Request, adapter: str | None = None) -> Response:
-        """Restore one PNG/JPEG (raw body with Content-Type image/png|jpeg, or multipart field ``image``)."""
+        """Restore one PNG/JPEG (raw body with Content-Type image/png|jpeg, or multipart field ``image``).
+
+        The answer's ``Server-Timing`` header says where the replica's time went (ms): reading the body,
+        the adapter lookup, decoding, waiting for the model (queue), the forward pass, encoding, total."""
+        timing = _Timing()
         body = await self._body(request)
+        timing.mark("read")
         kind = media_type(request)
         if kind == MULTIPART:
             form = await parse_form(request, body, max_files=1)
@@ -407,14 +442,21 @@ class Restorer:
         else:
             raise ApiError(415, "unsupported_media_type", f"Content-Type {kind or '(none)'} is not accepted: send "
                            "image/png or image/jpeg bytes, or multipart/form-data with a file field 'image'")
-        found = await self._adapter(adapter) if adapter else None
+        if adapter:
+            found = await self._adapter(adapter)
+            timing.mark("adapter")
         x, grey = await asyncio.to_thread(decode_image, data, self.cfg.max_pixels, "image", self.cfg.max_aspect)
-        if found is None:
-            y, batch = await self.batcher.submit(_Job(x, None, None))
+        timing.mark("decode")
+        if adapter:
+            y, batch, forward_s = await self._restore_adapted(adapter, found, x)
         else:
-            y, batch = await self._restore_adapted(adapter, found, x)
+            y, batch, forward_s = await self.batcher.submit(_Job(x, None, None))
+        timing.mark("queue", minus=forward_s)
+        timing.add("forward", forward_s)
         png = await asyncio.to_thread(encode_png, y, grey, self.cfg.png_level)
-        return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch)})
+        timing.mark("encode")
+        return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch),
+                                                              "Server-Timing": timing.header()})
 
     @app.post("/v1/adapters", response_model=AdapterInfo, openapi_extra=_ADAPTER_BODY)
     async def create_adapter(self, request: Request) -> JSONResponse:
@@ -480,22 +522,35 @@ class Restorer:
                            "create it again")
         return await asyncio.to_thread(read_adapter, data, self.learner, adapter_id)
 
-    async def _restore_adapted(self, adapter_id: str, adapter, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    async def _restore_adapted(self, adapter_id: str, adapter, x: torch.Tensor) -> tuple[torch.Tensor, int, float]:
         """``Adapter.restore`` in two parts: the operator pre-step (if the path has one) on this request
         alone, in tiles, then the restorer (the model with the adapter's FiLM/LoRA state, or as it is) in the
         batched forward pass with the other requests of the same size and adapter. Adapters without a
-        pre-step go straight to the batch; classical paths (wiener, rl: no restorer) are answered unbatched."""
+        pre-step go straight to the batch; classical paths (wiener, rl: no restorer) are answered unbatched.
+        Returns (image, batch size, compute seconds: the pre-step's and the forward pass's)."""
+        pre_s = 0.0
         if adapter.path.pre != "none":
+            start = time.perf_counter()
             x = await asyncio.to_thread(self._pre_step, adapter, x)
+            pre_s = time.perf_counter() - start
         if adapter.path.restorer == "none":
-            return x.clamp(0, 1), 1
+            return x.clamp(0, 1), 1, pre_s
         if not adapter.path.adapted:
-            return await self.batcher.submit(_Job(x, adapter_id, None))
-        return await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
+            y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, None))
+        else:
+            y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
+        return y, batch, pre_s + forward_s
+
+    def _torch_threads(self) -> None:
+        """torch's intra-op thread count is per OS thread: the worker threads that run forward passes start
+        with torch's default (OMP_NUM_THREADS, else every core), not the count set in ``__init__``."""
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
     def _pre_step(self, adapter, x: torch.Tensor) -> torch.Tensor:
         from metarestore.inference import restore_image
 
+        self._torch_threads()
         with self.pool.borrow() as learner:  # hqs restores with the model: this thread's own copy
             return restore_image(_PreStep(adapter, learner), x, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
 
@@ -556,25 +611,36 @@ class Restorer:
                 "model_version": self.version, "model_sha256": self.model_sha256}
         return {k: (_db(v) if k.startswith("psnr") and v is not None else _finite(v)) for k, v in info.items()}, data
 
-    def _run_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int]]:
-        """Requests that queued together; same-size ones (and the same adapter) share a forward pass."""
+    def _run_batch(self, jobs: list[_Job]) -> list[tuple[torch.Tensor, int, float]]:
+        """Requests that queued together; same-size ones (and the same adapter) share a forward pass.
+        Each gets (its image, the size of its pass, the seconds of its pass)."""
         from metarestore.inference import restore_image
 
+        self._torch_threads()
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             h, w = job.x.shape[-2:]
             alone = i if max(h, w) > self.cfg.tile else -1  # tiled images go one by one: bounded memory
             groups.setdefault((h, w, job.adapter, alone), []).append(i)
-        results: list[tuple[torch.Tensor, int]] = [None] * len(jobs)  # type: ignore[list-item]
+        results: list[tuple[torch.Tensor, int, float]] = [None] * len(jobs)  # type: ignore[list-item]
         for members in groups.values():
             first = jobs[members[0]]
             batch = torch.cat([jobs[i].x for i in members])
             with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
+                start = time.perf_counter()
                 out = restore_image(learner, batch, first.params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap,
-                                    kind=first.kind)
+                                    kind=first.kind, max_batch_pixels=self.cfg.max_batch_pixels)
+                seconds = time.perf_counter() - start
             for j, i in enumerate(members):
-                results[i] = (out[j:j + 1], len(members))
+                results[i] = (out[j:j + 1], len(members), seconds)
         return results
+
+
+def logging_config(access_log: bool = False) -> dict:
+    """Serve's ``logging_config`` for ``serve.start`` (the proxy) and ``serve.run`` (the replicas). Without
+    access logs a request writes no line (Serve's default is one INFO line per request and per call between
+    deployments, in the console and in Ray's log directory); warnings and errors are still shown and kept."""
+    return {"enable_access_log": access_log}
 
 
 def build_app(args: dict) -> serve.Application:
@@ -582,8 +648,10 @@ def build_app(args: dict) -> serve.Application:
     cfg = args if isinstance(args, AppArgs) else AppArgs(**args)
     store = AdapterStoreDeployment.bind(cfg.adapter_ttl_s, int(cfg.adapter_max_mb * 2**20),
                                         cfg.adapter_dir or default_adapter_dir())
-    options: dict = {"ray_actor_options": {"num_cpus": cfg.num_cpus},
-                     "max_ongoing_requests": cfg.max_ongoing_requests}
+    actor: dict = {"num_cpus": cfg.num_cpus}
+    if cfg.niceness is not None:  # read by the worker Ray starts for the replica
+        actor["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(cfg.niceness)}}
+    options: dict = {"ray_actor_options": actor, "max_ongoing_requests": cfg.max_ongoing_requests}
     if cfg.num_replicas is not None:
         options["num_replicas"] = cfg.num_replicas
     return Restorer.options(**options).bind(cfg, store)

@@ -98,6 +98,9 @@ def serve_command(
                                                 "start a local Ray in this process.")] = None,
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: "
                                                      "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log one line per request (Ray Serve's access "
+                                             "log, in the console and Ray's log directory); off by default: "
+                                             "warnings and errors are shown either way.")] = False,
 ) -> None:
     """Serve the restorer over HTTP with Ray Serve until Ctrl-C (API docs at /docs)."""
     import signal
@@ -121,7 +124,7 @@ def serve_command(
     _, _, ref = load_model(model, tracking)
     _free(host, port)
 
-    from serving.app import AppArgs, build_app
+    from serving.app import AppArgs, build_app, logging_config
 
     if adapter_dir is not None and "://" not in adapter_dir:
         adapter_dir = str(Path(adapter_dir).expanduser().resolve())  # replicas run in another directory
@@ -153,9 +156,10 @@ def serve_command(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        logs = logging_config(access_log)
+        serve.start(http_options={"host": host, "port": port}, logging_config=logs)
         try:
-            serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+            serve.run(build_app(args), name=APP_NAME, route_prefix="/", logging_config=logs)
         except RuntimeError as exc:  # a replica could not start: its exception is the end of Serve's message
             raise UserError(f"the application did not start: {_failure(serve, exc)}") from None
         what = f"{ref.name} version {ref.version}" if ref.version else str(ref.path)

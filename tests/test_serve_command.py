@@ -60,7 +60,9 @@ def test_serve_command_serves_and_stops_on_sigterm(ray_local, smoke_model, tmp_p
         assert f"at http://127.0.0.1:{port}" in text
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-        assert "shutting down" in log.read_text()
+        text = log.read_text()
+        assert "shutting down" in text
+        assert "POST /v1/restore" not in text and "CALL " not in text, text[-3000:]  # no access log by default
     finally:
         stop_process_group(proc)
     with pytest.raises(requests.RequestException):

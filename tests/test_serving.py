@@ -164,6 +164,29 @@ def test_restore_improves_a_noisy_photo(server):
     assert as_form.status_code == 200 and as_form.content == response.content  # same model, same bytes
 
 
+def server_timing(response: requests.Response) -> dict[str, float]:
+    """The ``Server-Timing`` header (RFC-style ``name;dur=ms`` metrics, comma-separated) as {name: ms}."""
+    parts = {}
+    for metric in response.headers["Server-Timing"].split(","):
+        name, *params = (p.strip() for p in metric.split(";"))
+        (duration,) = (float(p.removeprefix("dur=")) for p in params if p.startswith("dur="))
+        parts[name] = duration
+    return parts
+
+
+def test_restore_reports_where_its_time_went(server, cast_adapter):
+    x = degrade("gaussian_noise", photo("rocket", 0, 0, 160), 0.5, seed=3)
+    for adapter in (None, cast_adapter.json()["adapter_id"]):
+        response = restore(server.url, x, adapter=adapter)
+        assert response.status_code == 200, response.text
+        parts = server_timing(response)
+        steps = ["read", "decode", "queue", "forward", "encode"]
+        assert list(parts) == ["read"] + (["adapter"] if adapter else []) + steps[1:] + ["total"], parts
+        assert all(v >= 0 for v in parts.values()) and parts["forward"] > 0, parts
+        # the parts are consecutive slices of the replica's handling: they add up to its total (0.1 ms rounding)
+        assert sum(v for k, v in parts.items() if k != "total") <= parts["total"] + 0.1 * len(parts), parts
+
+
 def test_large_image_goes_through_tiles(server):
     from metarestore.hub import load_learner
     from metarestore.inference import restore_image
