@@ -22,7 +22,6 @@ import time
 import numpy as np
 import skimage.data
 import torch
-
 from bench_serving import as_tensor, cast_pairs
 
 BLUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")

@@ -18,8 +18,8 @@ from metarestore.operators import (
     fit_tone,
 )
 from metarestore.operators.adapter import psnr
-from metarestore.operators.paths import Path
 from metarestore.operators.fourier import convolve
+from metarestore.operators.paths import Path
 
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel")
 
