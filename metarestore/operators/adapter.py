@@ -11,7 +11,10 @@ along its longer side and each half is scored with what was fitted on the other;
 be too small (< 32 px), nothing can be validated and the adapter falls back to zero-shot (the base model
 is never made worse unseen). Paths without gradient steps are scored first; an adapted path on an
 operator pre-step (``deconv@0.01+film``) is scored only if that pre-step alone beat zero-shot (its score
-is then reported as null). The chosen path is then refitted on all pairs.
+is then reported as null). The adapted candidates are validated best pre-step first, each with all its
+folds adapted at once on ``adapt()``'s task dimension, optionally with fewer steps than the final fit
+(``validation_steps``) and within a wall-clock budget (``budget_s``: a candidate that would pass it is
+skipped, never chosen). The chosen path is then refitted on all pairs.
 
 An adapter serialises to safetensors (tensors plus a JSON header, never a pickle).
 """
