@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import queue
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -124,12 +125,14 @@ def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
 
 def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *, kind: str = "auto",
                 paths: Iterable[str] | None = None, max_side: int = 128, max_pixels: int = 1_000_000,
-                steps: int = 10, max_folds: int = 3, patch: int | None = 64) -> Adapter:
+                steps: int = 10, max_folds: int = 3, patch: int | None = 64, validation_steps: int | None = None,
+                budget_s: float | None = None) -> Adapter:
     """``fit_adapter`` at a bounded cost, for servers: every pair is centre-cropped to at most ``max_side``
     and to at most ``max_pixels`` over all pairs (the fit's memory and time grow with the pixels it sees,
     and a kernel, tone curve or FiLM scale is the same everywhere in an image, so a centre crop tells as
     much as the whole); each gradient step of an adapted restorer sees one random ``patch``-px window
-    per pair.
+    per pair. ``validation_steps`` and ``budget_s``: ``fit_adapter``'s (fewer gradient steps per candidate
+    in validation than in the final fit; a wall-clock budget for validating the adapted candidates).
 
     ``kind="auto"``: the path is chosen among ``paths`` (default: the core's) by held-out validation.
     Any other kind is a path name that is used whatever its score; it is still validated against the
@@ -138,11 +141,13 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
     """
     from metarestore.operators.adapter import fit_adapter
 
+    start = time.perf_counter()
     k, _, h, w = support_x.shape
     side = max(16, min(max_side, math.isqrt(max(1, max_pixels // k))))
     fit_h, fit_w = min(h, side), min(w, side)
     x, y = center_crop(support_x, fit_h, fit_w), center_crop(support_y, fit_h, fit_w)
-    args = {"steps": steps, "max_folds": max_folds, "patch": patch}
+    args = {"steps": steps, "max_folds": max_folds, "patch": patch, "validation_steps": validation_steps,
+            "budget_s": budget_s}
     if kind == "auto":
         adapter = fit_adapter(learner, x, y, paths=paths, **args)
     elif kind == "zero_shot":
@@ -153,7 +158,9 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
             validated = adapter.info
             adapter = fit_adapter(learner, x, y, paths=[kind], **args)
             adapter.info.update({n: validated[n] for n in ("validation", "folds", "psnr_before", "psnr_zero_shot",
-                                                            "scores")})
+                                                            "scores", "skipped")})
+            adapter.info["validation_steps"] = (validation_steps or steps) if validated["scores"].get(kind) is not None else 0
             adapter.info["psnr_after"] = validated["scores"].get(kind)
-    adapter.info.update(kind=kind, fit_height=fit_h, fit_width=fit_w)
+    adapter.info.update(kind=kind, fit_height=fit_h, fit_width=fit_w,
+                        fit_ms=round((time.perf_counter() - start) * 1000, 1))
     return adapter

@@ -103,7 +103,13 @@ class AppArgs(BaseModel):
                             "is fitted (the fit's cost grows with the pixels; a blur kernel of up to 31 px needs "
                             "about 4x its size).")
     adapt_folds: int = Field(3, ge=1, description="Most leave-one-out folds that choose an adapter's path.")
-    adapt_patch: int = Field(64, ge=8, description="Each gradient step of an adapter fit sees one random window "
+    adapt_validation_steps: int = Field(3, ge=1, description="Gradient steps of each adapted candidate path in "
+                                        "kind=auto's validation (the chosen path is then fitted with the "
+                                        "request's steps): a few steps rank candidates at a fraction of the cost.")
+    adapt_budget_s: float | None = Field(None, gt=0, description="Wall-clock seconds for validating an adapter's "
+                                         "candidate paths: adapted candidates that would pass it are skipped "
+                                         "(never chosen, listed in the adapter's skipped). None: no budget.")
+    adapt_patch: int = Field(32, ge=8, description="Each gradient step of an adapter fit sees one random window "
                              "of this side per pair (an adapted FiLM/LoRA state acts alike everywhere in an "
                              "image, so windows give nearly the whole pairs' gradient at a fraction of the cost).")
     auto_paths: list[str] | None = Field(None, description="The candidate paths of kind=auto (names as "
@@ -142,7 +148,12 @@ class AdapterInfo(BaseModel):
     fit_height: int | None = Field(None, description="The pairs were centre-cropped to this size for the fit "
                                    "(adapt_side and the memory budget bound it).")
     fit_width: int | None = None
-    steps_used: int | None = Field(None, description="FiLM steps of the adapter (0: its path has no FiLM).")
+    steps_used: int | None = Field(None, description="Gradient steps of the adapter's final fit (0: its path "
+                                   "has no adapted restorer).")
+    validation_steps: int | None = Field(None, description="Gradient steps each adapted candidate took in "
+                                         "validation (0: the chosen path has none).")
+    skipped: list[str] = Field([], description="Adapted candidates not validated within adapt_budget_s (never "
+                               "chosen).")
     validation: str | None = Field(None, description="How the held-out figures were made: leave-one-out, "
                                    "split-halves (one pair), or none.")
     folds: int | None = Field(None, description="Held-out folds scored.")
@@ -597,12 +608,13 @@ class Restorer:
         with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
             adapter = fit_bounded(learner, support_x, support_y, kind=kind, paths=self.auto_paths,
                                   max_side=cfg.adapt_side, max_pixels=self.adapt_pixels, steps=steps,
-                                  patch=cfg.adapt_patch,
-                                  max_folds=cfg.adapt_folds)
+                                  patch=cfg.adapt_patch, max_folds=cfg.adapt_folds,
+                                  validation_steps=cfg.adapt_validation_steps, budget_s=cfg.adapt_budget_s)
             data = adapter.to_bytes()
         fit = adapter.info
         info = {"kind": kind, "path": adapter.path.name, "shots": len(support_x), "steps": steps,
-                "steps_used": fit.get("steps", 0), "height": support_x.shape[-2], "width": support_x.shape[-1],
+                "steps_used": fit.get("steps", 0), "validation_steps": fit.get("validation_steps"),
+                "skipped": fit.get("skipped", []), "height": support_x.shape[-2], "width": support_x.shape[-1],
                 "fit_height": fit["fit_height"], "fit_width": fit["fit_width"], "validation": fit.get("validation"),
                 "folds": fit.get("folds"), "psnr_input": fit.get("psnr_before"),
                 "psnr_before": fit.get("psnr_zero_shot"), "psnr_after": fit.get("psnr_after"),

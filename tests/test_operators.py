@@ -19,6 +19,7 @@ from metarestore.operators import (
 )
 from metarestore.operators.adapter import psnr
 from metarestore.operators.fourier import convolve
+from metarestore.operators.paths import Path
 
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel")
 
@@ -104,8 +105,9 @@ def test_deconvolution_with_the_network_beats_zero_shot_on_an_unseen_blur(learne
 
 
 def test_adapter_choice_never_scores_a_pair_it_fitted_on(learner, monkeypatch):
-    """Every operator fit and every FiLM adaptation is recorded with the fold it ran in: the fold's
-    held-out pair (identified by its pixels) is never among the images they were given."""
+    """Every operator fit and every FiLM adaptation (its folds batched on the task dimension) is recorded
+    with the fold it ran in: the fold's held-out pair (identified by its pixels) is never among the images
+    they were given."""
     import metarestore.operators.adapter as adapter_module
 
     clean = crops(48, 4)
@@ -115,7 +117,9 @@ def test_adapter_choice_never_scores_a_pair_it_fitted_on(learner, monkeypatch):
     real_fit, real_adapt = adapter_module.Operators.fit, learner.adapt
 
     def record(batch):
-        if batch.shape[0] < len(degraded):  # the final refit on all pairs is not a validation fold
+        if batch.dim() == 5:  # the adapted round: fold t of the round's folds on the task dimension
+            seen.extend((len(folds) - len(batch) + t, task) for t, task in enumerate(batch))
+        elif batch.shape[0] < len(degraded):  # the final refit on all pairs is not a validation fold
             seen.append((len(folds) - 1, batch))
 
     monkeypatch.setattr(adapter_module.Operators, "fit",
@@ -212,3 +216,52 @@ def test_paths_name_every_registered_adapter_kind():
         assert Path.parse(f"deconv@0.01+{kind}") == Path("deconv", 0.01, kind)
     with pytest.raises(ValueError, match="unknown adapter kind 'prompt'"):
         Path.parse("deconv@0.01+prompt")
+
+
+def test_batched_folds_equal_adapting_each_fold_alone(learner):
+    """``MetaLearner.adapt`` with a task dimension (the folds of one candidate at once) gives each task the
+    state that adapting it alone, with its own windows (seed + t), gives; and the batched validation
+    scores equal restoring each held-out pair with its fold's own state."""
+    from metarestore.operators.adapter import _folds, _validate_adapted
+    from metarestore.operators.paths import Operators
+
+    clean = crops(48, 4)
+    degraded = (clean * torch.tensor([1.0, 0.85, 0.7]).view(1, 3, 1, 1) + 0.04).clamp(0, 1)
+    folds, _ = _folds(degraded, clean, 3)
+    fit_x, fit_y = torch.stack([f[0] for f in folds]), torch.stack([f[1] for f in folds])
+    for kind in ("film", "lora"):
+        together = learner.adapt(fit_x, fit_y, steps=3, kind=kind, patch=32, seed=5)
+        for t in range(len(folds)):
+            alone = learner.adapt(fit_x[t], fit_y[t], steps=3, kind=kind, patch=32, seed=5 + t)
+            for name, value in alone.items():
+                torch.testing.assert_close(together[name][t], value, rtol=1e-4, atol=1e-6)
+    none = [Operators() for _ in folds]
+    scores = _validate_adapted(learner, Path(restorer="film"), folds, none, steps=3, patch=32)
+    for t, (fx, fy, hx, hy, _, _) in enumerate(folds):
+        alone = learner.adapt(fx, fy, steps=3, kind="film", patch=32, seed=t)
+        assert scores[t] == pytest.approx(psnr(learner.restore(hx, alone, kind="film"), hy), abs=1e-3)
+    assert len(set(scores)) == len(scores)  # three folds, three different held-out pairs
+
+
+def test_a_budget_never_yields_a_path_scored_on_fitted_pairs(learner):
+    """A spent budget skips the adapted candidates (null scores, listed as skipped): the choice stays among
+    the paths scored on held-out pairs; a budget never reached changes nothing."""
+    clean = crops(48, 4)
+    degraded = (clean * torch.tensor([1.0, 0.85, 0.7]).view(1, 3, 1, 1) + 0.04).clamp(0, 1)
+    paths = ["zero_shot", "tone", "film", "tone+film", "lora"]
+    folds = []
+    spent = fit_adapter(learner, degraded, clean, paths=paths, steps=2, budget_s=0.0,
+                        on_fold=lambda f, h: folds.append((f, h)))
+    info = spent.info
+    assert {"film", "lora"} <= set(info["skipped"]) <= {"film", "lora", "tone+film"}
+    assert all(info["scores"][p] is None for p in info["skipped"])
+    assert spent.path.name in ("zero_shot", "tone") and info["psnr_after"] == info["scores"][spent.path.name]
+    assert info["steps"] == 0 and spent.params is None
+    assert all(h not in f for f, h in folds)
+    free = fit_adapter(learner, degraded, clean, paths=paths, steps=2, validation_steps=1)
+    ample = fit_adapter(learner, degraded, clean, paths=paths, steps=2, validation_steps=1, budget_s=1e9)
+    assert free.info["skipped"] == ample.info["skipped"] == []
+    assert free.path == ample.path and free.info["scores"] == ample.info["scores"]
+    assert all(free.info["scores"][p] is not None for p in ("film", "lora"))
+    if free.path.adapted:
+        assert free.info["steps"] == 2 and free.info["validation_steps"] == 1

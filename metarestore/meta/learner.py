@@ -93,7 +93,11 @@ class MetaLearner(nn.Module):
         inner rates were (meta-)learned for uses that kind's own ``inner_lr``. With ``patch``, every step
         sees a fresh random ``patch``-px window of each pair (drawn from ``seed``) rather than the whole
         pairs: an adapted state acts the same everywhere in an image, so windows give nearly the same
-        gradient at a fraction of the cost, whatever the images' size."""
+        gradient at a fraction of the cost, whatever the images' size.
+
+        ``support_x`` of shape (T, K, C, H, W) adapts T independent tasks at once (one batched forward and
+        backward per step, ``adapt()``'s task dimension); the result carries a leading task dimension and
+        equals adapting each task alone with ``seed + t`` (task t's windows come from its own generator)."""
         own = kind_of(self.model)
         chosen = kind_of(self.model, kind)
         if chosen.name == own.name:
@@ -102,12 +106,19 @@ class MetaLearner(nn.Module):
             lrs = {"default": chosen.inner_lr}
         steps = self.inner_steps if steps is None else steps
         params = chosen.initial(self.model, detach=True)
+        tasks = support_x.shape[0] if support_x.dim() == 5 else None
+        if tasks is not None:
+            params = {n: p.detach().expand(tasks, *p.shape).clone().requires_grad_(True) for n, p in params.items()}
         if patch is None or max(support_x.shape[-2:]) <= patch:
             return adapt(self.model, support_x, support_y, steps=steps, lrs=lrs, params=params,
                          loss_fn=self.loss_fn, first_order=True, kind=chosen)
-        generator = torch.Generator().manual_seed(seed)
+        generators = [torch.Generator().manual_seed(seed + t) for t in range(tasks or 1)]
         for _ in range(steps):
-            x, y = random_crops(support_x, support_y, patch, generator)
+            if tasks is None:
+                x, y = random_crops(support_x, support_y, patch, generators[0])
+            else:
+                crops = [random_crops(support_x[t], support_y[t], patch, g) for t, g in enumerate(generators)]
+                x, y = torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])
             params = adapt(self.model, x, y, steps=1, lrs=lrs, params=params, loss_fn=self.loss_fn,
                            first_order=True, kind=chosen)
             params = {n: p.detach().requires_grad_(True) for n, p in params.items()}  # no graph across steps
