@@ -9,9 +9,10 @@ fitted on K-1 pairs and scored
 on the pair left out; at most ``max_folds`` folds); with K = 1, the single pair is cut into two halves
 along its longer side and each half is scored with what was fitted on the other; when the halves would
 be too small (< 32 px), nothing can be validated and the adapter falls back to zero-shot (the base model
-is never made worse unseen). Paths without gradient steps are scored first; an adapted path on an
-operator pre-step (``deconv@0.01+film``) is scored only if that pre-step alone beat zero-shot (its score
-is then reported as null). The adapted candidates are validated best pre-step first, each with all its
+is never made worse unseen). Paths without gradient steps are scored first, every fold's candidates in
+one batched forward pass; an adapted path on an operator pre-step (``deconv@0.01+film``), and ``hqs``
+(which refines ``deconv`` with the restorer), are scored only if that pre-step alone beat zero-shot
+(otherwise their score is reported as null). The adapted candidates are validated best pre-step first, each with all its
 folds adapted at once on ``adapt()``'s task dimension, optionally with fewer steps than the final fit
 (``validation_steps``) and within a wall-clock budget (``budget_s``: a candidate that would pass it is
 skipped, never chosen). The chosen path is then refitted on all pairs.
@@ -44,6 +45,7 @@ FORMAT = "metarestore-operator-adapter"
 VERSION = 1
 MIN_HALF = 32
 HELPS_DB = 0.1  # what a pre-step must gain over zero-shot, held out, before adapted paths build on it
+REFINES = {"hqs": "deconv"}  # pre-steps that refine another one: scored only where that one helps
 ADAPTER_FILE = "adapter.safetensors"
 INFO_FILE = "adapter.json"
 
@@ -227,10 +229,23 @@ def _folds(support_x, support_y, max_folds: int):
     return [(xs[0], ys[0], xs[1], ys[1], [0], 1), (xs[1], ys[1], xs[0], ys[0], [1], 0)], "split-halves"
 
 
-def _restore_plain(learner, path: Path, ops: Operators, held_x: torch.Tensor) -> torch.Tensor:
-    """Restore the held-out image with a path without gradient steps, its operator fitted on the others."""
-    pre = pre_step(path, ops, held_x, learner)
-    return pre if path.restorer == "none" else learner.restore(pre)
+def _plain_scores(learner, paths: list[Path], ops: Operators, held_x: torch.Tensor,
+                  held_y: torch.Tensor) -> dict[str, float]:
+    """Held-out PSNR of paths without gradient steps on one fold, their operators fitted on the other
+    pairs; the network restores every path's pre-stepped image in one batched forward pass."""
+    pres: dict[str, torch.Tensor] = {}
+    scores: dict[str, float] = {}
+    for path in paths:
+        try:
+            pres[path.name] = pre_step(path, ops, held_x, learner)
+        except (ValueError, RuntimeError, torch.linalg.LinAlgError):
+            scores[path.name] = float("-inf")
+    net = [p for p in paths if p.name in pres and p.restorer == "net"]
+    if net:
+        out = learner.restore(torch.cat([pres[p.name] for p in net]))
+        scores.update({p.name: psnr(out[i:i + 1], held_y) for i, p in enumerate(net)})
+    scores.update({p.name: psnr(pres[p.name], held_y) for p in paths if p.name in pres and p.restorer == "none"})
+    return scores
 
 
 def _validate_adapted(learner, path: Path, folds: list, fitted: list[Operators], steps: int,
@@ -247,16 +262,19 @@ def _validate_adapted(learner, path: Path, folds: list, fitted: list[Operators],
     return [psnr(out[n], f[3]) for n, f in enumerate(folds)]
 
 
-def _worth_adapting(path: Path, plain: list[Path], scores: dict[str, list[float]]) -> bool:
-    """An adapted path with an operator pre-step is validated only when some plain path with that
-    pre-step beat zero-shot on the held-out pairs: gradient steps polish an inversion that works, they do
-    not rescue one that does not (and each costs as much as all the plain paths together)."""
-    if path.pre == "none":
+def _pre_helps(pre: str, plain: list[Path], scores: dict[str, list[float]]) -> bool:
+    """Whether some plain path with pre-step ``pre`` beat zero-shot on the held-out pairs by ``HELPS_DB``.
+    Paths that build on a pre-step (``deconv@0.01+film``, and ``hqs``, which refines ``deconv`` with the
+    restorer) are scored only where it helps: they polish an inversion that works, they do not rescue one
+    that does not, and each costs as much as all the plain paths together."""
+    if pre == "none":
         return True
-    same = [sum(scores[p.name]) / len(scores[p.name]) for p in plain if p.pre == path.pre and scores[p.name]]
     zero = scores.get(Path().name)
-    if not same or not zero:
+    same = [sum(scores[p.name]) / len(scores[p.name]) for p in plain if p.pre == pre and scores[p.name]]
+    if not zero:
         return True  # nothing to compare with: validate it
+    if not same:  # its plain paths were skipped (they did not help) or are not candidates (validate it)
+        return not any(p.pre == pre for p in plain)
     return max(same) > sum(zero) / len(zero) + HELPS_DB
 
 
@@ -303,20 +321,25 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     before: list[float] = []
     plain = [p for p in candidates if not p.adapted]
     fitted: list[Operators] = []
-    # Round one: the paths without gradient steps (forward passes only), fold by fold.
+    # Round one: the paths without gradient steps (forward passes only), fold by fold; then those that
+    # refine another pre-step (hqs: deconv), only where that one helps (``_pre_helps``).
+    first = [p for p in plain if p.pre not in REFINES]
     for fit_x, fit_y, held_x, held_y, fit_idx, held_idx in folds:
         if on_fold is not None:
             on_fold(list(fit_idx), held_idx)
         fitted.append(Operators.fit(fit_y, fit_x, {p.operator for p in candidates if p.operator}))
         before.append(psnr(held_x, held_y))
-        for path in plain:
-            try:
-                scores[path.name].append(psnr(_restore_plain(learner, path, fitted[-1], held_x), held_y))
-            except (ValueError, RuntimeError, torch.linalg.LinAlgError):
-                scores[path.name].append(float("-inf"))
-    # Round two: the adapted paths, each only on a pre-step that helps by itself (``_worth_adapting``),
+        for name, score in _plain_scores(learner, first, fitted[-1], held_x, held_y).items():
+            scores[name].append(score)
+    refining = [p for p in plain if p.pre in REFINES and _pre_helps(REFINES[p.pre], first, scores)]
+    for n, (_, _, held_x, held_y, fit_idx, held_idx) in enumerate(folds if refining else []):
+        if on_fold is not None:
+            on_fold(list(fit_idx), held_idx)
+        for name, score in _plain_scores(learner, refining, fitted[n], held_x, held_y).items():
+            scores[name].append(score)
+    # Round two: the adapted paths, each only on a pre-step that helps by itself (``_pre_helps``),
     # best pre-step first, every candidate's folds in one batched adaptation, within the budget.
-    adapted = [p for p in candidates if p.adapted and _worth_adapting(p, plain, scores)] if folds else []
+    adapted = [p for p in candidates if p.adapted and _pre_helps(p.pre, plain, scores)] if folds else []
     adapted.sort(key=lambda p: -_base_score(p, plain, scores))  # stable: ties keep the candidates' order
     skipped: list[str] = []
     if adapted and on_fold is not None:
