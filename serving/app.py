@@ -142,7 +142,8 @@ class AdapterInfo(BaseModel):
     path: str = Field("film", description="The adaptation path used, e.g. film, deconv@0.01+film, hqs@0.01, "
                       "tone (metarestore.operators.paths).")
     shots: int
-    steps: int = Field(description="FiLM steps asked for (paths without FiLM take none).")
+    steps: int = Field(description="Gradient steps asked for the final fit of an adapted path (film, lora, ...; "
+                       "paths without gradient adaptation take none).")
     height: int
     width: int
     fit_height: int | None = Field(None, description="The pairs were centre-cropped to this size for the fit "

@@ -154,6 +154,23 @@ def test_adapted_paths_build_only_on_a_pre_step_that_helps(learner):
     assert adapter.path.name in ("deconv@0.01", "deconv@0.01+film")
 
 
+def test_hqs_is_scored_only_where_deconvolution_helps(learner):
+    """hqs refines a deconvolution with the restorer (four more forward passes): on a blur it is scored,
+    on a colour cast (where no deconvolution helps) it is not (null), and the scores of the paths that
+    were scored are those each path gets alone (the batched pass changes nothing)."""
+    clean = crops(64, 4)
+    paths = ["zero_shot", "deconv@0.01", "hqs@0.01", "tone"]
+    blur = fit_adapter(learner, blurred(clean, disc_kernel(3.0), 0.005), clean, paths=paths)
+    assert blur.info["scores"]["hqs@0.01"] is not None
+    cast = (clean * torch.tensor([1.0, 0.75, 0.55]).view(1, 3, 1, 1)).clamp(0, 1)
+    tinted = fit_adapter(learner, cast, clean, paths=paths)
+    assert tinted.info["scores"]["deconv@0.01"] <= tinted.info["scores"]["zero_shot"] + 0.1
+    assert tinted.info["scores"]["hqs@0.01"] is None and tinted.path.name != "hqs@0.01"
+    for name in ("zero_shot", "tone"):  # each alone (its own forward passes) against the batched pass
+        alone = fit_adapter(learner, cast, clean, paths=[name, "deconv@0.01"]).info["scores"][name]
+        assert alone == pytest.approx(tinted.info["scores"][name], abs=1e-3)
+
+
 def test_one_shot_validates_on_halves_or_falls_back_to_zero_shot(learner):
     clean = crops(64, 1)
     degraded = blurred(clean, motion_kernel(7, 60.0), 0.005)
