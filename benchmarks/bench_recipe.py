@@ -114,6 +114,7 @@ def main() -> None:
         cmd += ["--compare", str(args.out / n / "final")]
     subprocess.run(cmd, cwd=ROOT, check=True)
     frame = pd.read_csv(args.out / "eval" / "results.csv")
+    frame["method"] = frame["method"].replace({"model": names[0], "identity": "input"})  # --model's label
     table = frame.pivot_table(index="family", columns="method", values="psnr", aggfunc="mean")
     table.loc["mean"] = table.mean()
 
