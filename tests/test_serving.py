@@ -321,12 +321,16 @@ def test_adapter_works_on_the_other_replica(server, cast_adapter):
     adapter_id = cast_adapter.json()["adapter_id"]
     image = degrade("color_cast", quantised(photo("chelsea", 0, 0, 64)), 0.8, seed=0)
     seen = {}
-    for _ in range(60):  # the router picks replicas at random: 60 tries all on one replica is a failure
-        response = restore(server.url, image, adapter=adapter_id)
-        assert response.status_code == 200, response.text
-        seen.setdefault(response.headers["X-Replica"], response.content)
-        if len(seen) == 2 and creator in seen:
-            break
+    # Requests in concurrent rounds: Serve's router sends each to the less busy of two replicas, so
+    # sequential requests can all land on one replica when the other still works on an earlier test's
+    # request; concurrent ones spread over both. 20 rounds all on one replica is a failure.
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(20):
+            for response in pool.map(lambda _: restore(server.url, image, adapter=adapter_id), range(4)):
+                assert response.status_code == 200, response.text
+                seen.setdefault(response.headers["X-Replica"], response.content)
+            if len(seen) == 2 and creator in seen:
+                break
     assert len(seen) == 2 and creator in seen, seen.keys()
     first, second = seen.values()
     assert first == second  # both replicas apply the same adapter
