@@ -85,5 +85,5 @@ def test_a_cuda_model_restores_and_adapts_cpu_images_like_the_cpu_model():
     assert all(p.device.type == "cuda" for p in params.values())
     reference = cpu.adapt(x, y, steps=2)
     assert max((params[n].cpu() - reference[n]).abs().max().item() for n in reference) < 1e-4
-    adapter = fit_bounded(gpu, x, y, kind="film", steps=2, patch=None)
+    adapter = fit_bounded(gpu, x, y, kind="decoder", steps=2, patch=None)
     assert adapter.restore(x).device.type == "cpu"
