@@ -57,6 +57,9 @@ class AppArgs(BaseModel):
                                   "replicas instead (for serve deploy; keeps it out of the YAML).")
     num_replicas: int | None = Field(None, ge=1, description="Restorer replicas (default: the deployment's).")
     num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where the replica's model "
+                        "runs: auto (cuda when the replica sees a GPU: ray_actor_options num_gpus >= 1), cpu or "
+                        "cuda. Images are decoded and encoded on the CPU; forward passes and adaptation run here.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (default: its "
                                 "num_cpus, rounded, at least 1: more threads than reserved CPUs only contend).")
     niceness: int | None = Field(0, ge=0, le=19, description="Scheduling niceness of the Restorer replicas. "
@@ -126,6 +129,7 @@ class ModelInfo(BaseModel):
     name: str
     version: str
     source: str
+    device: str = Field("cpu", description="Where the replica's forward passes and adaptation run.")
     algorithm: str
     adapt: str
     families: dict[str, list[str]]
@@ -369,7 +373,10 @@ class Restorer:
         self.threads = cfg.threads or max(1, round(cfg.num_cpus))
         torch.set_num_threads(self.threads)
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard agrees with ours
-        self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri)
+        from metarestore.engine import resolve_device
+
+        self.device = resolve_device(cfg.device)
+        self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri, device=self.device)
         self.pool = ModelPool(self.learner, cfg.compute_slots)  # self.learner itself never runs
         self.version = str(self.ref.version) if self.ref.version else "local"
         self.model_sha256 = self.metadata.get("files", {}).get("model.safetensors", "")
@@ -424,6 +431,7 @@ class Restorer:
         meta, cfg = self.metadata, self.cfg
         return ModelInfo(
             name=self.ref.name or meta.get("name", "metarestore"), version=self.version, source=self.ref.uri,
+            device=str(self.device),
             algorithm=meta["algorithm"], adapt=meta.get("adapt", ""), families=meta.get("families", {}),
             inner_steps=self.learner.inner_steps, parameters=self.counts[0], adaptable_parameters=self.counts[1],
             limits={"max_pixels": cfg.max_pixels, "max_body_mb": cfg.max_body_mb, "max_shots": cfg.max_shots,
@@ -638,11 +646,11 @@ class Restorer:
         results: list[tuple[torch.Tensor, int, float]] = [None] * len(jobs)  # type: ignore[list-item]
         for members in groups.values():
             first = jobs[members[0]]
-            batch = torch.cat([jobs[i].x for i in members])
+            batch = torch.cat([jobs[i].x for i in members]).to(self.device)  # tiles blend on the model's device
             with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
                 start = time.perf_counter()
                 out = restore_image(learner, batch, first.params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap,
-                                    kind=first.kind, max_batch_pixels=self.cfg.max_batch_pixels)
+                                    kind=first.kind, max_batch_pixels=self.cfg.max_batch_pixels).cpu()
                 seconds = time.perf_counter() - start
             for j, i in enumerate(members):
                 results[i] = (out[j:j + 1], len(members), seconds)

@@ -57,3 +57,33 @@ def test_chunks_keep_an_adapted_state():
     assert not torch.allclose(expected, restore_image(learner, x, tile=None))  # the state matters here
     torch.testing.assert_close(restore_image(learner, x, params, tile=None, max_batch_pixels=16 * 16), expected,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_cpu_caller_gets_cpu_results_from_the_models_device():
+    """``restore`` and ``adapt`` take inputs on any device and run on the model's; restore answers on the
+    input's device. On CPU (here) it is the identity; the CUDA test below runs it across devices."""
+    learner = tiny_learner()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert learner.device.type == "cpu"
+    params = learner.adapt(x, x.flip(-1), steps=1)
+    assert restore_image(learner, x, params, tile=None).device == x.device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_model_restores_and_adapts_cpu_images_like_the_cpu_model():
+    from metarestore.inference import fit_bounded
+
+    cpu = tiny_learner()
+    gpu = tiny_learner().cuda()
+    assert gpu.device.type == "cuda"
+    x = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    y = (x * 0.8).clamp(0, 1)
+    out = restore_image(gpu, x, tile=32, overlap=8)
+    assert out.device.type == "cpu"
+    assert (out - restore_image(cpu, x, tile=32, overlap=8)).abs().max().item() < 1e-4
+    params = gpu.adapt(x, y, steps=2)
+    assert all(p.device.type == "cuda" for p in params.values())
+    reference = cpu.adapt(x, y, steps=2)
+    assert max((params[n].cpu() - reference[n]).abs().max().item() for n in reference) < 1e-4
+    adapter = fit_bounded(gpu, x, y, kind="decoder", steps=2, patch=None)
+    assert adapter.restore(x).device.type == "cpu"

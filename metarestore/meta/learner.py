@@ -71,6 +71,11 @@ class MetaLearner(nn.Module):
         self.fixed_lrs = {g: float(group_lr(g, cfg.inner_lr)) for g in self.groups}
 
     @property
+    def device(self) -> torch.device:
+        """Where the model lives: ``adapt`` and ``restore`` take inputs anywhere and move them here."""
+        return next(self.model.parameters()).device
+
+    @property
     def algorithm(self) -> str:
         return self.name
 
@@ -98,6 +103,7 @@ class MetaLearner(nn.Module):
         ``support_x`` of shape (T, K, C, H, W) adapts T independent tasks at once (one batched forward and
         backward per step, ``adapt()``'s task dimension); the result carries a leading task dimension and
         equals adapting each task alone with ``seed + t`` (task t's windows come from its own generator)."""
+        support_x, support_y = support_x.to(self.device), support_y.to(self.device)
         own = kind_of(self.model)
         chosen = kind_of(self.model, kind)
         if chosen.name == own.name:
@@ -126,9 +132,11 @@ class MetaLearner(nn.Module):
 
     @torch.no_grad()
     def restore(self, x: torch.Tensor, params: Params | None = None, *, kind: str | None = None) -> torch.Tensor:
-        """Restore ``x``, with an adapted state of ``kind`` (default the model's own) when given."""
-        out = self.model(x) if params is None else forward_with(self.model, params, x, kind)
-        return out.clamp(0, 1)
+        """Restore ``x``, with an adapted state of ``kind`` (default the model's own) when given; the result
+        is on ``x``'s device (the pass runs on the model's: a CPU caller can use a CUDA model)."""
+        inp = x.to(self.device)
+        out = self.model(inp) if params is None else forward_with(self.model, params, inp, kind)
+        return out.clamp(0, 1).to(x.device)
 
     # outer loop -----------------------------------------------------------------------------------
     def task_gradient(self, episode: Episode, scale: float) -> float:
