@@ -82,12 +82,15 @@ class ModelPool:
     the module* for the duration of a call, so two threads sharing a module see each other's parameters.
     A server borrows a copy for each forward pass or adaptation: no two threads ever touch the same
     module, and the number of copies bounds how many computations (and their memory) run at once.
+
+    ``threads``: torch's intra-op thread count for the borrowing thread. It is per OS thread, so worker
+    threads would otherwise compute with torch's default (OMP_NUM_THREADS, else every core).
     """
 
-    def __init__(self, learner: MetaLearner, size: int):
+    def __init__(self, learner: MetaLearner, size: int, threads: int | None = None):
         if size < 1:
             raise ValueError("a model pool needs at least one copy")
-        self.size = size
+        self.size, self.threads = size, threads
         self._free: queue.SimpleQueue[MetaLearner] = queue.SimpleQueue()
         for _ in range(size):  # the original stays untouched: callers may read its parameters any time
             self._free.put(copy.deepcopy(learner))
@@ -95,6 +98,8 @@ class ModelPool:
     @contextmanager
     def borrow(self) -> Iterator[MetaLearner]:
         """A copy for this thread only; waits while all are lent."""
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         learner = self._free.get()
         try:
             yield learner

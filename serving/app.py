@@ -377,7 +377,7 @@ class Restorer:
 
         self.device = resolve_device(cfg.device)
         self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri, device=self.device)
-        self.pool = ModelPool(self.learner, cfg.compute_slots)  # self.learner itself never runs
+        self.pool = ModelPool(self.learner, cfg.compute_slots, self.threads)  # self.learner itself never runs
         self.version = str(self.ref.version) if self.ref.version else "local"
         self.model_sha256 = self.metadata.get("files", {}).get("model.safetensors", "")
         self.counts = count_parameters(self.learner.model)
@@ -561,16 +561,9 @@ class Restorer:
             y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
         return y, batch, pre_s + forward_s
 
-    def _torch_threads(self) -> None:
-        """torch's intra-op thread count is per OS thread: the worker threads that run forward passes start
-        with torch's default (OMP_NUM_THREADS, else every core), not the count set in ``__init__``."""
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
-
     def _pre_step(self, adapter, x: torch.Tensor) -> torch.Tensor:
         from metarestore.inference import restore_image
 
-        self._torch_threads()
         with self.pool.borrow() as learner:  # hqs restores with the model: this thread's own copy
             return restore_image(_PreStep(adapter, learner), x, tile=self.cfg.tile, overlap=self.cfg.tile_overlap)
 
@@ -637,7 +630,6 @@ class Restorer:
         Each gets (its image, the size of its pass, the seconds of its pass)."""
         from metarestore.inference import restore_image
 
-        self._torch_threads()
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             h, w = job.x.shape[-2:]
