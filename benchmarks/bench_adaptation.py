@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from evaluation.adaptation_bench import plot, run
+from evaluation.adaptation_bench import markdown_table, plot, run
 from metarestore.hub import load_model
 
 
@@ -42,6 +42,8 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out / "adaptation_curves.png")
+    for k in sorted({int(r["shots"]) for r in rows}):
+        print(f"\n{k} shot(s), mean RGB PSNR on the test crops (dB):\n" + markdown_table(rows, k))
     print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s -> {out}")
 
 

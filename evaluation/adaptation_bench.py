@@ -219,3 +219,17 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
+
+
+def markdown_table(rows: list[dict], shots: int = 5) -> str:
+    """The docs' table: per degradation, every method's PSNR at `shots`, auto's gain over zero-shot and path."""
+    mine = [r for r in rows if int(r["shots"]) == shots]
+    methods = list(dict.fromkeys(r["method"] for r in mine))
+    lines = ["| degradation | " + " | ".join(methods) + f" | auto - zero-shot ({shots} shots) | auto's path |",
+             "|---" * (len(methods) + 3) + "|"]
+    for name in dict.fromkeys(r["degradation"] for r in mine):
+        got = {r["method"]: r for r in mine if r["degradation"] == name}
+        cells = [f"{float(got[m]['psnr']):.2f}" if m in got else "" for m in methods]
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | **{float(got['auto']['gain']):+.2f}** | {got['auto']['path']} |")
+    return "\n".join(lines)
