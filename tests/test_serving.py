@@ -514,3 +514,16 @@ def test_adapter_store_ttl_and_lru_by_bytes():
     now[0] += 61
     assert store.get(a) is None and store.stats()["adapters"] == 0
     assert not store.delete(c)
+
+
+def test_png_responses_hold_exactly_the_restored_pixels_grey_in_grey_out():
+    from metarestore.pixels import to_uint8
+    from serving.limits import decode_image, encode_png
+
+    image = torch.rand(1, 3, 37, 53)
+    colour = Image.open(io.BytesIO(encode_png(image)))
+    assert colour.mode == "RGB" and colour.size == (53, 37)
+    assert np.array_equal(np.asarray(colour), to_uint8(image[0]).permute(1, 2, 0).numpy())
+    back, grey = decode_image(encode_png(image), max_pixels=10_000)
+    assert not grey and torch.equal(back, to_uint8(image) / 255.0)
+    assert Image.open(io.BytesIO(encode_png(image, grey=True))).mode == "L"
