@@ -130,7 +130,7 @@ def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
 
 def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *, kind: str = "auto",
                 paths: Iterable[str] | None = None, max_side: int = 128, max_pixels: int = 1_000_000,
-                steps: int = 10, max_folds: int = 3, patch: int | None = 64, validation_steps: int | None = None,
+                steps: int = 10, max_folds: int = 2, patch: int | None = 64, validation_steps: int | None = None,
                 budget_s: float | None = None, score_side: int | None = 64) -> Adapter:
     """``fit_adapter`` at a bounded cost, for servers: every pair is centre-cropped to at most ``max_side``
     and to at most ``max_pixels`` over all pairs (the fit's memory and time grow with the pixels it sees,

@@ -315,7 +315,8 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     ``budget_s``: wall-clock seconds for the whole validation. Adapted candidates are validated in the
     order of their pre-step's own held-out score (best first, so the most promising comes first), and
     one is skipped (score null, listed in the info's ``skipped``) when the time spent plus what the
-    previous one took would pass the budget; a skipped candidate is never chosen, so the choice is
+    previous one took would pass the budget; the paths that refine a pre-step (``hqs``) are skipped
+    alike when the plain paths alone spent it; a skipped candidate is never chosen, so the choice is
     always among paths scored on held-out pairs. None: no budget (deterministic).
 
     ``on_fold(fit_indices, held_out_index)`` is called for every validation fold (in each of the two
@@ -352,6 +353,10 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         for name, score in _plain_scores(learner, first, fitted[-1], held_x, held_y, held_pres[len(fitted) - 1]).items():
             scores[name].append(score)
     refining = [p for p in plain if p.pre in REFINES and _pre_helps(REFINES[p.pre], first, scores)]
+    skipped: list[str] = []
+    if refining and budget_s is not None and time.perf_counter() - start > budget_s:
+        skipped += [p.name for p in refining]  # the budget is spent: never chosen, listed as skipped
+        refining = []
     for n, (_, _, held_x, held_y, fit_idx, held_idx) in enumerate(folds if refining else []):
         if on_fold is not None:
             on_fold(list(fit_idx), held_idx)
@@ -361,7 +366,6 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     # best pre-step first, every candidate's folds in one batched adaptation, within the budget.
     adapted = [p for p in candidates if p.adapted and _pre_helps(p.pre, plain, scores)] if folds else []
     adapted.sort(key=lambda p: -_base_score(p, plain, scores))  # stable: ties keep the candidates' order
-    skipped: list[str] = []
     if adapted and on_fold is not None:
         for _, _, _, _, fit_idx, held_idx in folds:
             on_fold(list(fit_idx), held_idx)
