@@ -1,6 +1,6 @@
 """The cost and gain of a served adapter fit, in one process: ``metarestore.inference.fit_bounded`` with the
 serving defaults (``serving.app.AppArgs``: pairs centre-cropped to ``adapt_side``, ``adapt_folds``
-leave-one-out folds, the ``adapt_*`` step, window and budget settings) on 5 support pairs of one degradation,
+leave-one-out folds, the ``adapt_*`` step, window, scoring-window and budget settings) on 5 support pairs of one degradation,
 for each kind asked; the gain is measured on 8 held-out crops of the same degradation (adapter against the
 zero-shot restorer). Degradations:
 
@@ -120,6 +120,8 @@ def _fast_args(defaults, args) -> dict:
     if "budget_s" in known:
         budget = defaults.adapt_budget_s if args.budget is None else args.budget
         out["budget_s"] = budget if budget and budget > 0 else None
+    if "score_side" in known:
+        out["score_side"] = getattr(defaults, "adapt_score_side", None)
     return out
 
 

@@ -130,14 +130,15 @@ def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
 
 def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *, kind: str = "auto",
                 paths: Iterable[str] | None = None, max_side: int = 128, max_pixels: int = 1_000_000,
-                steps: int = 10, max_folds: int = 3, patch: int | None = 64, validation_steps: int | None = None,
-                budget_s: float | None = None) -> Adapter:
+                steps: int = 10, max_folds: int = 2, patch: int | None = 64, validation_steps: int | None = None,
+                budget_s: float | None = None, score_side: int | None = 64) -> Adapter:
     """``fit_adapter`` at a bounded cost, for servers: every pair is centre-cropped to at most ``max_side``
     and to at most ``max_pixels`` over all pairs (the fit's memory and time grow with the pixels it sees,
     and a kernel, tone curve or FiLM scale is the same everywhere in an image, so a centre crop tells as
     much as the whole); each gradient step of an adapted restorer sees one random ``patch``-px window
-    per pair. ``validation_steps`` and ``budget_s``: ``fit_adapter``'s (fewer gradient steps per candidate
-    in validation than in the final fit; a wall-clock budget for validating the adapted candidates).
+    per pair. ``validation_steps``, ``budget_s`` and ``score_side``: ``fit_adapter``'s (fewer gradient steps
+    per candidate in validation than in the final fit; a wall-clock budget for validating the adapted
+    candidates; candidates scored on the central window of this side of each held-out pair).
 
     ``kind="auto"``: the path is chosen among ``paths`` (default: the core's) by held-out validation.
     Any other kind is a path name that is used whatever its score; it is still validated against the
@@ -152,7 +153,7 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
     fit_h, fit_w = min(h, side), min(w, side)
     x, y = center_crop(support_x, fit_h, fit_w), center_crop(support_y, fit_h, fit_w)
     args = {"steps": steps, "max_folds": max_folds, "patch": patch, "validation_steps": validation_steps,
-            "budget_s": budget_s}
+            "budget_s": budget_s, "score_side": score_side}
     if kind == "auto":
         adapter = fit_adapter(learner, x, y, paths=paths, **args)
     elif kind == "zero_shot":

@@ -282,3 +282,21 @@ def test_a_budget_never_yields_a_path_scored_on_fitted_pairs(learner):
     assert all(free.info["scores"][p] is not None for p in ("film", "lora"))
     if free.path.adapted:
         assert free.info["steps"] == 2 and free.info["validation_steps"] == 1
+
+
+def test_candidates_are_scored_on_the_central_window_of_held_out_pairs(learner):
+    """With ``score_side`` every candidate is scored on the same central window of each held-out pair (and
+    only there): zero-shot's score is the held-out windows' PSNR, whatever lies outside them."""
+    from metarestore.pixels import center_crop
+
+    clean = crops(48, 3)
+    degraded = (clean * torch.tensor([1.0, 0.85, 0.7]).view(1, 3, 1, 1) + 0.04).clamp(0, 1)
+    adapter = fit_adapter(learner, degraded, clean, paths=["zero_shot", "tone"], max_folds=2, score_side=24)
+    windows = [psnr(learner.restore(center_crop(degraded[i:i + 1], 24, 24)), center_crop(clean[i:i + 1], 24, 24))
+               for i in range(2)]
+    assert adapter.info["folds"] == 2
+    assert adapter.info["scores"]["zero_shot"] == pytest.approx(sum(windows) / 2, abs=1e-3)
+    outside = degraded.clone()
+    outside[..., :8, :] = 0  # outside every central 24 px window of a 48 px pair
+    moved = fit_adapter(learner, outside, clean, paths=["zero_shot", "tone"], max_folds=2, score_side=24)
+    assert moved.info["scores"]["zero_shot"] == adapter.info["scores"]["zero_shot"]

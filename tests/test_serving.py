@@ -76,7 +76,8 @@ def server(ray_local, smoke_model, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"tracking_uri": smoke_model["tracking_uri"], "num_cpus": 0.5, "tile": 256,
               "max_pixels": 1_000_000, "max_body_mb": 4,
-              "adapter_dir": str(tmp_path_factory.mktemp("adapters"))}
+              "adapter_dir": str(tmp_path_factory.mktemp("adapters")),
+              "adapt_budget_s": None}  # every candidate validated: the chosen path must not depend on the load
     # The registry model is downloaded by the replica: into a temporary cache, not ~/.cache.
     cache = {"env_vars": {"METARESTORE_CACHE": str(tmp_path_factory.mktemp("serving_cache"))}}
     secure = AppArgs(**common, model=smoke_model["model_uri"], token=TOKEN, adapter_ttl_s=3)

@@ -40,6 +40,7 @@ from metarestore.operators.kernel import MAX_KERNEL, KernelFit
 from metarestore.operators.noise import fit_noise
 from metarestore.operators.paths import Operators, Path, default_paths, pre_step
 from metarestore.operators.tone import KNOTS, ToneFit
+from metarestore.pixels import center_crop
 
 FORMAT = "metarestore-operator-adapter"
 VERSION = 1
@@ -229,10 +230,16 @@ def _folds(support_x, support_y, max_folds: int):
     return [(xs[0], ys[0], xs[1], ys[1], [0], 1), (xs[1], ys[1], xs[0], ys[0], [1], 0)], "split-halves"
 
 
+def _pre_key(path: Path) -> tuple[str, float]:
+    """What a pre-step's result depends on besides the fold (its operators) and the image."""
+    return path.pre, path.balance
+
+
 def _plain_scores(learner, paths: list[Path], ops: Operators, held_x: torch.Tensor,
-                  held_y: torch.Tensor) -> dict[str, float]:
+                  held_y: torch.Tensor, cache: dict | None = None) -> dict[str, float]:
     """Held-out PSNR of paths without gradient steps on one fold, their operators fitted on the other
-    pairs; the network restores every path's pre-stepped image in one batched forward pass."""
+    pairs; the network restores every path's pre-stepped image in one batched forward pass. ``cache``
+    (per fold) keeps the pre-stepped held-out images for the adapted paths on the same pre-steps."""
     pres: dict[str, torch.Tensor] = {}
     scores: dict[str, float] = {}
     for path in paths:
@@ -240,6 +247,9 @@ def _plain_scores(learner, paths: list[Path], ops: Operators, held_x: torch.Tens
             pres[path.name] = pre_step(path, ops, held_x, learner)
         except (ValueError, RuntimeError, torch.linalg.LinAlgError):
             scores[path.name] = float("-inf")
+            continue
+        if cache is not None:
+            cache[_pre_key(path)] = pres[path.name]
     net = [p for p in paths if p.name in pres and p.restorer == "net"]
     if net:
         out = learner.restore(torch.cat([pres[p.name] for p in net]))
@@ -249,7 +259,7 @@ def _plain_scores(learner, paths: list[Path], ops: Operators, held_x: torch.Tens
 
 
 def _validate_adapted(learner, path: Path, folds: list, fitted: list[Operators], steps: int,
-                      patch: int | None) -> list[float]:
+                      patch: int | None, held_pres: list[dict] | None = None) -> list[float]:
     """Held-out PSNR of an adapted path in every fold, all folds adapted at once: the pre-stepped fit pairs
     of the folds are stacked on ``adapt()``'s task dimension (fold t's state is fitted on fold t's pairs
     only, with its own operators and windows), then every fold's held-out pair is restored with its own
@@ -257,7 +267,9 @@ def _validate_adapted(learner, path: Path, folds: list, fitted: list[Operators],
     fit_x = torch.stack([pre_step(path, fitted[n], f[0], learner) for n, f in enumerate(folds)])
     fit_y = torch.stack([f[1] for f in folds])
     params = _detach(learner.adapt(fit_x, fit_y, steps=steps, kind=path.restorer, patch=patch))
-    held = torch.stack([pre_step(path, fitted[n], f[2], learner) for n, f in enumerate(folds)])
+    held_pres = held_pres or [{} for _ in folds]
+    held = torch.stack([held_pres[n][_pre_key(path)] if _pre_key(path) in held_pres[n]
+                        else pre_step(path, fitted[n], f[2], learner) for n, f in enumerate(folds)])
     out = learner.restore(held, params, kind=path.restorer)
     return [psnr(out[n], f[3]) for n, f in enumerate(folds)]
 
@@ -285,7 +297,8 @@ def _detach(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
                 paths: Iterable[str | Path] | None = None, steps: int = 10, max_folds: int = 5,
                 on_fold: FoldCallback | None = None, patch: int | None = None,
-                validation_steps: int | None = None, budget_s: float | None = None) -> Adapter:
+                validation_steps: int | None = None, budget_s: float | None = None,
+                score_side: int | None = None) -> Adapter:
     """Fit an adapter from K (degraded ``support_x``, clean ``support_y``) pairs, (K, C, H, W) in [0, 1].
 
     ``paths``: the candidates (names such as ``"film"``, ``"lora"``, ``"deconv@0.01+film"``; default:
@@ -294,12 +307,16 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     validation (fewer rank candidates nearly as well at a fraction of the cost). With ``patch``, each step
     sees one random window of that size per pair rather than the whole pairs (``MetaLearner.adapt``),
     which bounds a fit's cost whatever the images' size. The folds of one adapted candidate are adapted
-    together (``adapt()``'s task dimension).
+    together (``adapt()``'s task dimension). With ``score_side``, every candidate is scored on the central
+    ``score_side`` x ``score_side`` window of each held-out pair (the same pixels for all; pre-steps and
+    forward passes then see that window only): what a path does to a uniform degradation shows on a
+    window as well as on the whole, at a fraction of the forward passes.
 
     ``budget_s``: wall-clock seconds for the whole validation. Adapted candidates are validated in the
     order of their pre-step's own held-out score (best first, so the most promising comes first), and
     one is skipped (score null, listed in the info's ``skipped``) when the time spent plus what the
-    previous one took would pass the budget; a skipped candidate is never chosen, so the choice is
+    previous one took would pass the budget; the paths that refine a pre-step (``hqs``) are skipped
+    alike when the plain paths alone spent it; a skipped candidate is never chosen, so the choice is
     always among paths scored on held-out pairs. None: no budget (deterministic).
 
     ``on_fold(fit_indices, held_out_index)`` is called for every validation fold (in each of the two
@@ -314,6 +331,9 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         raise AdapterError("no adaptation path to choose from")
     validation_steps = steps if validation_steps is None else validation_steps
     folds, scheme = _folds(support_x, support_y, max_folds) if len(candidates) > 1 else ([], "forced")
+    if score_side is not None:
+        folds = [(fx, fy, center_crop(hx, score_side, score_side), center_crop(hy, score_side, score_side), fi, hi)
+                 for fx, fy, hx, hy, fi, hi in folds]
     for _, _, _, _, fit_idx, held_idx in folds:
         if held_idx in fit_idx:  # a guard as well as documentation
             raise AssertionError("a validation fold scores a pair it fitted on")
@@ -321,6 +341,7 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     before: list[float] = []
     plain = [p for p in candidates if not p.adapted]
     fitted: list[Operators] = []
+    held_pres: list[dict] = [{} for _ in folds]  # per fold: pre-stepped held-out images, reused in round two
     # Round one: the paths without gradient steps (forward passes only), fold by fold; then those that
     # refine another pre-step (hqs: deconv), only where that one helps (``_pre_helps``).
     first = [p for p in plain if p.pre not in REFINES]
@@ -329,19 +350,22 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
             on_fold(list(fit_idx), held_idx)
         fitted.append(Operators.fit(fit_y, fit_x, {p.operator for p in candidates if p.operator}))
         before.append(psnr(held_x, held_y))
-        for name, score in _plain_scores(learner, first, fitted[-1], held_x, held_y).items():
+        for name, score in _plain_scores(learner, first, fitted[-1], held_x, held_y, held_pres[len(fitted) - 1]).items():
             scores[name].append(score)
     refining = [p for p in plain if p.pre in REFINES and _pre_helps(REFINES[p.pre], first, scores)]
+    skipped: list[str] = []
+    if refining and budget_s is not None and time.perf_counter() - start > budget_s:
+        skipped += [p.name for p in refining]  # the budget is spent: never chosen, listed as skipped
+        refining = []
     for n, (_, _, held_x, held_y, fit_idx, held_idx) in enumerate(folds if refining else []):
         if on_fold is not None:
             on_fold(list(fit_idx), held_idx)
-        for name, score in _plain_scores(learner, refining, fitted[n], held_x, held_y).items():
+        for name, score in _plain_scores(learner, refining, fitted[n], held_x, held_y, held_pres[n]).items():
             scores[name].append(score)
     # Round two: the adapted paths, each only on a pre-step that helps by itself (``_pre_helps``),
     # best pre-step first, every candidate's folds in one batched adaptation, within the budget.
     adapted = [p for p in candidates if p.adapted and _pre_helps(p.pre, plain, scores)] if folds else []
     adapted.sort(key=lambda p: -_base_score(p, plain, scores))  # stable: ties keep the candidates' order
-    skipped: list[str] = []
     if adapted and on_fold is not None:
         for _, _, _, _, fit_idx, held_idx in folds:
             on_fold(list(fit_idx), held_idx)
@@ -352,7 +376,7 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
             skipped.append(path.name)
             continue
         try:
-            scores[path.name] = _validate_adapted(learner, path, folds, fitted, validation_steps, patch)
+            scores[path.name] = _validate_adapted(learner, path, folds, fitted, validation_steps, patch, held_pres)
         except (ValueError, RuntimeError, torch.linalg.LinAlgError):
             scores[path.name] = [float("-inf")] * len(folds)
         last = time.perf_counter() - begun

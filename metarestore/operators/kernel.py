@@ -49,9 +49,6 @@ def fit_kernel(clean: torch.Tensor, degraded: torch.Tensor, size: int = MAX_KERN
     disc, need more regularisation than smooth ones), ``floor``
     (with ``nonneg``) the fraction of the peak below which entries are set to zero."""
     _check_pairs(clean, degraded)
-    if lam is None:
-        fits = [fit_kernel(clean, degraded, size, value, per_channel, nonneg, floor) for value in LAMBDAS]
-        return min(fits, key=lambda fit: fit.residual)
     h, w = clean.shape[-2:]
     size = min(int(size), MAX_KERNEL, (min(h, w) // 4) | 1)
     size = size if size % 2 else size - 1
@@ -64,15 +61,17 @@ def fit_kernel(clean: torch.Tensor, degraded: torch.Tensor, size: int = MAX_KERN
     reduce = (0,) if per_channel else (0, 1)
     num = (C.conj() * D).sum(dim=reduce)
     den = (C.abs() ** 2).sum(dim=reduce)
-    otf = num / (den + lam * den.mean())
-    kernel = otf_to_kernel(otf, size)  # (C, k, k) or (k, k)
-    if nonneg:
-        # entries under ``floor`` x the peak are the noise floor of the estimate spread over the whole
-        # window: zeroing them keeps the kernel's true support
-        peak = kernel.amax(dim=(-2, -1), keepdim=True)
-        kernel = torch.where(kernel >= floor * peak, kernel, torch.zeros_like(kernel)) * _main_blob(kernel)
-    kernel = kernel / kernel.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
-    return KernelFit(kernel, kernel_residual(kernel, clean, degraded))
+    fits = []  # the spectra are the same for every lambda: only the division and the residual differ
+    for value in (LAMBDAS if lam is None else (lam,)):
+        kernel = otf_to_kernel(num / (den + value * den.mean()), size)  # (C, k, k) or (k, k)
+        if nonneg:
+            # entries under ``floor`` x the peak are the noise floor of the estimate spread over the whole
+            # window: zeroing them keeps the kernel's true support
+            peak = kernel.amax(dim=(-2, -1), keepdim=True)
+            kernel = torch.where(kernel >= floor * peak, kernel, torch.zeros_like(kernel)) * _main_blob(kernel)
+        kernel = kernel / kernel.sum(dim=(-2, -1), keepdim=True).clamp(min=1e-12)
+        fits.append(KernelFit(kernel, kernel_residual(kernel, clean, degraded)))
+    return min(fits, key=lambda fit: fit.residual)  # ties keep the smaller lambda, as before
 
 
 def _main_blob(kernel: torch.Tensor) -> torch.Tensor:
