@@ -97,10 +97,12 @@ class Adapter:
             tensors["tone.offset"] = ops.tone.offset.float().contiguous()
         if ops.haze is not None:
             tensors["haze.airlight"] = ops.haze.airlight.float().contiguous()
+        tensors.update(ops.tensors())  # a synthetic path's retrained network
         for name, value in (self.params or {}).items():  # e.g. film.<parameter>, lora.<module>.lora_a
             tensors[f"{self.path.restorer}.{name}"] = value.detach().float().cpu().contiguous()
         header = {"format": FORMAT, "version": VERSION, "path": self.path.name, "residuals": ops.residuals,
-                  "haze_omega": ops.haze.omega if ops.haze is not None else None, "info": self.info}
+                  "haze_omega": ops.haze.omega if ops.haze is not None else None, "info": self.info,
+                  "synthetic": ops.header()}
         return st_save(tensors, metadata={"adapter": json.dumps(header)})
 
     @classmethod
@@ -132,6 +134,10 @@ class Adapter:
         if "haze.airlight" in tensors:
             ops.haze = HazeFit(tensors["haze.airlight"], float(header.get("haze_omega") or 0.95),
                                residuals.get("haze", float("nan")))
+        try:
+            ops.read(header.get("synthetic") or {}, tensors, learner)
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from None
         if path.operator is not None and getattr(ops, path.operator) is None:
             raise AdapterError(f"path {path.name} needs the {path.operator} operator, which is missing")
         params = None
@@ -389,6 +395,10 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         chosen = max(candidates, key=lambda p: (mean[p.name] if scores[p.name] else float("-inf"),
                                                 -candidates.index(p)))
     ops = Operators.fit(support_y, support_x, {chosen.operator} if chosen.operator else set())
+    try:
+        ops.prepare(chosen, learner)  # a synthetic path trains now, so that the adapter can be stored
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
     params = None
     if chosen.adapted:
         params = _detach(learner.adapt(pre_step(chosen, ops, support_x, learner), support_y, steps=steps,

@@ -2,6 +2,8 @@
 on support pairs and the restorer (a ``MetaLearner``) as the image prior.
 
 A path is a pre-step that undoes the fitted operator (deconvolution, tone inversion, dehazing, or none),
+or, for an operator that can be re-applied (a JPEG codec setting, a noise model: ``jpeg``, ``noise``), the
+restorer retrained on pairs that operator synthesises from the clean support (``synthetic``),
 optionally half-quadratic splitting with the restorer as the denoiser, then the restorer itself with its
 own weights, its state of an adapter kind (``metarestore.model.kinds``: ``film``, ``lora``, ...) adapted
 by gradient steps on (pre-stepped support, clean) pairs, or no restorer at all (the classical baselines).
@@ -16,14 +18,18 @@ import numpy as np
 import torch
 
 from metarestore.model.kinds import KINDS
+from metarestore.operators.codec import JpegFit, fit_jpeg
 from metarestore.operators.fourier import deconvolve
 from metarestore.operators.haze import HazeFit, fit_haze
 from metarestore.operators.kernel import KernelFit, fit_kernel
+from metarestore.operators.synthetic import KIND as SYNTHETIC_KIND
+from metarestore.operators.synthetic import PairNoiseFit, fit_pair_noise, train_on_synthetic
 from metarestore.operators.tone import ToneFit, fit_tone
 
-PRE_STEPS = ("none", "deconv", "hqs", "tone", "haze", "wiener", "rl")
+PRE_STEPS = ("none", "deconv", "hqs", "tone", "haze", "wiener", "rl", "jpeg", "noise")
 OPERATOR_OF = {"deconv": "kernel", "hqs": "kernel", "wiener": "kernel", "rl": "kernel", "tone": "tone",
-               "haze": "haze"}
+               "haze": "haze", "jpeg": "jpeg", "noise": "noise"}
+SYNTHETIC = ("jpeg", "noise")  # pre-steps that restore with the network retrained on synthesised pairs
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,7 @@ class Path:
         pre, _, balance = name.partition("@")
         if pre not in PRE_STEPS:
             raise ValueError(f"unknown adaptation path {name!r}")
-        if pre in ("wiener", "rl"):
+        if pre in ("wiener", "rl", *SYNTHETIC):
             restorer = "none"
         return cls(pre, float(balance) if balance else 0.0, restorer)
 
@@ -77,6 +83,9 @@ def default_paths() -> list[Path]:
         paths.append(Path("deconv", balance))
     paths += [Path("deconv", 0.01, "film"), Path("hqs", 0.01), Path("tone"), Path("tone", restorer="film"),
               Path("haze"), Path("wiener", 0.01, "none"), Path("rl", 0.0, "none")]
+    # ``jpeg`` and ``noise`` are there to be asked for (kind=jpeg), not validated by default: the codec's
+    # grid search alone costs ~0.7 s of the 1 s an automatic adapter has (issue 16), and on Poisson-Gaussian
+    # noise the base model retrained on synthesised pairs gained nothing (+0.0 dB, 5 pairs, 30 steps)
     return paths
 
 
@@ -87,7 +96,11 @@ class Operators:
     kernel: KernelFit | None = None
     tone: ToneFit | None = None
     haze: HazeFit | None = None
+    jpeg: JpegFit | None = None
+    noise: PairNoiseFit | None = None
     residuals: dict[str, float] = field(default_factory=dict)
+    clean: torch.Tensor | None = None  # the clean support, kept while a synthetic path may still train on it
+    trained: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # synthetic pre-step -> network
 
     @classmethod
     def fit(cls, clean: torch.Tensor, degraded: torch.Tensor, needed: set[str]) -> Operators:
@@ -101,7 +114,65 @@ class Operators:
         if "haze" in needed and clean.shape[1] == 3:
             ops.haze = fit_haze(clean, degraded)
             ops.residuals["haze"] = ops.haze.residual
+        if "jpeg" in needed:
+            ops.jpeg = fit_jpeg(clean, degraded)
+            ops.residuals["jpeg"] = ops.jpeg.residual
+        if "noise" in needed:
+            ops.noise = fit_pair_noise(clean, degraded)
+            ops.residuals["noise"] = ops.noise.residual
+        if needed & set(SYNTHETIC):
+            ops.clean = clean
         return ops
+
+    def prepare(self, path: Path, learner) -> None:
+        """Do now what ``path`` would otherwise do on first use (a synthetic path's training)."""
+        if path.pre in SYNTHETIC:
+            self.retrained(path, learner)
+
+    def retrained(self, path: Path, learner) -> dict[str, torch.Tensor]:
+        """The network state of synthetic ``path``, trained on first use; ``ValueError`` when the pairs do
+        not fit that operator (its fit is not ``good``): training would only learn a wrong degradation."""
+        if path.pre in self.trained:
+            return self.trained[path.pre]
+        fit = getattr(self, path.operator)
+        if fit is None or not fit.good:
+            raise ValueError(f"the support pairs do not fit the {path.pre} model")
+        if self.clean is None:
+            raise ValueError(f"path {path.name} needs the clean support pairs")
+        synthesise = fit.apply if path.pre == "noise" else (lambda y, _g: fit.apply(y))
+        self.trained[path.pre] = train_on_synthetic(learner, self.clean, synthesise)
+        return self.trained[path.pre]
+
+    # storage (``Adapter.to_bytes``): the synthetic paths' fits in the header, their network as tensors
+    def header(self) -> dict:
+        return {name: getattr(self, name).as_dict() for name in SYNTHETIC if getattr(self, name) is not None}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"synthetic.{pre}.{n}": v.float().cpu().contiguous()
+                for pre, state in self.trained.items() for n, v in state.items()}
+
+    def read(self, header: dict, tensors: dict[str, torch.Tensor], learner) -> None:
+        """The synthetic paths' fits and network back from ``header`` and ``tensors``; ``ValueError`` if bad."""
+        from metarestore.model.kinds import get_kind
+
+        try:
+            if "jpeg" in header:
+                j = header["jpeg"]
+                self.jpeg = JpegFit(int(j["quality"]), int(j["subsampling"]), float(j["residual"]))
+                if not (1 <= self.jpeg.quality <= 100 and self.jpeg.subsampling in (0, 1, 2)):
+                    raise ValueError("bad JPEG setting")
+            if "noise" in header:
+                self.noise = PairNoiseFit(**{k: float(header["noise"][k])
+                                             for k in ("gain", "floor", "correlation", "residual")})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad synthetic operator header: {exc}") from None
+        own = next(learner.model.parameters())
+        for pre in SYNTHETIC:
+            prefix = f"synthetic.{pre}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if state:
+                get_kind(SYNTHETIC_KIND).check(learner.model, state)
+                self.trained[pre] = {n: v.to(own.device, own.dtype) for n, v in state.items()}
 
 
 def _skimage_per_channel(x: torch.Tensor, kernel: torch.Tensor, method: str, balance: float) -> torch.Tensor:
@@ -138,6 +209,8 @@ def pre_step(path: Path, ops: Operators, x: torch.Tensor, learner=None, hqs_iter
         out = _skimage_per_channel(x, ops.kernel.kernel, path.pre, path.balance)
     elif path.pre == "tone":
         out = ops.tone.invert(x)
+    elif path.pre in SYNTHETIC:
+        out = learner.restore(x, ops.retrained(path, learner), kind=SYNTHETIC_KIND)
     elif path.pre == "haze":
         if ops.haze is None:
             raise ValueError("the haze model needs 3-channel images")
