@@ -15,7 +15,9 @@ class MetaRestoreModel(mlflow.pyfunc.PythonModel):
 
         self.learner, self.metadata = load_learner(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):
+    # np.ndarray: a hint MLflow takes as "no schema to infer" (images of any size), which also keeps its
+    # "add type hints" warning off the console (its own once-filter overrides a caller's)
+    def predict(self, context, model_input: np.ndarray, params=None):
         array = np.asarray(model_input)
         if array.dtype == np.uint8:
             array = array.astype(np.float32) / 255.0

@@ -223,10 +223,15 @@ def register_checkpoint(uri: str | None, run_id: str, checkpoint_dir: str | Path
 
     fail_fast_http()
     uri = resolve_uri(uri)
-    with mlflow_uris(uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints.*")
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(checkpoint_dir)},
-            pip_requirements=["metarestore", "torch", "safetensors"], registered_model_name=model_name,
-            await_registration_for=60)
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")  # "Failed to infer model signature": images of any size
+    level = pyfunc_log.level                          # have none to infer, and the console is ours
+    pyfunc_log.setLevel(logging.ERROR)
+    try:
+        with mlflow_uris(uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(checkpoint_dir)},
+                pip_requirements=["metarestore", "torch", "safetensors"], registered_model_name=model_name,
+                await_registration_for=60)
+    finally:
+        pyfunc_log.setLevel(level)
     return str(info.registered_model_version)

@@ -262,7 +262,10 @@ def test_auto_adapter_fits_an_unseen_blur_and_beats_zero_shot(server):
     response = create_adapter(server.url, [blurred(x) for x in clean], clean, steps="3")
     assert response.status_code == 200, response.text
     info = response.json()
-    assert info["kind"] == "auto" and info["path"].split("@")[0] in ("deconv", "hqs"), info
+    from metarestore.operators.paths import OPERATOR_OF
+
+    # a path built on the kernel fitted from the pairs (deconvolution, HQS, Wiener or Richardson-Lucy)
+    assert info["kind"] == "auto" and OPERATOR_OF.get(info["path"].split("@")[0]) == "kernel", info
     assert info["validation"] == "leave-one-out" and info["folds"] >= 2 and info["residuals"]["kernel"] < 0.5
     assert info["psnr_after"] > info["psnr_before"] and info["scores"][info["path"]] == info["psnr_after"]
     assert info["fit_ms"] > 0 and (info["fit_height"], info["fit_width"]) == (96, 96)
