@@ -105,21 +105,11 @@ class Operators:
     @classmethod
     def fit(cls, clean: torch.Tensor, degraded: torch.Tensor, needed: set[str]) -> Operators:
         ops = cls()
-        if "kernel" in needed:
-            ops.kernel = fit_kernel(clean, degraded)
-            ops.residuals["kernel"] = ops.kernel.residual
-        if "tone" in needed:
-            ops.tone = fit_tone(clean, degraded)
-            ops.residuals["tone"] = ops.tone.residual
-        if "haze" in needed and clean.shape[1] == 3:
-            ops.haze = fit_haze(clean, degraded)
-            ops.residuals["haze"] = ops.haze.residual
-        if "jpeg" in needed:
-            ops.jpeg = fit_jpeg(clean, degraded)
-            ops.residuals["jpeg"] = ops.jpeg.residual
-        if "noise" in needed:
-            ops.noise = fit_pair_noise(clean, degraded)
-            ops.residuals["noise"] = ops.noise.residual
+        fitters = {"kernel": fit_kernel, "tone": fit_tone, "haze": fit_haze, "jpeg": fit_jpeg, "noise": fit_pair_noise}
+        for name, fit in fitters.items():
+            if name in needed and (name != "haze" or clean.shape[1] == 3):  # the haze model is colour-only
+                setattr(ops, name, fit(clean, degraded))
+                ops.residuals[name] = getattr(ops, name).residual
         if needed & set(SYNTHETIC):
             ops.clean = clean
         return ops
