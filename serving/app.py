@@ -313,7 +313,7 @@ def _finite(value):
 
 def _kind(value, auto_names: list[str]) -> str:
     """The ``kind`` form field: auto or a path name that ``Path.parse`` reads back to the same path."""
-    from metarestore.operators.paths import Path
+    from metarestore.operators.paths import PRE_STEPS, Path
 
     if value is None or value == "":
         return "auto"
@@ -328,8 +328,8 @@ def _kind(value, auto_names: list[str]) -> str:
     except ValueError:
         shown = str(value)[:40] if isinstance(value, str) else "(a file)"
         raise ApiError(422, "invalid_kind", f"kind {shown!r} is not auto or an adaptation path; valid: auto, "
-                       f"{', '.join(auto_names)} (PRE@BALANCE and PRE@BALANCE+film with PRE one of deconv, hqs, "
-                       "tone, haze, wiener, rl)") from None
+                       f"{', '.join(auto_names)} (PRE@BALANCE and PRE@BALANCE+film with PRE one of "
+                       f"{', '.join(p for p in PRE_STEPS if p != 'none')})") from None
     return path.name
 
 
@@ -507,7 +507,12 @@ class Restorer:
         kind = _kind(form.get("kind"), self.auto_paths)
         pairs = [(await d.read(), await c.read()) for d, c in zip(degraded, clean, strict=True)]
         support_x, support_y = await asyncio.to_thread(self._decode_pairs, pairs)
-        found, data = await asyncio.to_thread(self._adapt, support_x, support_y, steps, kind)
+        from metarestore.operators.adapter import AdapterError
+
+        try:
+            found, data = await asyncio.to_thread(self._adapt, support_x, support_y, steps, kind)
+        except AdapterError as exc:  # e.g. kind=jpeg on pairs no JPEG setting explains
+            raise ApiError(422, "adapter_fit_failed", f"the pairs cannot be fitted with kind {kind} ({exc})") from None
         found["elapsed_ms"] = round((time.perf_counter() - start) * 1000, 1)
         found["label"] = label
         try:

@@ -296,6 +296,15 @@ def test_adapter_kind_forces_the_path_and_unknown_kinds_are_refused(server):
         assert "auto" in response.json()["error"]["message"] and "film" in response.json()["error"]["message"]
 
 
+def test_a_forced_path_the_pairs_do_not_fit_is_a_422(server):
+    """kind=jpeg identifies a JPEG setting from the pairs; blurred pairs have none: a 4xx, not a 500."""
+    clean = [quantised(photo(n, t, left, 64)) for n, t, left in BLUR_SUPPORT[:3]]
+    response = create_adapter(server.url, [blurred(x) for x in clean], clean, kind="jpeg", steps="2")
+    assert_error(response, 422, "adapter_fit_failed")
+    assert "jpeg" in response.json()["error"]["message"]
+    assert restore(server.url, clean[0]).status_code == 200  # still serving
+
+
 def test_adapters_of_the_previous_format_still_load(smoke_model):
     """Adapters stored before operator adapters (a safetensors file of FiLM deltas) restore as they did;
     anything else unreadable is a 409 that says to create the adapter again, never a 500."""
