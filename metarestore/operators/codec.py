@@ -16,14 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from metarestore.pixels import to_uint8
+
 QUALITIES = tuple(range(1, 101))
 SUBSAMPLINGS = (0, 1, 2)  # Pillow's codes: 4:4:4, 4:2:2, 4:2:0
 GOOD_FIT = 0.5  # a residual below this: the pairs are this codec's output
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [0, 1] -> (H, W, C) uint8, as an image file would hold it."""
-    return (x.detach().double().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 def encode_decode(x: torch.Tensor, quality: int, subsampling: int) -> torch.Tensor:
@@ -32,7 +29,7 @@ def encode_decode(x: torch.Tensor, quality: int, subsampling: int) -> torch.Tens
 
     out = []
     for image in x:
-        arr = _to_uint8(image)
+        arr = to_uint8(image).permute(1, 2, 0).numpy()  # (H, W, C), as an image file holds it
         buf = io.BytesIO()
         pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
         pil.save(buf, format="JPEG", quality=int(quality), subsampling=int(subsampling))
