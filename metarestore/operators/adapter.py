@@ -288,12 +288,20 @@ def _pre_helps(pre: str, plain: list[Path], scores: dict[str, list[float]]) -> b
     if pre == "none":
         return True
     zero = scores.get(Path().name)
-    same = [sum(scores[p.name]) / len(scores[p.name]) for p in plain if p.pre == pre and scores[p.name]]
     if not zero:
         return True  # nothing to compare with: validate it
-    if not same:  # its plain paths were skipped (they did not help) or are not candidates (validate it)
+    best = _best_plain(pre, plain, scores)
+    if best is None:  # its plain paths were skipped (they did not help) or are not candidates (validate it)
         return not any(p.pre == pre for p in plain)
-    return max(same) > sum(zero) / len(zero) + HELPS_DB
+    return best > sum(zero) / len(zero) + HELPS_DB
+
+
+def _best_plain(pre: str, plain: list[Path], scores: dict[str, list[float]],
+                restorer: str | None = None) -> float | None:
+    """The best mean held-out PSNR of the scored plain paths with pre-step ``pre`` (and ``restorer``)."""
+    means = [sum(scores[p.name]) / len(scores[p.name]) for p in plain
+             if p.pre == pre and restorer in (None, p.restorer) and scores[p.name]]
+    return max(means) if means else None
 
 
 def _detach(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -426,9 +434,8 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
 
 def _base_score(path: Path, plain: list[Path], scores: dict[str, list[float]]) -> float:
     """The best mean held-out PSNR of the plain paths with ``path``'s pre-step (zero-shot for none)."""
-    same = [sum(scores[p.name]) / len(scores[p.name]) for p in plain
-            if p.pre == path.pre and p.restorer == "net" and scores[p.name]]
-    return max(same) if same else float("-inf")
+    best = _best_plain(path.pre, plain, scores, restorer="net")
+    return float("-inf") if best is None else best
 
 
 def _finite(value: float | None) -> float | None:
