@@ -227,3 +227,24 @@ def test_a_step_in_chunks_equals_the_step_in_one_batch(tmp_path):
     assert one["meta_loss"] == pytest.approx(chunked["meta_loss"], rel=1e-5)
     for name, value in weights_one.items():
         torch.testing.assert_close(weights_chunked[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_capped_psnr_loss_bounds_the_weight_of_nearly_clean_images():
+    """Per-image PSNR weighs an image by 1/MSE, so one nearly clean patch outweighs a damaged one a
+    thousandfold; the capped loss keeps the same value on damaged images and bounds that ratio."""
+    from metarestore.meta.losses import psnr_capped_loss, psnr_loss
+
+    target = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    scale = torch.tensor([1e-4, 1e-1]).view(2, 1, 1, 1)  # ~80 dB and ~20 dB
+
+    def per_image_grad_norms(loss_fn):
+        pred = (target + scale * noise).requires_grad_()
+        loss_fn(pred, target).backward()
+        return pred.grad.flatten(1).norm(dim=1)
+
+    plain, capped = per_image_grad_norms(psnr_loss), per_image_grad_norms(psnr_capped_loss)
+    assert plain[0] / plain[1] > 50  # the clean image dominates the plain loss...
+    assert capped[0] / capped[1] < 1  # ...and not the capped one
+    damaged = target + 0.1 * noise
+    assert float(psnr_capped_loss(damaged, target)) == pytest.approx(float(psnr_loss(damaged, target)), abs=0.05)
