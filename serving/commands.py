@@ -101,6 +101,11 @@ def serve_command(
     access_log: Annotated[bool, typer.Option("--access-log", help="Log one line per request (Ray Serve's access "
                                              "log, in the console and Ray's log directory); off by default: "
                                              "warnings and errors are shown either way.")] = False,
+    direct_ingress: Annotated[bool, typer.Option("--direct-ingress", help="Clients reach the replica's own HTTP "
+                                                 "server (Ray Serve direct ingress), skipping the proxy's hop; "
+                                                 "its URL is printed at start (a port from 30000-31000, on "
+                                                 "--host); the proxy still answers at --port. One replica, a "
+                                                 "local Ray.")] = False,
 ) -> None:
     """Serve the restorer over HTTP with Ray Serve until Ctrl-C (API docs at /docs)."""
     import signal
@@ -139,6 +144,12 @@ def serve_command(
         raise UserError(str(exc).splitlines()[-1]) from None
 
     replicas = args.num_replicas or 1
+    if direct_ingress and address:
+        raise UserError("--direct-ingress needs the local Ray this command starts (a cluster must be started "
+                        "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 instead)")
+    if direct_ingress and replicas > 1:
+        raise UserError("--direct-ingress serves one replica (each replica gets its own port: several need a "
+                        "load balancer in front); drop --replicas or direct ingress")
     if not address and replicas * args.num_cpus > (os.cpu_count() or 1):
         raise UserError(f"{replicas} replica(s) x {args.num_cpus:g} CPU need more than this machine's "
                         f"{os.cpu_count()} CPUs: lower --replicas or --cpus-per-replica")
@@ -147,7 +158,10 @@ def serve_command(
     from ray import serve
 
     from cluster.ray_runtime import init_ray
+    from serving.ingress import direct_urls, enable_direct_ingress
 
+    if direct_ingress:
+        enable_direct_ingress()  # before Ray starts: its processes read it when they start
     # Like train/tune/evaluate: --address joins a cluster (a submitted job passes `auto`), otherwise a new
     # local Ray; $RAY_ADDRESS alone never redirects a command to someone else's cluster.
     init_ray(address, include_dashboard=False)
@@ -164,8 +178,14 @@ def serve_command(
             raise UserError(f"the application did not start: {_failure(serve, exc)}") from None
         what = f"{ref.name} version {ref.version}" if ref.version else str(ref.path)
         auth = f", bearer token from ${token_env}" if token_env else ""
-        typer.echo(f"serving {what} at http://{host}:{port} ({replicas} replica(s){auth}); "
-                   f"API docs at http://{host}:{port}/docs. Ctrl-C to stop.", err=True)
+        url, via = f"http://{host}:{port}", ""
+        if direct_ingress:
+            urls = direct_urls(APP_NAME, host)
+            if not urls:
+                raise UserError("direct ingress: the replica's HTTP port did not appear in Serve's target groups")
+            url, via = urls[0], f"; through Serve's proxy: http://{host}:{port}"
+        typer.echo(f"serving {what} at {url} ({replicas} replica(s){auth}{via}); "
+                   f"API docs at {url}/docs. Ctrl-C to stop.", err=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
