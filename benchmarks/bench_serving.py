@@ -5,6 +5,7 @@ pass, adapter creation time and the PSNR adapters gain. Prints markdown for docs
     .venv/bin/python benchmarks/bench_serving.py                        # trains the smoke model first (~1 min)
     .venv/bin/python benchmarks/bench_serving.py --model runs/cbsd432/final
     .venv/bin/python benchmarks/bench_serving.py --model M --replicas 2 --threads 1   # compare settings
+    .venv/bin/python benchmarks/bench_serving.py --model builtin:base --direct-ingress  # skip the proxy hop
 
 Starts its own local Ray (2 CPUs) and Serve on 127.0.0.1; everything is stopped at the end. The clients
 share the CPU with the server: run it on a quiet machine (the load average is printed with the figures).
@@ -241,7 +242,12 @@ def main() -> None:
     parser.add_argument("--niceness", type=lambda v: None if v == "ray" else int(v),
                         default=AppArgs.model_fields["niceness"].default, help="Of the replicas ('ray': Ray's 15).")
     parser.add_argument("--max-batch-pixels", type=int, default=AppArgs.model_fields["max_batch_pixels"].default)
+    parser.add_argument("--direct-ingress", action="store_true", help="Ray Serve direct ingress: the clients "
+                        "call the replica's own HTTP server (one replica); 256x256 through the proxy is measured "
+                        "too, in the same run.")
     args = parser.parse_args()
+    if args.direct_ingress and args.replicas != 1:
+        parser.error("--direct-ingress measures one replica (each replica has its own URL)")
 
     import ray
     from ray import serve
@@ -267,9 +273,14 @@ def main() -> None:
     small = [png(c) for c in crops(256, args.requests)]
     large = [png(big_image(1024))] * max(1, args.large_requests)
 
+    if args.direct_ingress:
+        from serving.ingress import enable_direct_ingress
+
+        enable_direct_ingress()  # before Ray starts
     init_ray(num_cpus=int(args.cpus))
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = proxy_url = f"http://127.0.0.1:{port}"
+    http_proxy = None
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config())
         serve.run(build_app({"model": model, "tracking_uri": args.tracking_uri, "num_replicas": args.replicas,
@@ -278,6 +289,11 @@ def main() -> None:
                              "niceness": args.niceness,
                              "adapter_dir": str(Path(tmp.name) / "adapters")}),
                   name="bench", route_prefix="/", logging_config=logging_config())
+        if args.direct_ingress:
+            from serving.ingress import direct_urls
+
+            url = direct_urls("bench", "127.0.0.1")[0]
+            http_proxy = latencies(proxy_url, small)  # the same requests through the proxy, for comparison
         http_small, http_large = latencies(url, small), latencies(url, large)
         loads.append(load())
         rates = {clients: throughput(url, small, clients) for clients in (1, 4, 8)}
@@ -294,7 +310,8 @@ def main() -> None:
           f"{torch.__version__}; model {model} ({sum(p.numel() for p in learner.model.parameters()):,} "
           f"parameters); {args.replicas} Restorer replica(s) x {cpus_per_replica:g} CPU x {threads} torch "
           f"thread(s) at nice {15 if args.niceness is None else args.niceness}, max_batch_size {args.max_batch_size}, max_batch_pixels {args.max_batch_pixels}, tile "
-          f"{args.tile}; load average (1/5/15 min) "
+          f"{args.tile}{'; direct ingress (clients call the replica, not the proxy)' if args.direct_ingress else ''}"
+          f"; load average (1/5/15 min) "
           f"during the run: {', '.join(loads)}.\n")
     print("| measurement | p50 | p99 | throughput |")
     print("|---|---|---|---|")
@@ -307,6 +324,12 @@ def main() -> None:
         print(f"| `POST /v1/restore`, {size}, 1 client | {p50(http):.1f} ms | {p99(http):.1f} ms | |")
         print(f"| overhead of the request path, {size} (HTTP - the replica's forward, per request) | "
               f"{p50([h - f for h, f in zip(http, served, strict=True)]):+.1f} ms | | |")
+    if http_proxy is not None:
+        http, parts = http_proxy
+        print(f"| `POST /v1/restore`, 256x256, 1 client, through Serve's proxy (same run) | {p50(http):.1f} ms | "
+              f"{p99(http):.1f} ms | |")
+        print(f"| overhead of the request path through the proxy, 256x256 | "
+              f"{p50([h - p['forward'] for h, p in zip(http, parts, strict=True)]):+.1f} ms | | |")
     print(f"| raw batched forward, {args.max_batch_size} x 256x256 in one pass | "
           f"{p50(forward['batch']):.1f} ms | | {raw_rate:.2f} images/s |")
     print(f"| the same in passes of at most {args.max_batch_pixels} pixels (`max_batch_pixels`) | "
@@ -326,7 +349,10 @@ def main() -> None:
     names = ["read", "decode", "queue", "forward", "encode", "total"]
     print("| image | " + " | ".join(names) + " | client | hop |")
     print("|---|" + "---|" * (len(names) + 2))
-    for size, (http, parts) in (("256x256", http_small), ("1024x1024", http_large)):
+    rows = [("256x256", http_small), ("1024x1024", http_large)]
+    if http_proxy is not None:
+        rows.insert(1, ("256x256 via proxy", http_proxy))
+    for size, (http, parts) in rows:
         hop = [h - p["total"] for h, p in zip(http, parts, strict=True)]
         cells = [f"{p50([p.get(n, 0.0) for p in parts]):.1f}" for n in names]
         print(f"| {size} | " + " | ".join(cells) + f" | {p50(http):.1f} | {p50(hop):.1f} |")
