@@ -1,11 +1,15 @@
 """`metarestore serve` as a user runs it: a process of its own that starts its own Ray (even with
-$RAY_ADDRESS pointing at another cluster), serves with bearer auth, and stops cleanly on SIGTERM."""
+$RAY_ADDRESS pointing at another cluster), serves with bearer auth, and stops cleanly on SIGTERM; with
+`--direct-ingress` the replica's own HTTP server serves the same app, and every port binds 127.0.0.1 only.
+(One server start covers both paths: the proxy keeps answering under direct ingress.)"""
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +24,7 @@ from skimage import data
 from cluster.ray_runtime import free_port
 from conftest import stop_process_group
 
-pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).with_name("metarestore"))
 
 
 def _png() -> bytes:
@@ -29,19 +33,46 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on ``port`` on this machine (Linux /proc/net)."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(address)
+            # /proc prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+def test_direct_ingress_refuses_several_replicas(tmp_path):
+    result = subprocess.run([CLI, "serve", "--direct-ingress", "--replicas", "2", "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "METARESTORE_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "one replica" in result.stderr, result.stderr
+
+
+@pytest.mark.slow
 def test_serve_command_serves_and_stops_on_sigterm(ray_local, smoke_model, tmp_path):
     port = free_port()
     env = {**os.environ, "SERVE_TOKEN": "s3cret", "METARESTORE_CACHE": str(tmp_path / "cache")}
     assert env.get("RAY_ADDRESS"), "the test session's Ray is exported: serve must not join it"
     log = tmp_path / "serve.log"
-    cli = str(Path(sys.executable).with_name("metarestore"))
+    env.pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)  # the flag alone must turn it on
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [cli, "serve", "--model", smoke_model["checkpoint"], "--host", "127.0.0.1", "--port", str(port),
+            [CLI, "serve", "--direct-ingress", "--model", smoke_model["checkpoint"], "--host", "127.0.0.1", "--port", str(port),
              "--cpus-per-replica", "0.5", "--token-env", "SERVE_TOKEN", "--adapter-dir", str(tmp_path / "ad"),
              "--tracking-uri", smoke_model["tracking_uri"]],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url = direct = f"http://127.0.0.1:{port}"  # direct: the replica's own URL, once printed
     try:
         deadline = time.time() + 240  # a Ray start plus a replica; generous on a loaded machine
         while time.time() < deadline and proc.poll() is None:
@@ -57,7 +88,32 @@ def test_serve_command_serves_and_stops_on_sigterm(ray_local, smoke_model, tmp_p
         assert restored.status_code == 200, restored.text
         assert Image.open(io.BytesIO(restored.content)).size == (96, 96)
         text = log.read_text()
-        assert f"at http://127.0.0.1:{port}" in text
+        found = re.search(r"at http://127\.0\.0\.1:(\d+) \(1 replica\(s\).*through Serve's proxy: "
+                          rf"http://127\.0\.0\.1:{port}\)", text)
+        assert found, text[-3000:]
+        direct = f"http://127.0.0.1:{found.group(1)}"
+        assert found.group(1) != str(port)
+
+        # the same app through the replica's own server: auth, errors, raw bodies and multipart forms
+        auth = {"Authorization": "Bearer s3cret"}
+        assert requests.get(f"{direct}/healthz", timeout=10).status_code == 200
+        refused = requests.post(f"{direct}/v1/restore", data=_png(), headers={"Content-Type": "image/png"},
+                                timeout=60)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        wrong = requests.post(f"{direct}/v1/restore", data=b"xx", timeout=60,
+                              headers={"Content-Type": "text/plain", **auth})
+        assert wrong.status_code == 415 and wrong.json()["error"]["code"] == "unsupported_media_type"
+        raw = requests.post(f"{direct}/v1/restore", data=_png(), headers={"Content-Type": "image/png", **auth},
+                            timeout=120)
+        assert raw.status_code == 200, raw.text
+        assert raw.content == restored.content and raw.headers["X-Replica"] == restored.headers["X-Replica"]
+        assert "read;dur=" in raw.headers["Server-Timing"]
+        form = requests.post(f"{direct}/v1/restore", files={"image": ("a.png", _png(), "image/png")},
+                             headers=auth, timeout=120)
+        assert form.status_code == 200 and form.content == raw.content
+        # this machine only: the replica's port and the proxy's listen on 127.0.0.1, on no other address
+        assert _listening_addresses(int(found.group(1))) == {"127.0.0.1"}
+        assert _listening_addresses(port) == {"127.0.0.1"}
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
         text = log.read_text()
@@ -65,5 +121,6 @@ def test_serve_command_serves_and_stops_on_sigterm(ray_local, smoke_model, tmp_p
         assert "POST /v1/restore" not in text and "CALL " not in text, text[-3000:]  # no access log by default
     finally:
         stop_process_group(proc)
-    with pytest.raises(requests.RequestException):
-        requests.get(f"{url}/healthz", timeout=2)
+    for gone in (url, direct):
+        with pytest.raises(requests.RequestException):
+            requests.get(f"{gone}/healthz", timeout=2)
