@@ -68,8 +68,9 @@ def test_serve_command_serves_and_stops_on_sigterm(ray_local, smoke_model, tmp_p
     env.pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)  # the flag alone must turn it on
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [CLI, "serve", "--direct-ingress", "--model", smoke_model["checkpoint"], "--host", "127.0.0.1", "--port", str(port),
-             "--cpus-per-replica", "0.5", "--token-env", "SERVE_TOKEN", "--adapter-dir", str(tmp_path / "ad"),
+            [CLI, "serve", "--direct-ingress", "--model", smoke_model["checkpoint"], "--host", "127.0.0.1",
+             "--port", str(port), "--cpus-per-replica", "0.5", "--token-env", "SERVE_TOKEN",
+             "--adapter-dir", str(tmp_path / "ad"),
              "--tracking-uri", smoke_model["tracking_uri"]],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = direct = f"http://127.0.0.1:{port}"  # direct: the replica's own URL, once printed
