@@ -222,22 +222,41 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", f"{exc.__class__.__name__} (see the replica's log)")
 
 
-@app.middleware("http")
-async def _authenticate(request: Request, call_next):
-    """With a token configured, every route but /healthz needs ``Authorization: Bearer <token>``."""
-    max_header = getattr(request.app.state, "max_header_bytes", None)
-    if max_header is not None and sum(len(k) + len(v) for k, v in request.scope["headers"]) > max_header:
-        return error_response(431, "headers_too_large", f"request headers exceed {max_header // 1024} KiB")
-    token: str | None = getattr(request.app.state, "token", None)
-    path, root = request.url.path, request.scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):]
-    if token is not None and path != "/healthz":
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+class _Authenticate:
+    """With a token configured, every route but /healthz needs ``Authorization: Bearer <token>``; headers
+    larger than the app's ``max_header_bytes`` get 431. A plain ASGI middleware: Starlette's
+    ``@app.middleware("http")`` wraps every request and response body in extra tasks and streams."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refused = self._refusal(scope)
+            if refused is not None:
+                return await refused(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _refusal(scope) -> JSONResponse | None:
+        state = scope["app"].state
+        max_header = getattr(state, "max_header_bytes", None)
+        if max_header is not None and sum(len(k) + len(v) for k, v in scope["headers"]) > max_header:
+            return error_response(431, "headers_too_large", f"request headers exceed {max_header // 1024} KiB")
+        token: str | None = getattr(state, "token", None)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if token is None or path == "/healthz":
+            return None
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+        scheme, _, given = authorization.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             return error_response(401, "unauthorized", "missing or wrong bearer token")
-    return await call_next(request)
+        return None
 
+
+app.add_middleware(_Authenticate)
 
 add_page(app)  # the web page at /: added last, so it answers before authentication (it holds no secret)
 

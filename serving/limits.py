@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
 import warnings
+import zlib
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -156,13 +158,36 @@ def _not_png_or_jpeg(data: bytes, what: str) -> ApiError:
 def encode_png(image: torch.Tensor, grey: bool = False, level: int = 0) -> bytes:
     """A float (1, 3, H, W) or (3, H, W) tensor in [0, 1] -> PNG bytes (grey in, grey out).
 
-    zlib ``level`` 0 by default: 2.5x faster than level 1 for about 15% more bytes (photographs barely
-    compress losslessly), the better trade for a transient response. Colour goes through torchvision's
-    libpng encoder (half the time of Pillow's at 256x256, no PIL image in between); grey through Pillow,
-    whose luma conversion defines what a grey client gets back."""
+    zlib ``level`` 0 by default, the better trade for a transient response (photographs barely compress
+    losslessly): written as stored blocks with no row filters (``stored_png``), 4x faster than libpng at
+    level 0, which still runs its per-row filter search. Above 0, colour goes through torchvision's libpng
+    encoder. Grey goes through Pillow's luma conversion, which defines what a grey client gets back."""
     if grey:
+        pil = to_pil(image, grey)
+        if level == 0:
+            return stored_png(np.asarray(pil))
         buf = io.BytesIO()
-        to_pil(image, grey).save(buf, format="PNG", compress_level=level)
+        pil.save(buf, format="PNG", compress_level=level)
         return buf.getvalue()
-    return torchvision.io.encode_png(to_uint8(image[0] if image.ndim == 4 else image),
-                                     compression_level=level).numpy().tobytes()
+    pixels = to_uint8(image[0] if image.ndim == 4 else image)
+    if level == 0:
+        return stored_png(pixels.permute(1, 2, 0).numpy())
+    return torchvision.io.encode_png(pixels, compression_level=level).numpy().tobytes()
+
+
+def stored_png(pixels: np.ndarray) -> bytes:
+    """(H, W) grey or (H, W, 3) RGB uint8 -> an uncompressed PNG (filter 0 on every row, zlib level 0).
+
+    The format's own minimum (signature, IHDR, one IDAT, IEND; RFC 2083): what libpng writes at level 0
+    without the filter search, which is most of its time on a 256x256 image."""
+    height, width = pixels.shape[:2]
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    rows = np.zeros((height, 1 + width * channels), np.uint8)  # column 0: the row's filter type, 0 (none)
+    rows[:, 1:] = pixels.reshape(height, width * channels)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    return b"".join((b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", header),
+                     _chunk(b"IDAT", zlib.compress(rows.data, 0)), _chunk(b"IEND", b"")))
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))

@@ -529,14 +529,18 @@ def test_adapter_store_ttl_and_lru_by_bytes():
     assert not store.delete(c)
 
 
-def test_png_responses_hold_exactly_the_restored_pixels_grey_in_grey_out():
+@pytest.mark.parametrize("level", [0, 1])  # 0: the stored PNG written here; 1: libpng / Pillow
+@pytest.mark.parametrize("size", [(37, 53), (300, 250)])  # the second spans several zlib stored blocks
+def test_png_responses_hold_exactly_the_restored_pixels_grey_in_grey_out(level, size):
+    from metarestore.data.images import to_pil
     from metarestore.pixels import to_uint8
     from serving.limits import decode_image, encode_png
 
-    image = torch.rand(1, 3, 37, 53)
-    colour = Image.open(io.BytesIO(encode_png(image)))
-    assert colour.mode == "RGB" and colour.size == (53, 37)
+    image = torch.rand(1, 3, *size)
+    colour = Image.open(io.BytesIO(encode_png(image, level=level)))
+    assert colour.mode == "RGB" and colour.size == size[::-1]
     assert np.array_equal(np.asarray(colour), to_uint8(image[0]).permute(1, 2, 0).numpy())
-    back, grey = decode_image(encode_png(image), max_pixels=10_000)
+    back, grey = decode_image(encode_png(image, level=level), max_pixels=100_000)
     assert not grey and torch.equal(back, to_uint8(image) / 255.0)
-    assert Image.open(io.BytesIO(encode_png(image, grey=True))).mode == "L"
+    luma = Image.open(io.BytesIO(encode_png(image, grey=True, level=level)))
+    assert luma.mode == "L" and np.array_equal(np.asarray(luma), np.asarray(to_pil(image, grey=True)))
