@@ -112,3 +112,16 @@ def test_a_conditioned_run_resumes_an_unconditioned_one_and_trains_its_encoder(t
     own = rates[id(trainer.model.intro.weight)]
     assert own == pytest.approx(outer_lr_at(trainer.cfg, trainer.step - 1))
     assert rates[id(trainer.model.condition.encoder.project.weight)] == pytest.approx(lr_scale * own)
+
+
+def test_a_fine_tune_may_add_the_conditioning_to_an_unconditioned_model(perturbed_smoke_checkpoint, tmp_path):
+    from metarestore.checkpoint import load_checkpoint
+
+    cfg = smoke_config(tmp_path / "run", "model.width=4", f"train.init={perturbed_smoke_checkpoint}",
+                       "model.condition=degradation")
+    trainer = MetaTrainer(cfg, device="cpu")
+    assert cfg.model.width == 8 and cfg.model.condition == "degradation"  # the model's shape, plus conditioning
+    source = load_checkpoint(perturbed_smoke_checkpoint).model
+    own = trainer.model.state_dict()
+    assert set(own) - set(source) == {k for k in own if k.startswith(PREFIX)} != set()
+    assert all(torch.equal(own[k], v) for k, v in source.items())
