@@ -160,24 +160,17 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                            info: dict[str, Any], positions: list[int] | None = None) -> None:
-    """Restore what ``optimizer_to_tensors`` saved. ``positions``: where each saved parameter (of a checkpoint
-    with one group) now sits among the optimizer's parameters (its groups' in order), when the optimizer has
-    gained parameters; the new ones start with no state (fresh moments), and every group takes the saved
-    group's hyper-parameters beside its own extra keys (such as ``lr_scale``)."""
+    """Restore what ``optimizer_to_tensors`` saved. ``positions``: where each saved parameter now sits in
+    an optimizer of one group that has gained parameters; the new ones start with no state (fresh moments)."""
     groups = info["param_groups"]
     if positions is not None:
-        if len(groups) != 1:
-            raise ValueError("only an optimizer saved with one parameter group can gain parameters")
+        if len(groups) != 1 or len(optimizer.param_groups) != 1:
+            raise ValueError("an optimizer that gained parameters must have one parameter group")
         saved = groups[0]["params"]
         if len(saved) != len(positions):
             raise ValueError(f"the checkpoint's optimizer holds {len(saved)} parameters, expected {len(positions)}")
         moved = dict(zip(saved, positions, strict=True))
-        groups, start = [], 0
-        for own in optimizer.param_groups:
-            n = len(own["params"])
-            groups.append({**{k: v for k, v in own.items() if k != "params"}, **info["param_groups"][0],
-                           "params": list(range(start, start + n))})
-            start += n
+        groups = [{**groups[0], "params": list(range(len(optimizer.param_groups[0]["params"])))}]
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):

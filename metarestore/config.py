@@ -82,9 +82,6 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
-    # the conditioning's parameters (model.condition) learn at this multiple of the outer rate: added to a
-    # run late in its schedule they start at zero, and at the run's low rate they grow too slowly to matter
-    condition_lr_scale: float = 1.0
     grad_clip: float = 1.0
     log_every: int = 10
     val_every: int = 100
@@ -195,8 +192,6 @@ class Config:
                            "distributed.workers": self.distributed.workers}.items():
             if value < 1:
                 problems.append(f"{key} must be >= 1")
-        if self.train.condition_lr_scale <= 0:
-            problems.append("train.condition_lr_scale must be > 0")
         if self.meta.zero_shot_weight < 0:
             problems.append("meta.zero_shot_weight must be >= 0")
         if self.meta.inner_steps < 0:

@@ -22,7 +22,6 @@ from metarestore.errors import ResumeError
 from metarestore.fewshot import Task, few_shot
 from metarestore.meta import MetaLearner, flat_grad, make_learner, set_flat_grad
 from metarestore.model import RestorationNet, count_parameters
-from metarestore.model.condition import PREFIX
 from metarestore.model.network import load_weights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -53,22 +52,11 @@ def plan_step(cfg: Config, step: int) -> list[TaskSpec]:
     return tasks
 
 
-def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
-    """``params``: a list of parameters, or of groups (dicts); a group's ``lr_scale`` multiplies the outer rate."""
+def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.outer_lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.outer_lr, weight_decay=t.weight_decay)
-
-
-def parameter_groups(learner: MetaLearner, cfg: Config) -> list[torch.nn.Parameter] | list[dict]:
-    """One group, or two when the conditioning learns at its own multiple of the rate (``condition_lr_scale``)."""
-    named = list(learner.named_parameters())
-    if cfg.train.condition_lr_scale == 1.0 or not any(n.startswith(f"model.{PREFIX}") for n, _ in named):
-        return [p for _, p in named]
-    own = [p for n, p in named if not n.startswith(f"model.{PREFIX}")]
-    conditioning = [p for n, p in named if n.startswith(f"model.{PREFIX}")]
-    return [{"params": own}, {"params": conditioning, "lr_scale": cfg.train.condition_lr_scale}]
 
 
 def outer_lr_at(cfg: Config, step: int) -> float:
@@ -127,7 +115,7 @@ class MetaTrainer:
             load_weights(self.learner.model, {k: v.to(self.device) for k, v in init.items()})
         self.model = self.learner.model
         self.params = [p for p in self.learner.parameters()]
-        self.optimizer = build_optimizer(parameter_groups(self.learner, cfg), cfg)
+        self.optimizer = build_optimizer(self.params, cfg)
         self.sampler = EpisodeSampler(load_images(cfg.data.train, "train"), cfg.data.patch_size,
                                       cfg.data.support, cfg.data.query)
         self.step = 0  # the next step to run
@@ -170,7 +158,7 @@ class MetaTrainer:
             else torch.linalg.vector_norm(flat[:n])
         lr = outer_lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
         self.optimizer.step()
         self.step += 1
         f = len(self.families)
@@ -226,10 +214,10 @@ class MetaTrainer:
             raise ResumeError(f"the checkpoint's learner state ({', '.join(sorted(saved)) or 'none'}) is not this "
                               f"algorithm's ({', '.join(sorted(own)) or 'none'})")
         self.learner.load_state_dict({**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **saved})
-        order = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
-        kept = [order[id(p)] for n, p in self.learner.named_parameters() if n not in fresh]
+        names = [n for n, _ in self.learner.named_parameters()]
         optimizer_from_tensors(self.optimizer, {k: v.to(self.device) for k, v in ckpt.training_tensors.items()},
-                               ckpt.training_state["optimizer"], positions=kept if fresh else None)
+                               ckpt.training_state["optimizer"],
+                               positions=[i for i, n in enumerate(names) if n not in fresh] if fresh else None)
         self.step = int(ckpt.training_state["sampler"]["next_step"])
 
 
