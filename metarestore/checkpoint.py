@@ -159,7 +159,18 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
 
 
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                           info: dict[str, Any]) -> None:
+                           info: dict[str, Any], positions: list[int] | None = None) -> None:
+    """Restore what ``optimizer_to_tensors`` saved. ``positions``: where each saved parameter now sits in
+    an optimizer of one group that has gained parameters; the new ones start with no state (fresh moments)."""
+    groups = info["param_groups"]
+    if positions is not None:
+        if len(groups) != 1 or len(optimizer.param_groups) != 1:
+            raise ValueError("an optimizer that gained parameters must have one parameter group")
+        saved = groups[0]["params"]
+        if len(saved) != len(positions):
+            raise ValueError(f"the checkpoint's optimizer holds {len(saved)} parameters, expected {len(positions)}")
+        moved = dict(zip(saved, positions, strict=True))
+        groups = [{**groups[0], "params": list(range(len(optimizer.param_groups[0]["params"])))}]
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):
@@ -168,7 +179,9 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for name, value in info.get("scalars", {}).items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    if positions is not None:
+        state = {moved[index]: values for index, values in state.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

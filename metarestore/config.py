@@ -18,7 +18,7 @@ import yaml
 from metarestore.errors import UserError
 
 OPTIMIZERS = ("adamw", "sgd")
-INNER_LR_GROUPS = ("default", "intro", "encoder", "middle", "decoder", "ending")
+INNER_LR_GROUPS = ("default", "intro", "encoder", "middle", "decoder", "ending", "condition")
 
 
 class ConfigError(UserError, ValueError):
@@ -54,6 +54,9 @@ class ModelConfig:
     middle_blocks: int = 2
     dec_blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
     adapt: str = "film"  # the adapter kind the inner loop adapts (metarestore.model.kinds.KINDS)
+    # none | degradation: a degradation encoder whose embedding scales and shifts every block's output
+    # (metarestore.model.condition); starts as a no-op, so it loads an unconditioned checkpoint
+    condition: str = "none"
 
 
 @dataclass
@@ -145,6 +148,7 @@ class Config:
         from metarestore import degradations
         from metarestore.meta.learner import ALGORITHMS  # the registries are the one source of names
         from metarestore.meta.losses import LOSSES
+        from metarestore.model.condition import CONDITIONS
         from metarestore.model.kinds import KINDS
 
         problems = []
@@ -152,6 +156,8 @@ class Config:
             problems.append(f"meta.algorithm must be one of {', '.join(ALGORITHMS)}")
         if self.model.adapt not in KINDS:
             problems.append(f"model.adapt must be one of {', '.join(KINDS)}")
+        if self.model.condition not in CONDITIONS:
+            problems.append(f"model.condition must be one of {', '.join(CONDITIONS)}")
         if self.train.lr_schedule not in ("constant", "cosine"):
             problems.append("train.lr_schedule must be constant or cosine")
         if self.train.precision not in ("fp32", "bf16"):

@@ -22,6 +22,7 @@ from metarestore.errors import ResumeError
 from metarestore.fewshot import Task, few_shot
 from metarestore.meta import MetaLearner, flat_grad, make_learner, set_flat_grad
 from metarestore.model import RestorationNet, count_parameters
+from metarestore.model.network import load_weights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,7 +87,8 @@ class ValidationResult:
 
 def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     """``train.init``: the weights to fine-tune from. The network's shape comes from that model, so
-    ``cfg.model`` is set to its model section (a fine-tune cannot change the architecture)."""
+    ``cfg.model`` is set to its model section (a fine-tune cannot change the architecture), except that
+    ``model.condition: degradation`` may add the conditioning (it starts as a no-op)."""
     if not cfg.train.init:
         return None
     from metarestore.checkpoint import load_checkpoint
@@ -94,7 +96,10 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     from metarestore.hub import resolve
 
     ckpt = load_checkpoint(resolve(cfg.train.init, cfg.tracking.uri).path)
-    cfg.model = from_dict(ckpt.metadata["config"]).model
+    saved = from_dict(ckpt.metadata["config"]).model
+    if cfg.model.condition != "none":
+        saved.condition = cfg.model.condition
+    cfg.model = saved
     return ckpt.model
 
 
@@ -107,7 +112,7 @@ class MetaTrainer:
         init = initial_weights(cfg)
         self.learner = build_learner(cfg, self.device)
         if init is not None:
-            self.learner.model.load_state_dict({k: v.to(self.device) for k, v in init.items()})
+            load_weights(self.learner.model, {k: v.to(self.device) for k, v in init.items()})
         self.model = self.learner.model
         self.params = [p for p in self.learner.parameters()]
         self.optimizer = build_optimizer(self.params, cfg)
@@ -197,8 +202,11 @@ class MetaTrainer:
                          "sampler": {"seed": self.cfg.seed, "next_step": self.step}}
 
     def load_state(self, ckpt: Checkpoint) -> None:
-        """Resume: weights, optimizer, learned inner rates and the sampler's position."""
-        self.model.load_state_dict({k: v.to(self.device) for k, v in ckpt.model.items()})
+        """Resume: weights, optimizer, learned inner rates and the sampler's position.
+
+        A conditioned run resumes from an unconditioned checkpoint: the conditioning parameters keep their
+        initial values and start with fresh optimizer state (the others' AdamW moments carry over)."""
+        fresh = {f"model.{k}" for k in load_weights(self.model, {k: v.to(self.device) for k, v in ckpt.model.items()})}
         own = self.learner_state()
         saved = {k[len("learner."):]: v.to(self.device) for k, v in ckpt.training_tensors.items()
                  if k.startswith("learner.")}
@@ -206,8 +214,10 @@ class MetaTrainer:
             raise ResumeError(f"the checkpoint's learner state ({', '.join(sorted(saved)) or 'none'}) is not this "
                               f"algorithm's ({', '.join(sorted(own)) or 'none'})")
         self.learner.load_state_dict({**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **saved})
+        names = [n for n, _ in self.learner.named_parameters()]
         optimizer_from_tensors(self.optimizer, {k: v.to(self.device) for k, v in ckpt.training_tensors.items()},
-                               ckpt.training_state["optimizer"])
+                               ckpt.training_state["optimizer"],
+                               positions=[i for i, n in enumerate(names) if n not in fresh] if fresh else None)
         self.step = int(ckpt.training_state["sampler"]["next_step"])
 
 

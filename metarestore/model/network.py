@@ -8,16 +8,23 @@ from torch import nn
 
 from metarestore.config import ModelConfig
 from metarestore.model.blocks import NAFBlock
+from metarestore.model.condition import CONDITIONS, PREFIX, DegradationCondition
 
 STAGES = ("intro", "encoder", "middle", "decoder", "ending")
 
 
 class RestorationNet(nn.Module):
-    """U-Net of NAFBlocks; accepts any H x W (pads to a multiple of 2**stages, then crops back)."""
+    """U-Net of NAFBlocks; accepts any H x W (pads to a multiple of 2**stages, then crops back).
+
+    ``condition="degradation"`` adds a degradation encoder whose embedding scales and shifts every block's
+    output (``metarestore.model.condition``); it starts as a no-op, so the network computes the same.
+    """
 
     def __init__(self, width: int = 16, enc_blocks=(1, 1, 2), middle_blocks: int = 2,
-                 dec_blocks=(1, 1, 1), adapt: str = "film", channels: int = 3):
+                 dec_blocks=(1, 1, 1), adapt: str = "film", channels: int = 3, condition: str = "none"):
         super().__init__()
+        if condition not in CONDITIONS:
+            raise ValueError(f"unknown condition {condition!r} (known: {', '.join(CONDITIONS)})")
         self.adapt_mode = adapt
         self.intro = nn.Conv2d(channels, width, 3, padding=1)
         self.encoders, self.downs = nn.ModuleList(), nn.ModuleList()
@@ -36,26 +43,52 @@ class RestorationNet(nn.Module):
         nn.init.zeros_(self.ending.weight)  # start as the identity: the network learns the residual
         nn.init.zeros_(self.ending.bias)
         self.multiple = 2 ** len(enc_blocks)
+        # registered last, so the conditioning parameters follow the network's own in ``parameters()``
+        self.condition = None
+        if condition == "degradation":
+            blocks = [b.film_scale.shape[1] for b in self.modules() if isinstance(b, NAFBlock)]
+            self.condition = DegradationCondition(blocks, channels)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> RestorationNet:
-        return cls(cfg.width, tuple(cfg.enc_blocks), cfg.middle_blocks, tuple(cfg.dec_blocks), cfg.adapt)
+        return cls(cfg.width, tuple(cfg.enc_blocks), cfg.middle_blocks, tuple(cfg.dec_blocks), cfg.adapt,
+                   condition=cfg.condition)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
         inp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+        modulations = iter(self.condition(x)) if self.condition is not None else None
+
+        def run(stage: nn.Sequential, y: torch.Tensor) -> torch.Tensor:
+            if modulations is None:
+                return stage(y)
+            for block in stage:
+                scale, shift = next(modulations)
+                y = block(y) * (1 + scale) + shift
+            return y
+
         y = self.intro(inp)
         skips = []
         for encoder, down in zip(self.encoders, self.downs, strict=True):
-            y = encoder(y)
+            y = run(encoder, y)
             skips.append(y)
             y = down(y)
-        y = self.middle(y)
+        y = run(self.middle, y)
         for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips), strict=True):
-            y = decoder(up(y) + skip)
+            y = run(decoder, up(y) + skip)
         y = self.ending(y) + inp
         return y[..., :h, :w]
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """``model.load_state_dict(state)``, strict, except that a conditioned model also takes the weights of an
+    unconditioned one: the conditioning parameters it lacks keep their (no-op) initial values.
+    Returns the names of the parameters left at their initial values."""
+    own = model.state_dict()
+    fresh = [] if any(k.startswith(PREFIX) for k in state) else [k for k in own if k.startswith(PREFIX)]
+    model.load_state_dict({**{k: own[k] for k in fresh}, **state})
+    return fresh
 
 
 def param_group(name: str) -> str:
