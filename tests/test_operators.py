@@ -301,6 +301,34 @@ def test_a_budget_never_yields_a_path_scored_on_fitted_pairs(learner):
         assert free.info["steps"] == 2 and free.info["validation_steps"] == 1
 
 
+def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeypatch):
+    """With a clock that only the gradient steps advance (0.01 s per step and window), the budget admits
+    a further adapted candidate only if the time spent, that candidate's validation and the final fit
+    (predicted from the previous candidate's cost per step and window) fit in it: deterministic, no timing."""
+    import types
+
+    import metarestore.operators.adapter as adapter_module
+
+    clock = [0.0]
+    real_adapt = learner.adapt
+
+    def adapt(x, y, steps=None, **kw):
+        clock[0] += 0.01 * steps * (x.shape[0] * x.shape[1] if x.dim() == 5 else x.shape[0])
+        return real_adapt(x, y, steps, **kw)
+
+    monkeypatch.setattr(learner, "adapt", adapt)
+    monkeypatch.setattr(adapter_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    clean = crops(48, 4)
+    degraded = (clean * torch.tensor([1.25, 1.0, 0.8]).view(1, 3, 1, 1)).clamp(0, 1)
+    paths = ["zero_shot", "film", "lora"]
+    # 2 folds x 3 pairs x 1 step: 0.06 s per candidate; the final fit, 2 steps x 4 pairs: 0.08 s
+    kw = {"paths": paths, "steps": 2, "validation_steps": 1, "max_folds": 2}
+    tight = fit_adapter(learner, degraded, clean, budget_s=0.15, **kw)  # 0.06 + 0.06 + 0.08 > 0.15
+    assert tight.info["skipped"] == ["lora"] and tight.info["scores"]["film"] is not None
+    roomy = fit_adapter(learner, degraded, clean, budget_s=0.25, **kw)  # 0.20 <= 0.25: both validated
+    assert roomy.info["skipped"] == [] and roomy.info["scores"]["lora"] is not None
+
+
 def test_candidates_are_scored_on_the_central_window_of_held_out_pairs(learner):
     """With ``score_side`` every candidate is scored on the same central window of each held-out pair (and
     only there): zero-shot's score is the held-out windows' PSNR, whatever lies outside them."""

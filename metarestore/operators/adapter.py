@@ -326,10 +326,12 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     forward passes then see that window only): what a path does to a uniform degradation shows on a
     window as well as on the whole, at a fraction of the forward passes.
 
-    ``budget_s``: wall-clock seconds for the whole validation. Adapted candidates are validated in the
-    order of their pre-step's own held-out score (best first, so the most promising comes first), and
-    one is skipped (score null, listed in the info's ``skipped``) when the time spent plus what the
-    previous one took would pass the budget; the paths that refine a pre-step (``hqs``) are skipped
+    ``budget_s``: wall-clock seconds for the whole fit, the chosen path's final fit included. Adapted
+    candidates are validated in the order of their pre-step's own held-out score (best first, so the most
+    promising comes first), and one is skipped (score null, listed in the info's ``skipped``) when the
+    time spent, plus what the previous one took, plus the final fit that one would need (its measured
+    cost per gradient step and window times the final fit's steps and pairs) would pass the budget; the
+    first adapted candidate is validated whenever the plain paths left time; the paths that refine a pre-step (``hqs``) are skipped
     alike when the plain paths alone spent it; a skipped candidate is never chosen, so the choice is
     always among paths scored on held-out pairs. None: no budget (deterministic).
 
@@ -387,10 +389,11 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     if adapted and on_fold is not None:
         for _, _, _, _, fit_idx, held_idx in folds:
             on_fold(list(fit_idx), held_idx)
-    last = 0.0
+    last = final = 0.0
+    windows = sum(int(f[0].shape[0]) for f in folds)  # fit pairs over the folds: one window each per step
     for path in adapted:
         begun = time.perf_counter()
-        if budget_s is not None and begun - start + last > budget_s:
+        if budget_s is not None and begun - start + last + final > budget_s:
             skipped.append(path.name)
             continue
         try:
@@ -398,6 +401,8 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         except (ValueError, RuntimeError, torch.linalg.LinAlgError):
             scores[path.name] = [float("-inf")] * len(folds)
         last = time.perf_counter() - begun
+        # the final fit this candidate would need, at its measured cost per gradient step and window
+        final = last * steps * support_x.shape[0] / max(1, validation_steps * windows)
     mean = {name: (sum(v) / len(v) if v else float("nan")) for name, v in scores.items()}
     if scheme == "forced":
         chosen = candidates[0]
