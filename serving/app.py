@@ -109,10 +109,10 @@ class AppArgs(BaseModel):
     adapt_validation_steps: int = Field(3, ge=1, description="Gradient steps of each adapted candidate path in "
                                         "kind=auto's validation (the chosen path is then fitted with the "
                                         "request's steps): a few steps rank candidates at a fraction of the cost.")
-    adapt_budget_s: float | None = Field(1.0, gt=0, description="Wall-clock seconds for validating an adapter's "
-                                         "candidate paths: adapted (and hqs) candidates that would pass it are "
-                                         "skipped (never chosen, listed in the adapter's skipped); the chosen "
-                                         "path's final fit comes on top. None: no budget.")
+    adapt_budget_s: float | None = Field(1.0, gt=0, description="Wall-clock seconds for an adapter's fit, the "
+                                         "chosen path's final fit included: adapted (and hqs) candidates that "
+                                         "would pass it (with the final fit they predict) are skipped (never "
+                                         "chosen, listed in the adapter's skipped). None: no budget.")
     adapt_score_side: int | None = Field(64, ge=8, description="Candidate paths are scored on the central window "
                                          "of this side of each held-out pair (the same pixels for all; 4x fewer "
                                          "pixels to pre-step and restore than 128 px pairs). None: whole pairs.")

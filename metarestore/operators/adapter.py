@@ -46,7 +46,7 @@ FORMAT = "metarestore-operator-adapter"
 VERSION = 1
 MIN_HALF = 32
 HELPS_DB = 0.1  # what a pre-step must gain over zero-shot, held out, before adapted paths build on it
-REFINES = {"hqs": "deconv"}  # pre-steps that refine another one: scored only where that one helps
+REFINES = {"hqs": "deconv", "rl": "deconv"}  # pre-steps scored only where the one they refine helps
 ADAPTER_FILE = "adapter.safetensors"
 INFO_FILE = "adapter.json"
 
@@ -326,10 +326,12 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     forward passes then see that window only): what a path does to a uniform degradation shows on a
     window as well as on the whole, at a fraction of the forward passes.
 
-    ``budget_s``: wall-clock seconds for the whole validation. Adapted candidates are validated in the
-    order of their pre-step's own held-out score (best first, so the most promising comes first), and
-    one is skipped (score null, listed in the info's ``skipped``) when the time spent plus what the
-    previous one took would pass the budget; the paths that refine a pre-step (``hqs``) are skipped
+    ``budget_s``: wall-clock seconds for the whole fit, the chosen path's final fit included. Adapted
+    candidates are validated in the order of their pre-step's own held-out score (best first, so the most
+    promising comes first), and one is skipped (score null, listed in the info's ``skipped``) when the
+    time spent, plus what the previous one took, plus the final fit that one would need (its measured
+    cost per gradient step and window times the final fit's steps and pairs) would pass the budget; the
+    first adapted candidate is validated whenever the plain paths left time; the paths that refine a pre-step (``hqs``) are skipped
     alike when the plain paths alone spent it; a skipped candidate is never chosen, so the choice is
     always among paths scored on held-out pairs. None: no budget (deterministic).
 
@@ -358,13 +360,16 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     held_pres: list[dict] = [{} for _ in folds]  # per fold: pre-stepped held-out images, reused in round two
     # Round one: the paths without gradient steps (forward passes only), fold by fold; then those that
     # refine another pre-step (hqs: deconv), only where that one helps (``_pre_helps``).
-    first = [p for p in plain if p.pre not in REFINES]
     for fit_x, fit_y, held_x, held_y, fit_idx, held_idx in folds:
         if on_fold is not None:
             on_fold(list(fit_idx), held_idx)
         fitted.append(Operators.fit(fit_y, fit_x, {p.operator for p in candidates if p.operator}))
         before.append(psnr(held_x, held_y))
-        for name, score in _plain_scores(learner, first, fitted[-1], held_x, held_y, held_pres[len(fitted) - 1]).items():
+    ruled_out = _ruled_out(candidates, fitted)
+    plain = [p for p in plain if p.name not in ruled_out]
+    first = [p for p in plain if p.pre not in REFINES]
+    for n, (_, _, held_x, held_y, _, _) in enumerate(folds):
+        for name, score in _plain_scores(learner, first, fitted[n], held_x, held_y, held_pres[n]).items():
             scores[name].append(score)
     refining = [p for p in plain if p.pre in REFINES and _pre_helps(REFINES[p.pre], first, scores)]
     skipped: list[str] = []
@@ -378,15 +383,17 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
             scores[name].append(score)
     # Round two: the adapted paths, each only on a pre-step that helps by itself (``_pre_helps``),
     # best pre-step first, every candidate's folds in one batched adaptation, within the budget.
-    adapted = [p for p in candidates if p.adapted and _pre_helps(p.pre, plain, scores)] if folds else []
+    adapted = [p for p in candidates if p.adapted and p.name not in ruled_out
+               and _pre_helps(p.pre, plain, scores)] if folds else []
     adapted.sort(key=lambda p: -_base_score(p, plain, scores))  # stable: ties keep the candidates' order
     if adapted and on_fold is not None:
         for _, _, _, _, fit_idx, held_idx in folds:
             on_fold(list(fit_idx), held_idx)
-    last = 0.0
+    last = final = 0.0
+    windows = sum(int(f[0].shape[0]) for f in folds)  # fit pairs over the folds: one window each per step
     for path in adapted:
         begun = time.perf_counter()
-        if budget_s is not None and begun - start + last > budget_s:
+        if budget_s is not None and begun - start + last + final > budget_s:
             skipped.append(path.name)
             continue
         try:
@@ -394,6 +401,8 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         except (ValueError, RuntimeError, torch.linalg.LinAlgError):
             scores[path.name] = [float("-inf")] * len(folds)
         last = time.perf_counter() - begun
+        # the final fit this candidate would need, at its measured cost per gradient step and window
+        final = last * steps * support_x.shape[0] / max(1, validation_steps * windows)
     mean = {name: (sum(v) / len(v) if v else float("nan")) for name, v in scores.items()}
     if scheme == "forced":
         chosen = candidates[0]
@@ -424,12 +433,22 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         "psnr_after": _finite(mean.get(chosen.name)) if folds else None,
         "psnr_zero_shot": _finite(mean.get("zero_shot")) if folds else None,
         "scores": {name: _finite(v) for name, v in mean.items()} if folds else {},
-        "skipped": skipped,
+        "skipped": skipped, "ruled_out": sorted(ruled_out),
         "residuals": dict(ops.residuals), "kernel_residual": kernel_fit.residual,
         "noise": fit_noise(kernel_fit.apply(support_y.double()), support_x.double()).as_dict(),
     }
     info["fit_ms"] = round((time.perf_counter() - start) * 1000, 1)
     return Adapter(learner, chosen, ops, params, info)
+
+
+def _ruled_out(candidates: list[Path], fitted: list[Operators]) -> set[str]:
+    """Candidates that a closed-form check on every fold's operators rules out before any is scored: the
+    kernel paths (deconv, hqs, wiener, rl and adapted paths on them) where every fold's kernel is the
+    identity (``KernelFit.identity``: nothing to deconvolve, they could only smooth). Never chosen."""
+    kernels = [ops.kernel for ops in fitted]
+    if not kernels or any(k is None or not k.identity for k in kernels):
+        return set()
+    return {p.name for p in candidates if p.operator == "kernel"}
 
 
 def _base_score(path: Path, plain: list[Path], scores: dict[str, list[float]]) -> float:

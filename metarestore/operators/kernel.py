@@ -20,6 +20,7 @@ from metarestore.operators.fourier import convolve, otf_to_kernel, taper
 
 MAX_KERNEL = 31
 LAMBDAS = (1e-4, 1e-3, 1e-2)
+IDENTITY_TAP = 0.9  # a unit-sum kernel with at least this much weight on its centre tap blurs nothing
 
 
 @dataclass
@@ -33,6 +34,14 @@ class KernelFit:
 
     def apply(self, clean: torch.Tensor) -> torch.Tensor:
         return convolve(clean, self.kernel)
+
+    @property
+    def identity(self) -> bool:
+        """Whether the kernel is (nearly) the identity in every channel: there is no blur to undo, and a
+        deconvolution with it can only smooth (a colour cast or noise fits such a kernel)."""
+        r = self.size // 2
+        centre = self.kernel[..., r, r] / self.kernel.sum(dim=(-2, -1)).clamp(min=1e-12)
+        return bool((centre >= IDENTITY_TAP).all())
 
 
 def _check_pairs(clean: torch.Tensor, degraded: torch.Tensor) -> None:
