@@ -8,10 +8,13 @@ replica; adapters made on any replica are used on every replica).
 
 # No `from __future__ import annotations`: FastAPI must see real types on the class-based routes.
 import asyncio
+import contextvars
+import functools
 import hmac
 import math
 import os
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +68,10 @@ class AppArgs(BaseModel):
     niceness: int | None = Field(0, ge=0, le=19, description="Scheduling niceness of the Restorer replicas. "
                                  "Ray starts its workers at 15, below anything else on the machine (a training "
                                  "job at nice 10 takes 3x a replica's share of a shared core); None: Ray's.")
-    compute_slots: int = Field(2, ge=1, description="Forward passes and adaptations a replica runs at once, "
-                               "each on its own copy of the model (bounds their memory too).")
+    compute_slots: int = Field(1, ge=1, description="Forward passes and adaptations a replica runs at once, "
+                               "each on its own thread and copy of the model (bounds their memory too). 1 on "
+                               "CPU: two threads running torch's OpenMP regions slow each other down 2x "
+                               "(docs/benchmarks.md); more on a GPU.")
     max_batch_size: int = Field(8, ge=1, description="Restore requests batched together.")
     max_batch_pixels: int | None = Field(131072, ge=1, description="Most pixels of one forward pass: a batch "
                                          "runs in chunks of this size (on CPU small passes stay in the caches: "
@@ -308,6 +313,12 @@ _ADAPTER_BODY["requestBody"]["content"][MULTIPART]["schema"]["properties"].updat
 
 
 # Helpers come before the deployment: Serve serialises the class when it is decorated.
+async def _on(executor: Executor, fn, *args):
+    """``fn(*args)`` on one of ``executor``'s threads (with the caller's context, as ``asyncio.to_thread``)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(context.run, fn, *args))
+
+
 def _db(value: float) -> float:
     """PSNR for JSON: identical images give infinity, reported as 100 dB."""
     return round(min(value, 100.0), 3)
@@ -394,7 +405,14 @@ class Restorer:
 
         self.cfg, self.store = cfg, store
         self.threads = cfg.threads or max(1, round(cfg.num_cpus))
-        torch.set_num_threads(self.threads)
+        # torch's CPU work runs on compute_slots threads of the replica's own (``threads`` OpenMP threads each),
+        # the rest (this thread, decoding, encoding) on one: once more OpenMP threads exist in all than cores,
+        # GNU OpenMP stops spinning between parallel regions and every forward pass slows down about 2x.
+        torch.set_num_threads(1)
+        self._compute = ThreadPoolExecutor(cfg.compute_slots, thread_name_prefix="restorer-compute",
+                                           initializer=torch.set_num_threads, initargs=(self.threads,))
+        self._codec = ThreadPoolExecutor(4, thread_name_prefix="restorer-codec", initializer=torch.set_num_threads,
+                                         initargs=(1,))
         Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # PIL's own bomb guard agrees with ours
         from metarestore.engine import resolve_device
 
@@ -406,7 +424,7 @@ class Restorer:
         self.counts = count_parameters(self.learner.model)
         self.replica = serve.get_replica_context().replica_tag
         self.batcher = Batcher(self._run_batch, cfg.max_batch_size, cfg.concurrent_batches,
-                               cfg.batch_wait_timeout_s)
+                               cfg.batch_wait_timeout_s, executor=self._compute)
         app.state.token = self._token()
         app.state.max_header_bytes = int(cfg.max_header_kb * 1024)
         self._uploads = asyncio.Semaphore(cfg.max_uploads)
@@ -488,7 +506,7 @@ class Restorer:
         if adapter:
             found = await self._adapter(adapter)
             timing.mark("adapter")
-        x, grey = await asyncio.to_thread(decode_image, data, self.cfg.max_pixels, "image", self.cfg.max_aspect)
+        x, grey = await _on(self._codec, decode_image, data, self.cfg.max_pixels, "image", self.cfg.max_aspect)
         timing.mark("decode")
         if adapter:
             y, batch, forward_s = await self._restore_adapted(adapter, found, x)
@@ -496,7 +514,7 @@ class Restorer:
             y, batch, forward_s = await self.batcher.submit(_Job(x, None, None))
         timing.mark("queue", minus=forward_s)
         timing.add("forward", forward_s)
-        png = await asyncio.to_thread(encode_png, y, grey, self.cfg.png_level)
+        png = await _on(self._codec, encode_png, y, grey, self.cfg.png_level)
         timing.mark("encode")
         return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch),
                                                               "Server-Timing": timing.header()})
@@ -525,11 +543,11 @@ class Restorer:
         label = _label(form.get("label"))
         kind = _kind(form.get("kind"), self.auto_paths)
         pairs = [(await d.read(), await c.read()) for d, c in zip(degraded, clean, strict=True)]
-        support_x, support_y = await asyncio.to_thread(self._decode_pairs, pairs)
+        support_x, support_y = await _on(self._codec, self._decode_pairs, pairs)
         from metarestore.operators.adapter import AdapterError
 
         try:
-            found, data = await asyncio.to_thread(self._adapt, support_x, support_y, steps, kind)
+            found, data = await _on(self._compute, self._adapt, support_x, support_y, steps, kind)
         except AdapterError as exc:  # e.g. kind=jpeg on pairs no JPEG setting explains
             raise ApiError(422, "adapter_fit_failed", f"the pairs cannot be fitted with kind {kind} ({exc})") from None
         found["elapsed_ms"] = round((time.perf_counter() - start) * 1000, 1)
@@ -568,7 +586,7 @@ class Restorer:
         if info.get("model_sha256") != self.model_sha256:
             raise ApiError(409, "adapter_model_mismatch", f"adapter {adapter_id} was made for another model; "
                            "create it again")
-        return await asyncio.to_thread(read_adapter, data, self.learner, adapter_id)
+        return await _on(self._codec, read_adapter, data, self.learner, adapter_id)
 
     async def _restore_adapted(self, adapter_id: str, adapter, x: torch.Tensor) -> tuple[torch.Tensor, int, float]:
         """``Adapter.restore`` in two parts: the operator pre-step (if the path has one) on this request
@@ -579,7 +597,7 @@ class Restorer:
         pre_s = 0.0
         if adapter.path.pre != "none":
             start = time.perf_counter()
-            x = await asyncio.to_thread(self._pre_step, adapter, x)
+            x = await _on(self._compute, self._pre_step, adapter, x)
             pre_s = time.perf_counter() - start
         if adapter.path.restorer == "none":
             return x.clamp(0, 1), 1, pre_s
@@ -690,9 +708,11 @@ def build_app(args: dict) -> serve.Application:
     cfg = args if isinstance(args, AppArgs) else AppArgs(**args)
     store = AdapterStoreDeployment.bind(cfg.adapter_ttl_s, int(cfg.adapter_max_mb * 2**20),
                                         cfg.adapter_dir or default_adapter_dir())
-    actor: dict = {"num_cpus": cfg.num_cpus}
+    # one OpenMP thread by default in every thread of the replica: only its compute threads run more
+    env = {"OMP_NUM_THREADS": "1"}
     if cfg.niceness is not None:  # read by the worker Ray starts for the replica
-        actor["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(cfg.niceness)}}
+        env["RAY_worker_niceness"] = str(cfg.niceness)
+    actor: dict = {"num_cpus": cfg.num_cpus, "runtime_env": {"env_vars": env}}
     options: dict = {"ray_actor_options": actor, "max_ongoing_requests": cfg.max_ongoing_requests}
     if cfg.num_replicas is not None:
         options["num_replicas"] = cfg.num_replicas

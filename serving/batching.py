@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -18,16 +19,17 @@ R = TypeVar("R")
 
 
 class Batcher(Generic[T, R]):
-    """Runs ``run(items) -> results`` (blocking; in a worker thread) on batches of submitted items.
+    """Runs ``run(items) -> results`` (blocking; on a thread of ``executor``) on batches of submitted items.
 
     ``workers`` batches run at once; ``wait_s`` > 0 additionally waits that long for a batch to fill when
     fewer than ``max_batch_size`` are queued (0: never wait)."""
 
     def __init__(self, run: Callable[[list[T]], list[R]], max_batch_size: int, workers: int = 1,
-                 wait_s: float = 0.0):
+                 wait_s: float = 0.0, executor: Executor | None = None):
         if max_batch_size < 1 or workers < 1 or wait_s < 0:
             raise ValueError("max_batch_size and workers must be >= 1 and wait_s >= 0")
         self.run, self.max_batch_size, self.workers, self.wait_s = run, max_batch_size, workers, wait_s
+        self.executor = executor  # where ``run`` runs (None: asyncio's default thread pool)
         self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -56,7 +58,8 @@ class Batcher(Generic[T, R]):
             if not batch:
                 continue
             try:
-                results = await asyncio.to_thread(self.run, [item for item, _ in batch])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.run, [item for item, _ in batch])
             except Exception as exc:  # every waiting request gets the error, the worker lives on
                 for _, future in batch:
                     if not future.done():

@@ -42,7 +42,8 @@ def safe_server(ray_local, smoke_model, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": smoke_model["checkpoint"], "num_replicas": 1, "num_cpus": 0.5, "tile": 256,
             "max_pixels": 1_000_000, "max_body_mb": 4, "adapter_dir": str(tmp_path_factory.mktemp("adapters")),
-            "max_uploads": 16, "body_timeout_s": 2.0}
+            "max_uploads": 16, "body_timeout_s": 2.0,
+            "compute_slots": 2}  # two compute threads and model copies: concurrent work must not leak
     try:
         serve.run(build_app(args), name=APP, route_prefix="/")
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", args=args)
