@@ -303,8 +303,8 @@ def test_a_budget_never_yields_a_path_scored_on_fitted_pairs(learner):
 
 def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeypatch):
     """With a clock that only the gradient steps advance (0.01 s per step and window), the budget admits
-    a further adapted candidate only if the time spent, that candidate's validation and the final fit
-    (predicted from the previous candidate's cost per step and window) fit in it: deterministic, no timing."""
+    an adapted candidate only if the time spent, its validation and the final fit it would need (from
+    one timed step, then the previous candidate's cost per step) fit in it: deterministic, no timing."""
     import types
 
     import metarestore.operators.adapter as adapter_module
@@ -321,11 +321,14 @@ def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeyp
     clean = crops(48, 4)
     degraded = (clean * torch.tensor([1.25, 1.0, 0.8]).view(1, 3, 1, 1)).clamp(0, 1)
     paths = ["zero_shot", "film", "lora"]
-    # 2 folds x 3 pairs x 1 step: 0.06 s per candidate; the final fit, 2 steps x 4 pairs: 0.08 s
+    # a step over 2 folds x 3 pairs: 0.06 s (the timed probe, then each validation); the final fit, 2 steps
+    # x 4 pairs: 0.08 s. film: 0.06 spent + 0.06 + 0.08; lora: 0.12 spent + 0.06 + 0.08
     kw = {"paths": paths, "steps": 2, "validation_steps": 1, "max_folds": 2}
-    tight = fit_adapter(learner, degraded, clean, budget_s=0.15, **kw)  # 0.06 + 0.06 + 0.08 > 0.15
-    assert tight.info["skipped"] == ["lora"] and tight.info["scores"]["film"] is not None
-    roomy = fit_adapter(learner, degraded, clean, budget_s=0.25, **kw)  # 0.20 <= 0.25: both validated
+    tight = fit_adapter(learner, degraded, clean, budget_s=0.15, **kw)  # 0.20 > 0.15: neither validated
+    assert tight.info["skipped"] == ["film", "lora"] and tight.info["path"] == "zero_shot"
+    middle = fit_adapter(learner, degraded, clean, budget_s=0.25, **kw)  # film 0.20 <= 0.25, lora 0.26 > 0.25
+    assert middle.info["skipped"] == ["lora"] and middle.info["scores"]["film"] is not None
+    roomy = fit_adapter(learner, degraded, clean, budget_s=0.30, **kw)  # 0.26 <= 0.30: both validated
     assert roomy.info["skipped"] == [] and roomy.info["scores"]["lora"] is not None
 
 

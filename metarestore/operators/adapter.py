@@ -329,11 +329,11 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     ``budget_s``: wall-clock seconds for the whole fit, the chosen path's final fit included. Adapted
     candidates are validated in the order of their pre-step's own held-out score (best first, so the most
     promising comes first), and one is skipped (score null, listed in the info's ``skipped``) when the
-    time spent, plus what the previous one took, plus the final fit that one would need (its measured
-    cost per gradient step and window times the final fit's steps and pairs) would pass the budget; the
-    first adapted candidate is validated whenever the plain paths left time; the paths that refine a pre-step (``hqs``) are skipped
-    alike when the plain paths alone spent it; a skipped candidate is never chosen, so the choice is
-    always among paths scored on held-out pairs. None: no budget (deterministic).
+    time spent, plus its validation, plus the final fit it would need would pass the budget: both
+    predicted from the measured cost of a gradient step (one timed step of the first candidate, then the
+    previous candidate's validation). The paths that refine a pre-step (``hqs``) are skipped when the plain
+    paths alone spent it; a skipped candidate is never chosen, so the choice is always among paths scored
+    on held-out pairs. None: no budget (deterministic).
 
     ``on_fold(fit_indices, held_out_index)`` is called for every validation fold (in each of the two
     rounds: before a plain fold is scored, and for every fold before an adapted candidate's batched folds
@@ -389,20 +389,28 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     if adapted and on_fold is not None:
         for _, _, _, _, fit_idx, held_idx in folds:
             on_fold(list(fit_idx), held_idx)
-    last = final = 0.0
     windows = sum(int(f[0].shape[0]) for f in folds)  # fit pairs over the folds: one window each per step
+    per_step = None  # seconds per gradient step over all folds' windows, measured
     for path in adapted:
+        if budget_s is not None and per_step is None and time.perf_counter() - start < budget_s:
+            # the first candidate: one timed step tells what it would cost
+            probe = time.perf_counter()
+            try:
+                _validate_adapted(learner, path, folds, fitted, 1, patch, held_pres)
+            except (ValueError, RuntimeError, torch.linalg.LinAlgError):
+                pass  # its validation fails alike, below
+            per_step = time.perf_counter() - probe
         begun = time.perf_counter()
-        if budget_s is not None and begun - start + last + final > budget_s:
+        # this candidate's validation, then the final fit it would need (steps x every pair's window)
+        needed = 0.0 if per_step is None else per_step * (validation_steps + steps * support_x.shape[0] / windows)
+        if budget_s is not None and begun - start + needed > budget_s:
             skipped.append(path.name)
             continue
         try:
             scores[path.name] = _validate_adapted(learner, path, folds, fitted, validation_steps, patch, held_pres)
         except (ValueError, RuntimeError, torch.linalg.LinAlgError):
             scores[path.name] = [float("-inf")] * len(folds)
-        last = time.perf_counter() - begun
-        # the final fit this candidate would need, at its measured cost per gradient step and window
-        final = last * steps * support_x.shape[0] / max(1, validation_steps * windows)
+        per_step = (time.perf_counter() - begun) / max(1, validation_steps)
     mean = {name: (sum(v) / len(v) if v else float("nan")) for name, v in scores.items()}
     if scheme == "forced":
         chosen = candidates[0]
