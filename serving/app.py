@@ -168,6 +168,8 @@ class AdapterInfo(BaseModel):
                                          "validation (0: the chosen path has none).")
     skipped: list[str] = Field([], description="Adapted candidates not validated within adapt_budget_s (never "
                                "chosen).")
+    ruled_out: list[str] = Field([], description="Candidates ruled out before scoring (kernel paths where every "
+                                 "fold's fitted kernel is the identity; never chosen).")
     validation: str | None = Field(None, description="How the held-out figures were made: leave-one-out, "
                                    "split-halves (one pair), or none.")
     folds: int | None = Field(None, description="Held-out folds scored.")
@@ -663,7 +665,8 @@ class Restorer:
         fit = adapter.info
         info = {"kind": kind, "path": adapter.path.name, "shots": len(support_x), "steps": steps,
                 "steps_used": fit.get("steps", 0), "validation_steps": fit.get("validation_steps"),
-                "skipped": fit.get("skipped", []), "height": support_x.shape[-2], "width": support_x.shape[-1],
+                "skipped": fit.get("skipped", []), "ruled_out": fit.get("ruled_out", []),
+                "height": support_x.shape[-2], "width": support_x.shape[-1],
                 "fit_height": fit["fit_height"], "fit_width": fit["fit_width"], "validation": fit.get("validation"),
                 "folds": fit.get("folds"), "psnr_input": fit.get("psnr_before"),
                 "psnr_before": fit.get("psnr_zero_shot"), "psnr_after": fit.get("psnr_after"),

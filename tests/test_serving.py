@@ -267,6 +267,7 @@ def test_auto_adapter_fits_an_unseen_blur_and_beats_zero_shot(server):
     # a path built on the kernel fitted from the pairs (deconvolution, HQS, Wiener or Richardson-Lucy)
     assert info["kind"] == "auto" and OPERATOR_OF.get(info["path"].split("@")[0]) == "kernel", info
     assert info["validation"] == "leave-one-out" and info["folds"] >= 2 and info["residuals"]["kernel"] < 0.5
+    assert info["ruled_out"] == [], "a blur's fitted kernel is not the identity: no kernel path is ruled out"
     assert info["psnr_after"] > info["psnr_before"] and info["scores"][info["path"]] == info["psnr_after"]
     assert info["fit_ms"] > 0 and (info["fit_height"], info["fit_width"]) == (96, 96)
     assert requests.get(f"{server.url}/v1/adapters/{info['adapter_id']}", timeout=30).json() == info
