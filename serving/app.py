@@ -706,13 +706,26 @@ def logging_config(access_log: bool = False) -> dict:
     return {"enable_access_log": access_log}
 
 
+# The Restorer replica's process environment (measured in docs/benchmarks.md, "Serving at the speed of the model"):
+REPLICA_ENV = {
+    # one OpenMP thread by default in every thread of the replica: only its compute threads run more
+    "OMP_NUM_THREADS": "1",
+    # after a forward pass GNU OpenMP's idle threads spin 300,000 rounds (libgomp's default), holding a core
+    # that the PNG codecs and the HTTP server of the same request need; 10,000 still spans the gaps between
+    # the operators of one pass (256x256 overhead +10.8 to +12.8 ms -> +8.3 to +9.1 ms)
+    "GOMP_SPINCOUNT": "10000",
+    # user code on the replica's own event loop: no thread hop per ASGI message (about -1 ms a request); the
+    # replica's code never blocks its loop (torch and codecs run on executors)
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+}
+
+
 def build_app(args: dict) -> serve.Application:
     """The application builder (``import_path: serving.app:build_app``); ``args`` are AppArgs fields."""
     cfg = args if isinstance(args, AppArgs) else AppArgs(**args)
     store = AdapterStoreDeployment.bind(cfg.adapter_ttl_s, int(cfg.adapter_max_mb * 2**20),
                                         cfg.adapter_dir or default_adapter_dir())
-    # one OpenMP thread by default in every thread of the replica: only its compute threads run more
-    env = {"OMP_NUM_THREADS": "1"}
+    env = dict(REPLICA_ENV)
     if cfg.niceness is not None:  # read by the worker Ray starts for the replica
         env["RAY_worker_niceness"] = str(cfg.niceness)
     actor: dict = {"num_cpus": cfg.num_cpus, "runtime_env": {"env_vars": env}}
