@@ -30,9 +30,10 @@ for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The ``metarestore`` entry point; ``argv`` (default: ``sys.argv[1:]``) lets tests run it in process."""
     try:
-        app()
+        app(args=argv)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -29,9 +29,13 @@ def ray_local():
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """Run in a temporary folder so nothing (mlflow.db, runs/) lands in the repository."""
+    """Run in a temporary folder so nothing (mlflow.db, runs/, fetched models) lands in the repository or
+    in ~/.cache, for subprocesses (the variable) and for commands run in this process (hub's own copy)."""
+    from metarestore import hub
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("METARESTORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "CACHE", tmp_path / "cache")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
 
@@ -56,6 +60,24 @@ def clean_image(workdir):
     path = workdir / "clean.png"
     Image.fromarray(skimage.data.astronaut()[100:228, 180:308]).save(path)
     return path
+
+
+def cli_in_process(capsys, *args: str):
+    """``metarestore ARGS`` through the entry point's own ``main()`` (its exit code and ``error:`` line),
+    in this process: no interpreter start-up and torch import per call. Tests that need the installed
+    command itself (exit codes of a real process, signals, kill-and-resume) run it as a subprocess."""
+    import subprocess
+
+    from metarestore_cli.app import main
+
+    capsys.readouterr()  # what the test printed before is not the command's
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["metarestore", *args], code, captured.out, captured.err)
 
 
 def pytest_collection_modifyitems(items):

@@ -44,14 +44,14 @@ def test_init_fine_tunes_from_a_model_and_takes_its_network_shape(perturbed_smok
 
 def test_resume_from_a_copied_checkpoint_continues_its_steps(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = smoke_config(tmp_path / "a", "train.steps=20", "train.checkpoint_every=10", "train.val_every=20")
+    first = smoke_config(tmp_path / "a", "train.steps=4", "train.checkpoint_every=2", "train.val_every=4")
     train_local(first, tracking_uri=uri, progress=False, register=False)
     copied = tmp_path / "committed"
-    shutil.copytree(list_checkpoints(tmp_path / "a" / "checkpoints")[-1], copied)  # step 20, as if from git
-    longer = smoke_config(tmp_path / "b", "train.steps=30", "train.checkpoint_every=10", "train.val_every=30")
+    shutil.copytree(list_checkpoints(tmp_path / "a" / "checkpoints")[-1], copied)  # step 4, as if from git
+    longer = smoke_config(tmp_path / "b", "train.steps=6", "train.checkpoint_every=2", "train.val_every=6")
     info = train_local(longer, tracking_uri=uri, progress=False, register=False, resume_from=copied)
-    assert load_checkpoint(info["checkpoint"]).step == 30
-    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-000030"]
+    assert load_checkpoint(info["checkpoint"]).step == 6
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-000006"]
 
 
 def test_publish_keeps_weights_and_drops_training_state(perturbed_smoke_checkpoint, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CONFIGS
+from conftest import CONFIGS, cli_in_process
 from metarestore_cli.app import app
 
 CLI = str(Path(sys.executable).with_name("metarestore"))
@@ -55,7 +55,7 @@ def test_families_json_lists_every_family_with_ranges():
     assert [line.split()[0] for line in plain.splitlines() if not line.startswith(" ")] == names
 
 
-def test_degrade_writes_a_degraded_image_of_the_same_size(clean_image, workdir):
+def test_degrade_writes_a_degraded_image_of_the_same_size(clean_image, workdir, capsys):
     from metarestore.data import read_image
     from metarestore.meta import psnr
 
@@ -66,32 +66,40 @@ def test_degrade_writes_a_degraded_image_of_the_same_size(clean_image, workdir):
     assert degraded.shape == clean.shape
     value = psnr(degraded[None] / 255.0, clean[None] / 255.0)
     assert 20 < value < 40
-    again = workdir / "again.png"
-    run("degrade", str(clean_image), "-o", str(again), "--family", "jpeg", "--severity", "0.5")
+    again = workdir / "again.png"  # in this process: the same output in another process, so seeded
+    assert cli_in_process(capsys, "degrade", str(clean_image), "-o", str(again), "--family", "jpeg",
+                          "--severity", "0.5").returncode == 0
     assert np.array_equal(read_image(again)[0].numpy(), degraded.numpy()), "seeded: the same output"
 
 
-def test_user_mistakes_are_one_line(clean_image, workdir):
+def test_user_mistakes_are_one_line(clean_image, workdir, capsys):
+    # the installed command once (exit status and stderr of a real process); every other mistake in process
     assert_one_line_error(run("degrade", "missing.png", "-o", "x.png", "--family", "jpeg"), "image not found")
-    assert_one_line_error(run("degrade", str(clean_image), "-o", "x.png", "--family", "fog"),
+
+    def mistake(*args: str) -> subprocess.CompletedProcess:
+        return cli_in_process(capsys, *args)
+
+    assert_one_line_error(mistake("degrade", str(clean_image), "-o", "x.png", "--family", "fog"),
                           "unknown degradation family 'fog'")
     bad = workdir / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
-    assert_one_line_error(run("train", "--local", "--config", str(bad)), "unknown config key train.'stepz'")
-    assert_one_line_error(run("train", "--local", "--config", "nope.yaml"), "config file not found")
-    assert_one_line_error(run("restore", str(clean_image), "-o", "x.png", "--model", "no/such/dir"),
+    assert_one_line_error(mistake("train", "--local", "--config", str(bad)), "unknown config key train.'stepz'")
+    assert_one_line_error(mistake("train", "--local", "--config", "nope.yaml"), "config file not found")
+    assert_one_line_error(mistake("restore", str(clean_image), "-o", "x.png", "--model", "no/such/dir"),
                           "model not found")
-    assert_one_line_error(run("restore", str(clean_image), "-o", "x.png", "--model", str(workdir)),
+    assert_one_line_error(mistake("restore", str(clean_image), "-o", "x.png", "--model", str(workdir)),
                           "no metarestore checkpoint")
-    result = run("degrade", str(clean_image), "-o", "x.png", "--family", "jpeg", "--severity", "3")
+    result = mistake("degrade", str(clean_image), "-o", "x.png", "--family", "jpeg", "--severity", "3")
     assert result.returncode == 2 and "Traceback" not in result.stderr  # click's own range check
+    assert not (workdir / "x.png").exists(), "nothing is written for a mistake"
 
 
-def test_restore_with_a_checkpoint_and_with_a_registered_model(smoke_model, clean_image, workdir):
+def test_restore_with_a_checkpoint_and_with_a_registered_model(smoke_model, clean_image, workdir, capsys):
     from metarestore.data import read_image
 
     degraded = workdir / "noisy.png"
-    run("degrade", str(clean_image), "-o", str(degraded), "--family", "gaussian_noise", "--severity", "0.6")
+    assert cli_in_process(capsys, "degrade", str(clean_image), "-o", str(degraded), "--family", "gaussian_noise",
+                          "--severity", "0.6").returncode == 0
     # the installed command once (a registered model's alias); every other kind of URI in process
     out = workdir / "restored.png"
     result = run("restore", str(degraded), "-o", str(out), "--model", "models:/smoke@latest",
@@ -100,9 +108,9 @@ def test_restore_with_a_checkpoint_and_with_a_registered_model(smoke_model, clea
     assert read_image(out)[0].shape == read_image(degraded)[0].shape
     for model in (smoke_model["checkpoint"], smoke_model["model_uri"], f"runs:/{smoke_model['run_id']}/checkpoint"):
         out.unlink()
-        result = CliRunner().invoke(app, ["restore", str(degraded), "-o", str(out), "--model", model,
-                                          "--tracking-uri", smoke_model["tracking_uri"]])
-        assert result.exit_code == 0, (model, result.output)
+        result = cli_in_process(capsys, "restore", str(degraded), "-o", str(out), "--model", model,
+                                "--tracking-uri", smoke_model["tracking_uri"])
+        assert result.returncode == 0, (model, result.stderr)
         assert read_image(out)[0].shape == read_image(degraded)[0].shape
 
 

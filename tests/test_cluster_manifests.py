@@ -19,6 +19,7 @@ import typer.main
 import yaml
 
 from cluster import jobs
+from conftest import cli_in_process
 from metarestore_cli.app import app as cli_app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -535,17 +536,22 @@ def test_job_arguments():
         jobs.command_options(CLI, "nope")
 
 
-def run_cli(*args: str, env: dict | None = None):
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """``metarestore ARGS`` in process, with none of this machine's RAY_* variables but those in ``env``."""
     import os
-    import subprocess
 
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "metarestore_cli", *args], capture_output=True, text=True,
-                          timeout=120, env=full_env)
+    def run(*args: str, env: dict | None = None):
+        for name in [k for k in os.environ if k.startswith("RAY_")]:
+            monkeypatch.delenv(name)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        return cli_in_process(capsys, *args)
+
+    return run
 
 
-def test_cli_help():
+def test_cli_help(run_cli):
     submit = run_cli("submit", "--help")
     assert submit.returncode == 0
     for word in ("train", "tune", "evaluate", "--address", "--follow", "--tracking-uri", "RAY_AUTH_TOKEN"):
@@ -556,7 +562,7 @@ def test_cli_help():
         assert word in jobs_help.stdout
 
 
-def test_cli_errors_are_one_line():
+def test_cli_errors_are_one_line(run_cli):
     import socket
 
     with socket.socket() as s:  # a port nobody listens on

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
-from conftest import REPO
+from conftest import REPO, cli_in_process
 from evaluation import baselines, protocols
 from evaluation.conditions import Condition, degrade, load_dataset, support_set, task_params
 from evaluation.metrics import quantize, to_y
@@ -153,11 +153,9 @@ def test_bm3d_without_its_extra_is_named_by_its_extra_and_licence(monkeypatch):
     assert baselines.for_family("gaussian_noise", everything) == []
 
 
-def test_evaluate_bm3d_without_its_extra_is_one_error_line(workdir):
-    blocked = ("import sys; sys.modules['bm3d'] = None; sys.argv = ['metarestore', *sys.argv[1:]]; "
-               "from metarestore_cli.app import main; main()")
-    proc = subprocess.run([sys.executable, "-c", blocked, "evaluate", "--no-track", "--model", str(workdir / "m"),
-                           "--baselines", "bm3d"], cwd=workdir, capture_output=True, text=True, timeout=300)
+def test_evaluate_bm3d_without_its_extra_is_one_error_line(workdir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bm3d", None)  # what `import bm3d` sees when it is not installed
+    proc = cli_in_process(capsys, "evaluate", "--no-track", "--model", str(workdir / "m"), "--baselines", "bm3d")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         "error: baseline 'bm3d' needs the optional extra: pip install 'metarestore[baselines]' "
@@ -165,8 +163,9 @@ def test_evaluate_bm3d_without_its_extra_is_one_error_line(workdir):
 
 
 # the CLI: one clear line for bad input -------------------------------------------------------------
-def test_bad_input_gives_one_error_line(workdir):
-    """Every check runs before the model is loaded (except the model's own), so no real model is needed."""
+def test_bad_input_gives_one_error_line(workdir, capsys):
+    """Every check runs before the model is loaded (except the model's own), so no real model is needed.
+    The last case runs as a process of its own (``python -m metarestore_cli``), the others in process."""
     (workdir / "empty").mkdir()
     model = str(workdir / "no-such-model")
     cases = {
@@ -177,15 +176,15 @@ def test_bad_input_gives_one_error_line(workdir):
         "protocol cbsd68-awgn needs --data": ["--model", model, "--protocol", "cbsd68-awgn"],
         "model not found": ["--model", model],
     }
-    procs = {message: subprocess.Popen([sys.executable, "-m", "metarestore_cli", "evaluate", "--no-track", *args],
-                                       cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for message, args in cases.items()}
-    for message, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode == 2, (message, stderr[-2000:])
-        assert len(errors) == 1 and message in errors[0], (message, stderr[-2000:])
-        assert "Traceback" not in stderr and stdout == ""
+    *in_process, (last, last_args) = cases.items()
+    results = {message: cli_in_process(capsys, "evaluate", "--no-track", *args) for message, args in in_process}
+    results[last] = subprocess.run([sys.executable, "-m", "metarestore_cli", "evaluate", "--no-track", *last_args],
+                                   cwd=workdir, capture_output=True, text=True, timeout=300)
+    for message, result in results.items():
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2, (message, result.stderr[-2000:])
+        assert len(errors) == 1 and message in errors[0], (message, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and result.stdout == ""
     assert not (workdir / "runs").exists(), "nothing is written for a bad request"
 
 

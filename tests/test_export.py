@@ -12,6 +12,7 @@ import skimage.data
 import torch
 from safetensors.torch import save_file
 
+from conftest import cli_in_process
 from metarestore import degradations
 from metarestore.export import ExportError, load_adapter
 from metarestore.hub import load_model
@@ -78,7 +79,7 @@ def test_torchscript_export_with_adapter_matches_the_model(perturbed_smoke_check
         assert np.abs(got - expected(learner, adapter, x)).max() <= 1e-3, size
 
 
-def test_an_adapter_for_another_model_is_refused(perturbed_smoke_checkpoint, workdir):
+def test_an_adapter_for_another_model_is_refused(perturbed_smoke_checkpoint, workdir, capsys):
     learner, _, _ = load_model(perturbed_smoke_checkpoint)
     name, param = next(iter(learner.model.named_parameters()))
     wrong = workdir / "wrong.safetensors"
@@ -89,9 +90,8 @@ def test_an_adapter_for_another_model_is_refused(perturbed_smoke_checkpoint, wor
     with pytest.raises(ExportError, match="no parameter 'no.such.weight'"):
         load_adapter(wrong, learner)
     (workdir / "junk.safetensors").write_bytes(b"not a safetensors file")
-    proc = subprocess.run([sys.executable, "-m", "metarestore_cli", "export", "--model", perturbed_smoke_checkpoint,
-                           "--adapter", str(workdir / "junk.safetensors"), "-o", str(workdir / "m.onnx")],
-                          capture_output=True, text=True, timeout=300)
+    proc = cli_in_process(capsys, "export", "--model", perturbed_smoke_checkpoint,
+                          "--adapter", str(workdir / "junk.safetensors"), "-o", str(workdir / "m.onnx"))
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "not a safetensors adapter" in errors[0], proc.stderr
     assert not (workdir / "m.onnx").exists()

@@ -22,7 +22,7 @@ from PIL import Image
 from skimage import data
 
 from cluster.ray_runtime import free_port
-from conftest import stop_process_group
+from conftest import cli_in_process, stop_process_group
 
 CLI = str(Path(sys.executable).with_name("metarestore"))
 
@@ -51,10 +51,9 @@ def _listening_addresses(port: int) -> set[str]:
     return found
 
 
-def test_direct_ingress_refuses_several_replicas(tmp_path):
-    result = subprocess.run([CLI, "serve", "--direct-ingress", "--replicas", "2", "--port", str(free_port())],
-                            capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "METARESTORE_CACHE": str(tmp_path / "cache")})
+def test_direct_ingress_refuses_several_replicas(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("METARESTORE_CACHE", str(tmp_path / "cache"))
+    result = cli_in_process(capsys, "serve", "--direct-ingress", "--replicas", "2", "--port", str(free_port()))
     assert result.returncode == 2
     assert "error:" in result.stderr and "one replica" in result.stderr, result.stderr
 

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 import torch
 
-from conftest import smoke_config
+from conftest import cli_in_process, smoke_config
 from metarestore.checkpoint import load_checkpoint
 from metarestore.engine import MetaTrainer, plan_step
 from tests.faults import slow_train_func
@@ -108,7 +108,7 @@ def test_worker_killed_mid_run_resumes_without_losing_or_repeating_steps(ray_loc
     assert sorted(set(steps)) == list(range(1, 13))
 
 
-def test_train_cli_with_ray_tracks_and_registers(ray_local, workdir, tracking_uri, clean_image):
+def test_train_cli_with_ray_tracks_and_registers(ray_local, workdir, tracking_uri, clean_image, capsys):
     """The issue's 'done when': train --workers 2, MLflow run with params/metrics/artifacts, a registered
     version reachable as models:/metarestore@latest, and restore through that URI."""
     import subprocess
@@ -122,7 +122,8 @@ def test_train_cli_with_ray_tracks_and_registers(ray_local, workdir, tracking_ur
     cli = [str(Path(os.sys.executable).with_name("metarestore"))]
     run = subprocess.run([*cli, "train", "--config", str(Path(__file__).parent.parent / "configs" / "smoke.yaml"),
                           "--workers", "2", "--address", address, "--tracking-uri", tracking_uri,
-                          "--set", f"train.output_dir={workdir / 'cli'}", "--set", COSTS.replace("=", "=", 1)],
+                          "--set", f"train.output_dir={workdir / 'cli'}", "--set", COSTS.replace("=", "=", 1),
+                          "--set", "train.steps=20"],  # one validation (val_every 20) shows all it logs
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "registered: models:/metarestore/" in run.stdout
@@ -141,12 +142,13 @@ def test_train_cli_with_ray_tracks_and_registers(ray_local, workdir, tracking_ur
     version = client.get_model_version_by_alias("metarestore", "latest")
     assert version.run_id == logged.info.run_id
 
+    # degrade and restore in process (tests/test_cli.py runs the installed command on a models:/ alias)
     degraded = workdir / "degraded.png"
     out = workdir / "restored.png"
-    subprocess.run([*cli, "degrade", str(clean_image), "-o", str(degraded), "--family", "gaussian_noise"],
-                   check=True, capture_output=True)
-    run = subprocess.run([*cli, "restore", str(degraded), "-o", str(out), "--model", "models:/metarestore@latest",
-                          "--tracking-uri", tracking_uri], capture_output=True, text=True, env=env)
+    assert cli_in_process(capsys, "degrade", str(clean_image), "-o", str(degraded), "--family",
+                          "gaussian_noise").returncode == 0
+    run = cli_in_process(capsys, "restore", str(degraded), "-o", str(out), "--model", "models:/metarestore@latest",
+                         "--tracking-uri", tracking_uri)
     assert run.returncode == 0, run.stderr
     from metarestore.data import read_image
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import CONFIGS
+from conftest import CONFIGS, cli_in_process
 from metarestore.config import ConfigError, load_config
 from training.search_space import parse_search
 
@@ -50,11 +50,10 @@ def test_bad_search_space_fails_before_any_trial(space, message):
         parse_search(base_with(space))
 
 
-def test_bad_search_config_is_one_line_from_the_cli(workdir):
+def test_bad_search_config_is_one_line_from_the_cli(workdir, capsys):
     bad = workdir / "bad.yaml"
     bad.write_text(yaml.safe_dump(base_with({"families.weights.fog": {"uniform": [0.5, 1]}})))
-    run = subprocess.run([CLI, "tune", "--config", str(bad), "--out", str(workdir / "out")],
-                         capture_output=True, text=True, timeout=120)
+    run = cli_in_process(capsys, "tune", "--config", str(bad), "--out", str(workdir / "out"))
     assert run.returncode == 2
     assert run.stderr.strip().startswith("error: ") and "fog" in run.stderr and "Traceback" not in run.stderr
     assert not (workdir / "out").exists(), "nothing was started"
