@@ -57,6 +57,16 @@ def run_loop(trainer: MetaTrainer, hooks: LoopHooks, logger: RunLogger | None = 
     bar = Progress(last, start=trainer.step)
     window_start, window_tasks = time.perf_counter(), 0
     latest_val: dict[str, float] = {}
+    if trainer.step > 0 and trainer.step >= last:  # resumed after its last step (killed before its final report was recorded):
+        report: dict[str, float] = {"step": float(trainer.step)}  # report the final validation again
+        if hooks.chief:
+            latest_val = trainer.validate().metrics
+            report.update(latest_val)
+            if progress:
+                bar.write(f"  step {trainer.step} was the last: validated again, nothing to train")
+        if hooks.report:
+            hooks.report(trainer.step, report if hooks.chief else {}, None)
+        return latest_val
     while trainer.step < last:
         tasks = plan_step(cfg, trainer.step)
         mine = hooks.select(tasks) if hooks.select else tasks

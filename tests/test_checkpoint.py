@@ -101,3 +101,27 @@ def test_keep_last_k(tmp_path):
         save_checkpoint(tmp_path / f"step-{step:06d}", {"w": torch.ones(1)}, {"step": step})
     prune_checkpoints(tmp_path, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000030", "step-000040"]
+
+
+def test_a_run_resumed_after_its_last_step_reports_its_final_validation_again(workdir):
+    """A trial killed after its last checkpoint but before Tune recorded its result resumes at the last step:
+    it trains nothing and reports its final validation again (Tune needs the objective in a result)."""
+    from conftest import smoke_config
+    from metarestore.engine import MetaTrainer
+    from metarestore.loop import LoopHooks, run_loop
+
+    cfg = smoke_config(workdir / "out", "train.steps=2", "train.val_every=2", "train.checkpoint_every=2")
+    trainer = MetaTrainer(cfg, device="cpu")
+    first = run_loop(trainer, LoopHooks(chief=True), progress=False)
+    assert trainer.step == 2 and "val/psnr_adapted" in first
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for chief in (True, False):
+        reports = []
+        metrics = run_loop(trainer, LoopHooks(chief=chief, report=lambda *r, into=reports: into.append(r)), progress=False)
+        assert trainer.step == 2 and all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+        [(step, reported, checkpoint)] = reports
+        assert step == 2 and checkpoint is None
+        if chief:
+            assert metrics == first and reported == {"step": 2.0, **first}
+        else:
+            assert metrics == {} and reported == {}
