@@ -31,3 +31,11 @@ def test_layer_norm_normalises_the_channels_of_each_pixel_with_first_and_second_
         torch.testing.assert_close(g, r)
     torch.testing.assert_close(torch.autograd.grad(got[0].square().sum(), norm.weight)[0],
                                torch.autograd.grad(ref[0].square().sum(), norm.weight)[0])
+
+
+def test_layer_norm_under_vmap_equals_the_plain_one():
+    """The batched meta-step runs the network under vmap, where the layer norm takes its textbook form."""
+    torch.manual_seed(1)
+    norm = LayerNorm2d(4).double()
+    x = torch.randn(3, 2, 4, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(norm)(x), torch.stack([norm(t) for t in x]))

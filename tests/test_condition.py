@@ -41,7 +41,7 @@ def test_a_conditioned_network_starts_equal_to_the_unconditioned_one(size):
     # the functional path adapt() and training use, with per-task parameters under vmap
     tasks = x.expand(3, *x.shape)
     film = {n: p.expand(3, *p.shape) for n, p in adaptable_params(conditioned).items()}
-    # (to float rounding: torch's fused layer norm rounds differently under vmap)
+    # (to float rounding: under vmap the layer norm takes its textbook form, the plain forward the fused one)
     torch.testing.assert_close(forward_with(conditioned, film, tasks), expected.expand_as(tasks), rtol=0, atol=1e-6)
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarestore.config import ModelConfig
-from metarestore.model.blocks import NAFBlock
+from metarestore.model.blocks import NAFBlock, plain_eager
 from metarestore.model.condition import CONDITIONS, PREFIX, DegradationCondition
 
 STAGES = ("intro", "encoder", "middle", "decoder", "ending")
@@ -85,10 +85,8 @@ class RestorationNet(nn.Module):
 
 def _channels_last_pays(x: torch.Tensor) -> bool:
     """On CPU, oneDNN's channels-last kernels and a layer norm without copies make forward + backward 1.25x
-    faster (docs/benchmarks.md). Not inside torch.func transforms (vmap has no channels-last layout; the
-    batched meta-step runs there) nor while exporting (a graph has no layout)."""
-    return (x.device.type == "cpu" and not torch.compiler.is_exporting()
-            and torch._C._functorch.maybe_current_level() is None)
+    faster (docs/benchmarks.md); vmap has no channels-last layout, an exported graph no layout at all."""
+    return x.device.type == "cpu" and plain_eager()
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
