@@ -57,8 +57,9 @@ def run_loop(trainer: MetaTrainer, hooks: LoopHooks, logger: RunLogger | None = 
     bar = Progress(last, start=trainer.step)
     window_start, window_tasks = time.perf_counter(), 0
     latest_val: dict[str, float] = {}
-    if trainer.step > 0 and trainer.step >= last:  # resumed after its last step (killed before its final report was recorded):
-        report: dict[str, float] = {"step": float(trainer.step)}  # report the final validation again
+    if trainer.step > 0 and trainer.step >= last:
+        # resumed after its last step (killed before its final report was recorded): report its validation again
+        report: dict[str, float] = {"step": float(trainer.step)}
         if hooks.chief:
             latest_val = trainer.validate().metrics
             report.update(latest_val)
