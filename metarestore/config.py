@@ -57,6 +57,8 @@ class ModelConfig:
     # none | degradation: a degradation encoder whose embedding scales and shifts every block's output
     # (metarestore.model.condition); starts as a no-op, so it loads an unconditioned checkpoint
     condition: str = "none"
+    # condition: family: the families a caller may name, in table order (default: families.train)
+    hint_families: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +73,8 @@ class MetaConfig:
     # maml/fomaml/metasgd: weight of the query loss *before* adaptation in each task's objective, so the
     # meta-learned initialisation also restores well on its own (a request without an adapter)
     zero_shot_weight: float = 1.0
+    # model.condition: family: the fraction of tasks trained blind (no hint), drawn per task from its seed
+    blind_fraction: float = 0.25
 
 
 @dataclass
@@ -158,6 +162,10 @@ class Config:
             problems.append(f"model.adapt must be one of {', '.join(KINDS)}")
         if self.model.condition not in CONDITIONS:
             problems.append(f"model.condition must be one of {', '.join(CONDITIONS)}")
+        if self.model.condition == "family" and not self.model.hint_families:
+            self.model.hint_families = list(self.families.train)
+        if not 0 <= self.meta.blind_fraction <= 1:
+            problems.append("meta.blind_fraction must be in [0, 1]")
         if self.train.lr_schedule not in ("constant", "cosine"):
             problems.append("train.lr_schedule must be constant or cosine")
         if self.train.precision not in ("fp32", "bf16"):

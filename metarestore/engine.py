@@ -88,7 +88,7 @@ class ValidationResult:
 def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     """``train.init``: the weights to fine-tune from. The network's shape comes from that model, so
     ``cfg.model`` is set to its model section (a fine-tune cannot change the architecture), except that
-    ``model.condition: degradation`` may add the conditioning (it starts as a no-op)."""
+    ``model.condition`` may add a conditioning (it starts as a no-op)."""
     if not cfg.train.init:
         return None
     from metarestore.checkpoint import load_checkpoint
@@ -98,7 +98,7 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     ckpt = load_checkpoint(resolve(cfg.train.init, cfg.tracking.uri).path)
     saved = from_dict(ckpt.metadata["config"]).model
     if cfg.model.condition != "none":
-        saved.condition = cfg.model.condition
+        saved.condition, saved.hint_families = cfg.model.condition, cfg.model.hint_families
     cfg.model = saved
     return ckpt.model
 

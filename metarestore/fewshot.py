@@ -9,6 +9,7 @@ one noise realisation, and the query stays what every other method (baselines, z
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,21 +59,24 @@ class FewShot:
     scores: dict[str, float] = field(default_factory=dict)
 
 
-def _restore(learner: MetaLearner, x: torch.Tensor, params: Params | None) -> torch.Tensor:
-    return learner.restore(x, params)
+def _restore(learner: MetaLearner, x: torch.Tensor, params: Params | None, family: str | None = None) -> torch.Tensor:
+    return learner.restore(x, params, family=family)
 
 
 def few_shot(learner: MetaLearner, query_x: torch.Tensor, support: tuple[torch.Tensor, torch.Tensor] | None = None,
              *, steps: int | None = None, query_y: torch.Tensor | None = None, zero_shot: bool = True,
-             restore: Restore = _restore, score: Score = psnr) -> FewShot:
+             restore: Restore = _restore, score: Score = psnr, family: str | None = None) -> FewShot:
     """Restore ``query_x`` zero-shot (unless ``zero_shot=False``) and, given ``support`` (degraded, clean)
     pairs, after ``learner.adapt(*support, steps=steps)`` (``steps=None``: the learner's own). ``restore``
-    turns (learner, batch, params) into an output (e.g. tiled, ``inference.restore_image``)."""
+    turns (learner, batch, params) into an output (e.g. tiled, ``inference.restore_image``); ``family``
+    names the degradation to a model that can be told it (``restore`` then takes it as a keyword)."""
+    if family is not None:
+        restore = functools.partial(restore, family=family)
     result = FewShot()
     if zero_shot:
         result.zero_shot = restore(learner, query_x, None)
     if support is not None:
-        result.params = learner.adapt(support[0], support[1], steps=steps)
+        result.params = learner.adapt(support[0], support[1], steps=steps, family=family)
         result.adapted = restore(learner, query_x, result.params)
     if query_y is not None:
         outputs = {"input": query_x, "zero_shot": result.zero_shot, "adapted": result.adapted}

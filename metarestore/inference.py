@@ -43,7 +43,8 @@ def _window(tile_h: int, tile_w: int, overlap: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None = None, tile: int | None = 256,
-                  overlap: int = 32, kind: str | None = None, max_batch_pixels: int | None = None) -> torch.Tensor:
+                  overlap: int = 32, kind: str | None = None, max_batch_pixels: int | None = None,
+                  family: str | None = None) -> torch.Tensor:
     """Restore a (B, 3, H, W) batch in [0, 1], with an adapted state ``params`` of adapter ``kind``
     (default the model's own) when given; images larger than ``tile`` go through in tiles. On CPU 256 px
     tiles are the fastest (a 1024x1024 image: 1.8x faster than 512 px tiles, whose activations leave the
@@ -52,17 +53,18 @@ def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None =
     ``max_batch_pixels`` bounds the pixels of one forward pass: a batch goes through in chunks of that
     many pixels (at least one image or tile each). On CPU the activations of a small pass stay in the
     caches: 8 images of 256x256 at once cost 2.5x more per image than one at a time (docs/benchmarks.md).
-    The result is the same either way."""
+    The result is the same either way. ``family`` names the degradation to a model that can be told it."""
     if max_batch_pixels is not None and len(x) > 1:
         h, w = x.shape[-2:]
         side_h, side_w = (h, w) if tile is None else (min(h, tile), min(w, tile))  # one image, or one tile
         per_pass = max(1, max_batch_pixels // (side_h * side_w))
         if per_pass < len(x):
-            return torch.cat([restore_image(learner, chunk, params, tile, overlap, kind)
+            return torch.cat([restore_image(learner, chunk, params, tile, overlap, kind, family=family)
                               for chunk in x.split(per_pass)])
+    told = {} if family is None else {"family": family}  # restorers of adapters' paths take no family
     h, w = x.shape[-2:]
     if tile is None or (h <= tile and w <= tile):
-        return learner.restore(x, params, kind=kind)
+        return learner.restore(x, params, kind=kind, **told)
     out = torch.zeros_like(x)
     weight = torch.zeros(1, 1, h, w, device=x.device)
     stride = max(1, tile - overlap)
@@ -70,7 +72,7 @@ def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None =
         for left in _starts(w, tile, stride):
             patch = x[..., top:top + tile, left:left + tile]
             win = _window(patch.shape[-2], patch.shape[-1], overlap, x.device)
-            out[..., top:top + tile, left:left + tile] += learner.restore(patch, params, kind=kind) * win
+            out[..., top:top + tile, left:left + tile] += learner.restore(patch, params, kind=kind, **told) * win
             weight[..., top:top + tile, left:left + tile] += win
     return (out / weight).clamp(0, 1)
 

@@ -163,3 +163,19 @@ def perturbed_smoke_checkpoint(tmp_path_factory):
         for param in trainer.model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     return str(save_checkpoint(root / "model", trainer.model.state_dict(), trainer.metadata()))
+
+
+@pytest.fixture(scope="session")
+def told_checkpoint(tmp_path_factory):
+    """Like ``perturbed_smoke_checkpoint``, with ``model.condition: family``: its table perturbed too, so that
+    naming a degradation changes the output."""
+    from metarestore.checkpoint import save_checkpoint
+    from metarestore.engine import MetaTrainer
+
+    root = tmp_path_factory.mktemp("told_model")
+    trainer = MetaTrainer(smoke_config(root / "run", "model.condition=family"), device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return str(save_checkpoint(root / "model", trainer.model.state_dict(), trainer.metadata()))

@@ -120,3 +120,69 @@ def test_a_fine_tune_may_add_the_conditioning_to_an_unconditioned_model(perturbe
     own = trainer.model.state_dict()
     assert set(own) - set(source) == {k for k in own if k.startswith(PREFIX)} != set()
     assert all(torch.equal(own[k], v) for k, v in source.items())
+
+
+# model.condition: family -------------------------------------------------------------------------------------
+FAMILIES = ("gaussian_noise", "jpeg")
+
+
+def told_pair(seed: int = 0) -> tuple[RestorationNet, RestorationNet]:
+    """An unconditioned network with non-trivial weights and a family-conditioned one loaded from it."""
+    plain, _ = pair(seed)
+    told = RestorationNet(**SHAPE, condition="family", hint_families=FAMILIES)
+    assert load_weights(told, plain.state_dict()) == ["condition.table"]
+    return plain, told
+
+
+def test_a_family_conditioned_network_starts_equal_to_the_unconditioned_one_told_or_blind():
+    plain, told = told_pair()
+    x = torch.rand(3, 3, 13, 22, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = plain(x)
+        torch.testing.assert_close(told(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(told(x, torch.tensor(2)), expected, rtol=0, atol=0)
+
+
+def test_each_image_gets_its_own_familys_row_and_the_rows_differ_once_trained():
+    _, told = told_pair()
+    with torch.no_grad():
+        told.condition.table.normal_(0, 0.1)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        together = told(x, rows)
+        for i in range(3):  # one image's hint does not leak into another's
+            torch.testing.assert_close(together[i:i + 1], told(x[i:i + 1], rows[i]))
+        assert not torch.allclose(told(x[:1], torch.tensor(1)), told(x[:1], torch.tensor(2)), atol=1e-4)
+        torch.testing.assert_close(told(x), told(x, torch.tensor(0)))  # no hint = the blind row
+
+
+def test_naming_a_family_the_model_cannot_be_told_says_what_it_knows():
+    from metarestore.config import MetaConfig
+    from metarestore.meta import make_learner
+
+    plain, told = told_pair()
+    learner = make_learner(told, MetaConfig(algorithm="multitask"))
+    x = torch.rand(1, 3, 16, 16)
+    assert learner.hint("jpeg").item() == 2 and learner.hint(None) is None
+    with pytest.raises(ValueError, match="gaussian_noise, jpeg"):
+        learner.restore(x, family="haze")
+    with pytest.raises(ValueError, match="blind"):
+        make_learner(plain, MetaConfig(algorithm="multitask")).restore(x, family="jpeg")
+
+
+def test_a_family_conditioned_run_resumes_an_unconditioned_one_and_trains_the_named_rows(tmp_path):
+    two = "families.train=[gaussian_noise, jpeg]"
+    plain = MetaTrainer(smoke_config(tmp_path / "plain", two), device="cpu")
+    plain.run_step()
+    tensors, state = plain.training_state()
+    saved = Checkpoint({}, {k: v.clone() for k, v in plain.model.state_dict().items()}, tensors, state)
+    trainer = MetaTrainer(smoke_config(tmp_path / "told", two, "model.condition=family", "meta.blind_fraction=0"),
+                          device="cpu")
+    assert trainer.cfg.model.hint_families == ["gaussian_noise", "jpeg"]  # default: the training families
+    trainer.load_state(saved)
+    trainer.run_step()
+    table = trainer.model.condition.table
+    assert table.grad[1:].abs().sum(1).gt(0).all(), "every named row learns"
+    assert table.grad[0].abs().sum() == 0, "with blind_fraction 0 the blind row gets nothing"
+    assert table.abs().sum() > 0

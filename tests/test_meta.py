@@ -200,6 +200,39 @@ def test_batched_step_equals_per_task_gradients(algorithm, mode):
         torch.testing.assert_close(batched[name], value, rtol=1e-5, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_batched_step_equals_per_task_gradients_when_told_the_family(algorithm):
+    """model.condition: family: each task its own row of the table (or the blind one), in both paths."""
+    torch.manual_seed(0)
+    model = RestorationNet(width=4, enc_blocks=(1,), middle_blocks=1, dec_blocks=(1,), condition="family",
+                           hint_families=("gaussian_noise", "jpeg"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = model.to(torch.float64)
+    cfg = MetaConfig(algorithm=algorithm, inner_steps=2, inner_lr={"default": 0.05}, loss="charbonnier",
+                     zero_shot_weight=0.7, blind_fraction=0.5)
+    lrn = make_learner(model, cfg).to(torch.float64)
+    episodes = []
+    for seed, family in zip([1, 2, 3, 0, 4], ["gaussian_noise", "jpeg", "jpeg", "gaussian_noise", "inpainting"],
+                            strict=True):
+        ep = episode(seed)
+        episodes.append(Episode(TaskSpec(family, 0.5, seed), {}, ep.support_x, ep.support_y, ep.query_x, ep.query_y))
+    hints = lrn.hints([ep.task for ep in episodes]).tolist()
+    assert 0 in hints[:4] and len(set(hints)) == 3, hints  # named and blind tasks both present
+    assert hints[4] == 0  # a family the model cannot be told trains blind
+    scales = [0.3, 0.2, 0.2, 0.2, 0.1]
+    expected_losses = [lrn.task_gradient(ep, scale) for ep, scale in zip(episodes, scales, strict=True)]
+    per_task = grads_of(lrn)
+    assert per_task["model.condition.table"].abs().sum() > 0 or algorithm == "reptile"
+    lrn.zero_grad(set_to_none=True)
+    losses = lrn.batch_gradient(EpisodeBatch.stack(episodes), torch.tensor(scales, dtype=torch.float64))
+    batched = grads_of(lrn)
+    torch.testing.assert_close(losses, torch.tensor(expected_losses, dtype=torch.float64), rtol=1e-9, atol=0)
+    for name, value in per_task.items():
+        torch.testing.assert_close(batched[name], value, rtol=1e-5, atol=1e-12, msg=name)
+
+
 def test_batched_adapt_equals_adapting_each_task():
     model = tiny("film")
     episodes = [episode(seed) for seed in range(3)]

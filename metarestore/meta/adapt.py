@@ -65,22 +65,28 @@ def _tied(model: nn.Module) -> bool:
     return _TIED[model]
 
 
-def _call(model: nn.Module, kind: AdapterKind, state: Params, x: torch.Tensor) -> torch.Tensor:
+def _call(model: nn.Module, kind: AdapterKind, state: Params, x: torch.Tensor,
+          hint: torch.Tensor | None = None) -> torch.Tensor:
     # untying walks every parameter of the module on every call (a tenth of a small adapter step's CPU
     # time): skipped when the model ties nothing, which gives the same result
-    return functional_call(model, kind.parameters(model, state), (x,), strict=False, tie_weights=_tied(model))
+    args = (x,) if hint is None else (x, hint)
+    return functional_call(model, kind.parameters(model, state), args, strict=False, tie_weights=_tied(model))
 
 
-def forward_with(model: nn.Module, params: Params, x: torch.Tensor, kind: Kind = None) -> torch.Tensor:
+def forward_with(model: nn.Module, params: Params, x: torch.Tensor, kind: Kind = None,
+                 hint: torch.Tensor | None = None) -> torch.Tensor:
     """Run the model with the adapted state ``params`` (of ``kind``, default the model's) in place of its
     own parameters (the others come from the module).
 
-    ``x`` of shape (T, N, C, H, W) with task-stacked ``params`` runs each task with its own parameters.
+    ``x`` of shape (T, N, C, H, W) with task-stacked ``params`` runs each task with its own parameters
+    (and its own ``hint``, of shape (T,), for a family-conditioned model; ``None``: blind).
     """
     kind = kind_of(model, kind)
     if x.dim() == 5:
-        return vmap(lambda p, xi: _call(model, kind, p, xi))(params, x)
-    return _call(model, kind, params, x)
+        if hint is None:
+            return vmap(lambda p, xi: _call(model, kind, p, xi))(params, x)
+        return vmap(lambda p, xi, hi: _call(model, kind, p, xi, hi))(params, x, hint)
+    return _call(model, kind, params, x, hint)
 
 
 def task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -89,32 +95,34 @@ def task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -> to
 
 
 def _inner_grads(model: nn.Module, kind: AdapterKind, params: Params, x: torch.Tensor, y: torch.Tensor,
-                 loss_fn: LossFn, first_order: bool) -> list[torch.Tensor]:
+                 loss_fn: LossFn, first_order: bool, hint: torch.Tensor | None) -> list[torch.Tensor]:
     if x.dim() == 4:  # one task: plain autograd, the reference implementation
-        loss = loss_fn(forward_with(model, params, x, kind), y)
+        loss = loss_fn(forward_with(model, params, x, kind, hint), y)
         return list(torch.autograd.grad(loss, list(params.values()), create_graph=not first_order))
 
-    def loss_of(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return loss_fn(_call(model, kind, p, xi), yi)
+    def loss_of(p: Params, xi: torch.Tensor, yi: torch.Tensor, hi: torch.Tensor | None) -> torch.Tensor:
+        return loss_fn(_call(model, kind, p, xi, hi), yi)
 
+    dims = (0, 0, 0, None if hint is None else 0)
     if first_order:  # no graph through the inner gradient: computed outside autograd's view
         with torch.no_grad():
-            grads = vmap(grad(loss_of))({n: p.detach() for n, p in params.items()}, x, y)
+            grads = vmap(grad(loss_of), in_dims=dims)({n: p.detach() for n, p in params.items()}, x, y, hint)
     else:
-        grads = vmap(grad(loss_of))(params, x, y)
+        grads = vmap(grad(loss_of), in_dims=dims)(params, x, y, hint)
     return [grads[n] for n in params]
 
 
 def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *, steps: int,
           lrs: LearningRates, params: Params | None = None, loss_fn: LossFn = l1,
-          first_order: bool = False, kind: Kind = None) -> Params:
+          first_order: bool = False, kind: Kind = None, hint: torch.Tensor | None = None) -> Params:
     """Take ``steps`` gradient steps on the support pairs; returns the adapted state of ``kind`` (default
     the model's own adapter kind).
 
     ``params`` defaults to the kind's starting state (the model's own parameters, graph-connected, for
     meta-training; given a leading task dimension when ``support_x`` has one); pass
     ``adaptable_params(model, kind, detach=True)`` to adapt without touching the model.
-    ``first_order=True`` drops the inner Jacobian.
+    ``first_order=True`` drops the inner Jacobian. ``hint``: a family-conditioned model's row, one for the
+    task (or (T,), one per task); ``None``: blind.
     """
     kind = kind_of(model, kind)
     if params is None:
@@ -123,7 +131,7 @@ def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *,
             params = per_task(params, support_x.shape[0])
     with torch.enable_grad():
         for _ in range(steps):
-            grads = _inner_grads(model, kind, params, support_x, support_y, loss_fn, first_order)
+            grads = _inner_grads(model, kind, params, support_x, support_y, loss_fn, first_order, hint)
             params = {name: p - lr_for(name, lrs) * g
                       for (name, p), g in zip(params.items(), grads, strict=True)}
     return params

@@ -8,7 +8,7 @@ from torch import nn
 
 from metarestore.config import ModelConfig
 from metarestore.model.blocks import NAFBlock, plain_eager
-from metarestore.model.condition import CONDITIONS, PREFIX, DegradationCondition
+from metarestore.model.condition import CONDITIONS, PREFIX, DegradationCondition, FamilyCondition
 
 STAGES = ("intro", "encoder", "middle", "decoder", "ending")
 
@@ -17,11 +17,14 @@ class RestorationNet(nn.Module):
     """U-Net of NAFBlocks; accepts any H x W (pads to a multiple of 2**stages, then crops back).
 
     ``condition="degradation"`` adds a degradation encoder whose embedding scales and shifts every block's
-    output (``metarestore.model.condition``); it starts as a no-op, so the network computes the same.
+    output (``metarestore.model.condition``); ``condition="family"`` a learned one per family of
+    ``hint_families`` that ``forward``'s ``hint`` picks (blind without). Both start as a no-op, so the network
+    computes the same.
     """
 
     def __init__(self, width: int = 16, enc_blocks=(1, 1, 2), middle_blocks: int = 2,
-                 dec_blocks=(1, 1, 1), adapt: str = "film", channels: int = 3, condition: str = "none"):
+                 dec_blocks=(1, 1, 1), adapt: str = "film", channels: int = 3, condition: str = "none",
+                 hint_families: tuple[str, ...] = ()):
         super().__init__()
         if condition not in CONDITIONS:
             raise ValueError(f"unknown condition {condition!r} (known: {', '.join(CONDITIONS)})")
@@ -45,22 +48,37 @@ class RestorationNet(nn.Module):
         self.multiple = 2 ** len(enc_blocks)
         # registered last, so the conditioning parameters follow the network's own in ``parameters()``
         self.condition = None
+        blocks = [b.film_scale.shape[1] for b in self.modules() if isinstance(b, NAFBlock)]
         if condition == "degradation":
-            blocks = [b.film_scale.shape[1] for b in self.modules() if isinstance(b, NAFBlock)]
             self.condition = DegradationCondition(blocks, channels)
+        elif condition == "family":
+            self.condition = FamilyCondition(blocks, hint_families)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> RestorationNet:
         return cls(cfg.width, tuple(cfg.enc_blocks), cfg.middle_blocks, tuple(cfg.dec_blocks), cfg.adapt,
-                   condition=cfg.condition)
+                   condition=cfg.condition, hint_families=tuple(cfg.hint_families))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def hint_families(self) -> tuple[str, ...]:
+        """The families a caller may name (``hint``); empty for a model that cannot be told."""
+        return self.condition.families if isinstance(self.condition, FamilyCondition) else ()
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
+        """``hint``: a family-conditioned model's row per image, (N,) or one for all (``FamilyCondition.hints``);
+        ``None`` is blind. Other models take no hint."""
+        if hint is not None and not self.hint_families:
+            raise ValueError("this model takes no degradation hint")
         h, w = x.shape[-2:]
         pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
         inp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
         if _channels_last_pays(inp):
             inp = inp.contiguous(memory_format=torch.channels_last)
-        modulations = iter(self.condition(x)) if self.condition is not None else None
+        modulations = None
+        if isinstance(self.condition, FamilyCondition):
+            modulations = iter(self.condition(x, hint))
+        elif self.condition is not None:
+            modulations = iter(self.condition(x))
 
         def run(stage: nn.Sequential, y: torch.Tensor) -> torch.Tensor:
             if modulations is None:
