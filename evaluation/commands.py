@@ -97,6 +97,9 @@ def register(app: typer.Typer) -> None:
         cpus_per_task: Annotated[float, typer.Option(min=0.1, help="CPUs per Ray task.")] = 1.0,
         gpus_per_task: Annotated[float, typer.Option(min=0.0, help="GPUs per Ray task (0: CPU).")] = 0.0,
         examples: Annotated[int, typer.Option(min=0, help="Images per dataset shown in the example grids.")] = 1,
+        told: Annotated[bool, typer.Option("--told/--blind", help="Name each condition's family to a model that "
+                                           "can be told the degradation (rows 'model (told)'); others stay "
+                                           "blind.")] = False,
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
     ) -> None:
         """Evaluate a model against classical baselines on benchmark images, with few-shot adaptation curves.
@@ -123,7 +126,7 @@ def register(app: typer.Typer) -> None:
             steps=_numbers(steps, "--steps", int), baselines=baselines, protocol=protocol,
             specialist_from=specialist_from, compare=compare, crop=crop, support_size=support_size, limit=limit,
             seed=seed, out=out, tracking_uri=tracking_uri, experiment=experiment, track=track, address=address,
-            cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, examples=examples, progress=progress,
+            cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, examples=examples, told=told, progress=progress,
             command="metarestore " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         result = run_evaluation(request)
         from evaluation.report import markdown_table, methods_table, summarize

@@ -44,6 +44,7 @@ class Settings:
     tile: int | None = 512
     threads: int = 1
     use_gpu: bool = False
+    told: bool = False  # name each condition's family to a model that can be told it (model.condition: family)
 
 
 @dataclass
@@ -102,21 +103,23 @@ def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLea
         support = (support[0].to(device), support[1].to(device))
     last_k, last_s = (max(positive), max(settings.steps)) if positive else (0, 0)
 
-    def tiled(learner: MetaLearner, x: torch.Tensor, params) -> torch.Tensor:
-        return restore_image(learner, x, params, tile=settings.tile)
+    def tiled(learner: MetaLearner, x: torch.Tensor, params, family: str | None = None) -> torch.Tensor:
+        return restore_image(learner, x, params, tile=settings.tile, family=family)
 
     for spec, learner in models:
+        told = settings.told and cond.family in getattr(learner.model, "hint_families", ())
+        family, label = (cond.family, f"{spec.label} (told)") if told else (None, spec.label)
         if spec.zero_shot:
             t0 = time.perf_counter()
-            output = few_shot(learner, degraded, restore=tiled).zero_shot
-            record(spec.label, output, time.perf_counter() - t0, spec.display, show=spec.label)
+            output = few_shot(learner, degraded, restore=tiled, family=family).zero_shot
+            record(label, output, time.perf_counter() - t0, spec.display, show=label)
         for k in positive:
             for s in settings.steps:
                 t0 = time.perf_counter()
                 output = few_shot(learner, degraded, (support[0][:k], support[1][:k]), steps=s, zero_shot=False,
-                                  restore=tiled).adapted
-                show = adapted_label(spec.label, k, s) if (k, s) == (last_k, last_s) else None
-                record(spec.label, output, time.perf_counter() - t0, spec.display, k, s, show)
+                                  restore=tiled, family=family).adapted
+                show = adapted_label(label, k, s) if (k, s) == (last_k, last_s) else None
+                record(label, output, time.perf_counter() - t0, spec.display, k, s, show)
     example = None
     if unit.example:
         example = {"dataset": dataset.name, "image": image, "family": cond.family, "level": cond.level,

@@ -64,6 +64,7 @@ class Request:
     gpus_per_task: float = 0.0
     examples: int = 1
     tile: int = 512
+    told: bool = False  # name each condition's family to a model that can be told it
     progress: bool = True
     command: str = ""
 
@@ -169,7 +170,7 @@ def evaluate(req: Request) -> Evaluation:
     settings = Settings(shots=sorted(set(req.shots)), steps=sorted(set(req.steps)), baselines=wanted,
                         support_size=req.support_size, seed=req.seed, protocol=protocol.name if protocol else "",
                         lpips=lpips_status()[0], tile=req.tile, threads=max(1, int(req.cpus_per_task)),
-                        use_gpu=req.gpus_per_task > 0)
+                        use_gpu=req.gpus_per_task > 0, told=req.told)
     units = [Unit(d.name, i, c, example=n < req.examples) for d in datasets for c in conditions
              for n, i in enumerate(d.queries)]
     results = run_units(units, datasets, [n.spec for n in networks], settings, req)

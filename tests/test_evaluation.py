@@ -188,6 +188,31 @@ def test_bad_input_gives_one_error_line(workdir, capsys):
     assert not (workdir / "runs").exists(), "nothing is written for a bad request"
 
 
+def test_told_rows_name_the_family_to_a_model_that_can_be_told_it(told_checkpoint):
+    """--told: a family the model knows is named to it (rows "model (told)", its hint's output); another
+    family stays blind (rows "model"), as does everything without --told."""
+    from evaluation.conditions import grid_conditions
+    from evaluation.methods import ModelSpec, Settings, Unit, run_unit
+    from evaluation.metrics import score
+    from metarestore.hub import load_learner
+
+    learner, _ = load_learner(told_checkpoint)
+    dataset = load_dataset("embedded", crop=CROP)
+    spec = ModelSpec("model", "told", "told", None)
+    for told in (True, False):
+        settings = Settings(shots=[0], steps=[0], baselines=[], told=told)
+        for cond in grid_conditions(["jpeg", "haze"], [0.5]):
+            rows = run_unit(Unit(dataset.name, 0, cond), dataset, [(spec, learner)], settings)["rows"]
+            named = told and cond.family == "jpeg"
+            assert [r["method"] for r in rows] == ["identity", "model (told)" if named else "model"]
+            params = task_params(cond, dataset.name, dataset.names[0], 0)
+            clean = embedded_clean(dataset.names[0])
+            x = torch.from_numpy(registry_degrade(clean, cond.family, params)).permute(2, 0, 1)[None].float()
+            expected = learner.restore(x, family="jpeg" if named else None)
+            target = torch.from_numpy(clean).permute(2, 0, 1)[None].float()
+            assert rows[1]["psnr"] == pytest.approx(score(expected, target, cond, False)["psnr"], abs=1e-3)
+
+
 # real Ray + MLflow runs ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def evaluated(ray_local, smoke_model, tmp_path_factory):
