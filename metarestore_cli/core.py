@@ -68,6 +68,9 @@ def restore(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     tile: Annotated[int, typer.Option(min=64, help="Tile size for large images (256: the fastest on CPU; "
                                       "larger on a GPU).")] = 256,
+    degradation: Annotated[str | None, typer.Option(help="What happened to the image (e.g. jpeg, gaussian_blur), "
+                                                    "for a model that can be told it (`metarestore info`: "
+                                                    "degradations); default: blind.")] = None,
 ) -> None:
     """Restore an image with a local model or through a running server."""
     if model is not None and endpoint is not None:
@@ -76,7 +79,7 @@ def restore(
         from serving.client import RestorerClient
 
         client = RestorerClient(endpoint, token=token)
-        info = client.restore_file(image, output, adapter=adapter)
+        info = client.restore_file(image, output, adapter=adapter, degradation=degradation)
         typer.echo(f"{output}: restored by {endpoint} (model version {info.get('model_version')}, "
                    f"adapter {info.get('adapter') or '-'})")
         return
@@ -90,7 +93,11 @@ def restore(
     dev = resolve_device(device)
     clean, grey = read_image(image)
     learner, metadata, ref = load_model(model or DEFAULT_MODEL, tracking_uri, dev)
-    y = restore_image(learner, clean[None].float().div(255).to(dev), tile=tile)
+    try:
+        learner.hint(degradation)
+    except ValueError as exc:
+        fail(str(exc))
+    y = restore_image(learner, clean[None].float().div(255).to(dev), tile=tile, family=degradation)
     write_image(output, y, grey=grey)
     version = f" version {ref.version}" if ref.version else ""
     typer.echo(f"{output}: restored with {ref.name or ref.path}{version} ({metadata['algorithm']}, step {metadata['step']})")
@@ -106,6 +113,9 @@ def info(model: Annotated[str, typer.Argument(help="builtin:base, a checkpoint d
     meta = read_metadata(ref.path)
     shown = {k: meta[k] for k in ("name", "algorithm", "adapt", "families", "inner_lr", "inner_steps", "step",
                                   "parameters", "adaptable_parameters", "versions") if k in meta}
+    told = meta.get("config", {}).get("model", {}).get("hint_families")
+    if told:
+        shown["degradations"] = told  # what `restore --degradation` may name
     shown["path"] = str(ref.path)
     if ref.version:
         shown["registered"] = f"{ref.name}/{ref.version}"

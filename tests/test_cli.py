@@ -114,6 +114,36 @@ def test_restore_with_a_checkpoint_and_with_a_registered_model(smoke_model, clea
         assert read_image(out)[0].shape == read_image(degraded)[0].shape
 
 
+def test_restore_told_the_degradation(told_checkpoint, perturbed_smoke_checkpoint, clean_image, workdir, capsys):
+    """--degradation reaches a model that can be told it (the output is its row's), and is one error line
+    for a blind model or a family the model does not know; nothing is written for a mistake."""
+    import torch
+
+    from metarestore.data import read_image
+    from metarestore.hub import load_learner
+    from metarestore.inference import restore_image
+
+    info = json.loads(cli_in_process(capsys, "info", told_checkpoint).stdout)
+    assert info["degradations"] == ["gaussian_noise", "gaussian_blur", "jpeg", "low_light"]
+    learner, _ = load_learner(told_checkpoint)
+    x = read_image(clean_image)[0][None].float() / 255
+    outputs = {}
+    for family in ("jpeg", "gaussian_blur"):
+        out = workdir / f"{family}.png"
+        result = cli_in_process(capsys, "restore", str(clean_image), "-o", str(out), "--model", told_checkpoint,
+                                "--degradation", family)
+        assert result.returncode == 0, result.stderr
+        outputs[family] = read_image(out)[0][None].float() / 255
+        expected = restore_image(learner, x, family=family)
+        assert (outputs[family] - expected).abs().max() <= 0.51 / 255
+    assert not torch.equal(outputs["jpeg"], outputs["gaussian_blur"])
+    assert_one_line_error(cli_in_process(capsys, "restore", str(clean_image), "-o", "x.png", "--model",
+                                         told_checkpoint, "--degradation", "haze"), "knows gaussian_noise")
+    assert_one_line_error(cli_in_process(capsys, "restore", str(clean_image), "-o", "x.png", "--model",
+                                         perturbed_smoke_checkpoint, "--degradation", "jpeg"), "trained blind")
+    assert not (workdir / "x.png").exists()
+
+
 def test_train_local_logs_params_metrics_and_checkpoint(smoke_model):
     client = mlflow.tracking.MlflowClient(smoke_model["tracking_uri"])
     logged = client.get_run(smoke_model["run_id"])
