@@ -145,6 +145,8 @@ class ModelInfo(BaseModel):
     inner_steps: int
     parameters: int
     adaptable_parameters: int
+    degradations: list[str] = Field(default_factory=list, description="What /v1/restore's ``degradation`` may "
+                                    "name (a model trained to be told the degradation); empty: blind only.")
     limits: dict[str, int | float]
 
 
@@ -274,6 +276,7 @@ class _Job:
     adapter: str | None
     params: dict[str, torch.Tensor] | None  # the adapter's adapted state (None: the model's own parameters)
     kind: str | None = None  # the adapter kind of ``params`` (film, lora, ...)
+    family: str | None = None  # the degradation named by the client, for a model that can be told it
 
 
 class _Timing:
@@ -477,6 +480,7 @@ class Restorer:
             device=str(self.device),
             algorithm=meta["algorithm"], adapt=meta.get("adapt", ""), families=meta.get("families", {}),
             inner_steps=self.learner.inner_steps, parameters=self.counts[0], adaptable_parameters=self.counts[1],
+            degradations=list(getattr(self.learner.model, "hint_families", ())),
             limits={"max_pixels": cfg.max_pixels, "max_body_mb": cfg.max_body_mb, "max_shots": cfg.max_shots,
                     "max_steps": cfg.max_steps, "adapt_steps": cfg.adapt_steps, "adapter_ttl_s": cfg.adapter_ttl_s,
                     "max_batch_size": cfg.max_batch_size, "tile": cfg.tile,
@@ -485,12 +489,15 @@ class Restorer:
 
     @app.post("/v1/restore", response_class=Response, openapi_extra=_RESTORE_BODY,
               responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size."}})
-    async def restore(self, request: Request, adapter: str | None = None) -> Response:
+    async def restore(self, request: Request, adapter: str | None = None, degradation: str | None = None) -> Response:
         """Restore one PNG/JPEG (raw body with Content-Type image/png|jpeg, or multipart field ``image``).
+        ``degradation`` names what happened to the image (one of ``/v1/model``'s ``degradations``) to a
+        model that can be told it; without it the model restores blind. Not with ``adapter``.
 
         The answer's ``Server-Timing`` header says where the replica's time went (ms): reading the body,
         the adapter lookup, decoding, waiting for the model (queue), the forward pass, encoding, total."""
         timing = _Timing()
+        self._check_degradation(degradation, adapter)
         body = await self._body(request)
         timing.mark("read")
         kind = media_type(request)
@@ -513,7 +520,7 @@ class Restorer:
         if adapter:
             y, batch, forward_s = await self._restore_adapted(adapter, found, x)
         else:
-            y, batch, forward_s = await self.batcher.submit(_Job(x, None, None))
+            y, batch, forward_s = await self.batcher.submit(_Job(x, None, None, family=degradation))
         timing.mark("queue", minus=forward_s)
         timing.add("forward", forward_s)
         png = await _on(self._codec, encode_png, y, grey, self.cfg.png_level)
@@ -609,6 +616,20 @@ class Restorer:
             y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
         return y, batch, pre_s + forward_s
 
+    def _check_degradation(self, degradation: str | None, adapter: str | None) -> None:
+        if degradation is None:
+            return
+        known = getattr(self.learner.model, "hint_families", ())
+        if not known:
+            raise ApiError(400, "degradation_not_accepted", "this model restores blind: it cannot be told the "
+                           "degradation (leave out 'degradation')")
+        if degradation not in known:
+            raise ApiError(400, "unknown_degradation", f"degradation {degradation[:40]!r} is not one this model "
+                           f"can be told: {', '.join(known)}")
+        if adapter:
+            raise ApiError(400, "degradation_with_adapter", "give 'adapter' or 'degradation', not both: an "
+                           "adapter already says what the degradation is")
+
     def _pre_step(self, adapter, x: torch.Tensor) -> torch.Tensor:
         from metarestore.inference import restore_image
 
@@ -684,7 +705,7 @@ class Restorer:
         for i, job in enumerate(jobs):
             h, w = job.x.shape[-2:]
             alone = i if max(h, w) > self.cfg.tile else -1  # tiled images go one by one: bounded memory
-            groups.setdefault((h, w, job.adapter, alone), []).append(i)
+            groups.setdefault((h, w, job.adapter, job.family, alone), []).append(i)
         results: list[tuple[torch.Tensor, int, float]] = [None] * len(jobs)  # type: ignore[list-item]
         for members in groups.values():
             first = jobs[members[0]]
@@ -692,7 +713,8 @@ class Restorer:
             with self.pool.borrow() as learner:  # this thread's own copy: nothing shared with other requests
                 start = time.perf_counter()
                 out = restore_image(learner, batch, first.params, tile=self.cfg.tile, overlap=self.cfg.tile_overlap,
-                                    kind=first.kind, max_batch_pixels=self.cfg.max_batch_pixels).cpu()
+                                    kind=first.kind, max_batch_pixels=self.cfg.max_batch_pixels,
+                                    family=first.family).cpu()
                 seconds = time.perf_counter() - start
             for j, i in enumerate(members):
                 results[i] = (out[j:j + 1], len(members), seconds)

@@ -91,19 +91,22 @@ class RestorerClient:
     def model_info(self) -> dict:
         return self._call("GET", "/v1/model").json()
 
-    def restore(self, image: str | Path | bytes, adapter: str | None = None) -> Restored:
-        """Restore a PNG/JPEG (path or bytes; other formats given as a path are sent as PNG)."""
+    def restore(self, image: str | Path | bytes, adapter: str | None = None,
+                degradation: str | None = None) -> Restored:
+        """Restore a PNG/JPEG (path or bytes; other formats given as a path are sent as PNG); ``degradation``
+        names what happened to it, for a model that can be told (``/v1/model``'s ``degradations``)."""
         data, content_type = _image_bytes(image)
-        params = {"adapter": adapter} if adapter else None
+        params = {k: v for k, v in (("adapter", adapter), ("degradation", degradation)) if v} or None
         response = self._call("POST", "/v1/restore", data=data, params=params,
                               headers={"Content-Type": content_type})
         used = response.headers.get("X-Adapter", "none")
         return Restored(response.content, response.headers.get("X-Model-Version", "?"),
                         None if used == "none" else used, response.headers.get("X-Replica", "?"))
 
-    def restore_file(self, image: str | Path, output: str | Path, adapter: str | None = None) -> dict:
+    def restore_file(self, image: str | Path, output: str | Path, adapter: str | None = None,
+                     degradation: str | None = None) -> dict:
         """Restore ``image`` into ``output`` (PNG as sent; another extension is re-encoded locally)."""
-        result = self.restore(image, adapter=adapter)
+        result = self.restore(image, adapter=adapter, degradation=degradation)
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         if output.suffix.lower() == ".png":

@@ -66,7 +66,7 @@ def degrade(family: str, x: torch.Tensor, severity: float, seed: int, noise_seed
 
 # the application ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(ray_local, smoke_model, tmp_path_factory):
+def server(ray_local, smoke_model, told_checkpoint, tmp_path_factory):
     from ray import serve
 
     from serving.adapters import AdapterStoreDeployment
@@ -87,8 +87,11 @@ def server(ray_local, smoke_model, tmp_path_factory):
         serve.run(Restorer.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5, "runtime_env": cache})
                   .bind(secure, AdapterStoreDeployment.bind(secure.adapter_ttl_s, 2**20)),
                   name="restorer-auth", route_prefix="/secure")
+        serve.run(build_app({**common, "model": told_checkpoint, "num_replicas": 1}), name="restorer-told",
+                  route_prefix="/told")
         url = f"http://127.0.0.1:{port}"
-        yield SimpleNamespace(url=url, secure=f"{url}/secure", checkpoint=smoke_model["checkpoint"])
+        yield SimpleNamespace(url=url, secure=f"{url}/secure", checkpoint=smoke_model["checkpoint"],
+                              told=f"{url}/told", told_checkpoint=told_checkpoint)
     finally:
         serve.shutdown()
 
@@ -218,6 +221,41 @@ def test_same_size_requests_are_batched(server):
             break
     else:
         pytest.fail("18 concurrent requests, three times, and no forward pass served more than one")
+
+
+def test_told_requests_get_their_own_degradations_output_even_when_batched_together(server):
+    """A model that can be told the degradation: concurrent requests naming different ones (or none) share
+    forward passes only with their own kind, and each gets exactly what the model gives for its hint."""
+    from metarestore.hub import load_learner
+
+    info = requests.get(f"{server.told}/v1/model", timeout=30).json()
+    learner, _ = load_learner(server.told_checkpoint)
+    assert info["degradations"] == list(learner.model.hint_families) != []
+    x = quantised(degrade("gaussian_noise", photo("astronaut", 64, 64, 64), 0.5, seed=3))
+    hints = [None, *info["degradations"]]
+    expected = {h: learner.restore(x, family=h) for h in hints}
+    assert not torch.allclose(expected[hints[1]], expected[hints[2]], atol=2 / 255), "the hints make no difference"
+
+    def call(hint):
+        params = {"degradation": hint} if hint else None
+        return requests.post(f"{server.told}/v1/restore", data=png(x), headers={"Content-Type": "image/png"},
+                             params=params, timeout=120)
+
+    jobs = [hints[i % len(hints)] for i in range(4 * len(hints))]
+    for _ in range(3):  # batching depends on arrival times: a few rounds make "never batched" a real failure
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            responses = list(pool.map(call, jobs))
+        for hint, r in zip(jobs, responses, strict=True):
+            assert r.status_code == 200, r.text
+            assert (decode(r.content) - expected[hint]).abs().max() <= 1.5 / 255, hint
+        if max(int(r.headers["X-Batch-Size"]) for r in responses) > 1:
+            break
+    else:
+        pytest.fail("concurrent requests, three times, and no forward pass served more than one")
+    assert_error(call("haze"), 400, "unknown_degradation")
+    both = requests.post(f"{server.told}/v1/restore", data=png(x), headers={"Content-Type": "image/png"},
+                         params={"degradation": hints[1], "adapter": "x"}, timeout=120)
+    assert_error(both, 400, "degradation_with_adapter")
 
 
 def test_adapter_improves_a_held_out_degradation(server, cast_adapter):
@@ -434,6 +472,8 @@ RESTORE_CASES = {
     "body too large": (lambda: _raw(b"\x89PNG\r\n\x1a\n" + bytes(5 * 2**20)), 413, "body_too_large"),
     "body too large, chunked": (lambda: _raw(bytes(2**20) for _ in range(5)), 413, "body_too_large"),
     "unknown adapter": (lambda: _raw(_small(), params={"adapter": "nope"}), 404, "adapter_not_found"),
+    "degradation to a blind model": (lambda: _raw(_small(), params={"degradation": "jpeg"}), 400,
+                                     "degradation_not_accepted"),
 }
 ADAPTER_CASES = {
     "not multipart": (lambda: _raw(_small()), 415, "unsupported_media_type"),
