@@ -60,7 +60,7 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, perturbed_smoke_checkpoint):
+def server(ray_local, told_checkpoint):
     from ray import serve
 
     from serving.app import build_app
@@ -72,7 +72,7 @@ def server(ray_local, perturbed_smoke_checkpoint):
     try:
         # no adapter time budget: on a loaded machine the default 1 s would skip the validation that the
         # page's held-out figures (checked below) come from
-        serve.run(build_app({"model": perturbed_smoke_checkpoint, "token": TOKEN, "num_cpus": 0.5, "tile": 256,
+        serve.run(build_app({"model": told_checkpoint, "token": TOKEN, "num_cpus": 0.5, "tile": 256,
                              "adapt_budget_s": None}),
                   name="restorer-web", route_prefix="/restorer")  # a prefix: the page's URLs are relative
         yield f"http://127.0.0.1:{port}/restorer"
@@ -81,8 +81,9 @@ def server(ray_local, perturbed_smoke_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def learner(perturbed_smoke_checkpoint):
-    return load_model(perturbed_smoke_checkpoint)[0]
+def learner(told_checkpoint):
+    """The served model: one that can be told the degradation (the page offers the choice)."""
+    return load_model(told_checkpoint)[0]
 
 
 def decode(data: bytes) -> torch.Tensor:
@@ -154,6 +155,19 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     link = driver.find_element(By.ID, "download")
     assert link.get_attribute("href") == driver.find_element(By.ID, "after").get_attribute("src")
     assert link.get_attribute("download") == "noisy-restored.png"
+
+    # told the degradation: the page offers the model's list, and shows that row's output
+    told = Select(driver.find_element(By.ID, "degradation-select"))
+    assert driver.find_element(By.ID, "degradation-field").is_displayed()
+    assert [o.get_attribute("value") for o in told.options] == ["", *learner.model.hint_families]
+    told.select_by_value("jpeg")
+    driver.find_element(By.ID, "restore-button").click()
+    assert wait_for(driver, "restore") == "done", text(driver, "message")
+    got_told = shown_image(driver, "after")
+    want_told = as_uint8(restore_image(learner, x, tile=256, family="jpeg"))
+    assert np.abs(got_told - want_told).max() <= 1, "the page shows the told model's output"
+    assert np.abs(want_told - want).max() > 2, "and naming the degradation changed it"
+    told.select_by_value("")
 
     # an adapter from the page's sample pairs (a held-out family), with a progress indicator meanwhile
     driver.find_element(By.ID, "sample-pairs").click()

@@ -68,6 +68,10 @@ async function loadModel() {
     const fam = info.families || {};
     $("model-info").textContent = `${info.name} version ${info.version} · ${info.algorithm} · trained on ` +
       `${(fam.train || []).join(", ")}` + (fam.held_out && fam.held_out.length ? `; held out ${fam.held_out.join(", ")}` : "");
+    const told = $("degradation-select");
+    for (const option of [...told.options]) if (option.value) option.remove();
+    for (const name of info.degradations || []) told.add(new Option(name.replace(/_/g, " "), name));
+    $("degradation-field").hidden = !(info.degradations || []).length;
     if (state.limits.max_steps) $("steps").max = state.limits.max_steps;
     if (state.limits.adapt_steps) $("steps").value = state.limits.adapt_steps;
     clearError();
@@ -107,13 +111,15 @@ function setInput(blob, name) {
 async function restore() {
   if (!state.input) return;
   clearError();
-  const input = state.input, adapter = $("adapter-select").value;
+  const input = state.input, adapter = $("adapter-select").value, degradation = $("degradation-select").value;
   document.body.dataset.restore = "working";
   $("restore-button").disabled = true;
   $("restore-state").textContent = "restoring…";
   const started = performance.now();
   try {
-    const query = adapter ? "?adapter=" + encodeURIComponent(adapter) : "";
+    // an adapter already says what the degradation is: the server takes one or the other
+    const query = adapter ? "?adapter=" + encodeURIComponent(adapter)
+      : degradation ? "?degradation=" + encodeURIComponent(degradation) : "";
     const response = await api("v1/restore" + query, {
       method: "POST", body: input, headers: { "Content-Type": input.type || "application/octet-stream" },
     });
