@@ -97,6 +97,9 @@ def register(app: typer.Typer) -> None:
         cpus_per_task: Annotated[float, typer.Option(min=0.1, help="CPUs per Ray task.")] = 1.0,
         gpus_per_task: Annotated[float, typer.Option(min=0.0, help="GPUs per Ray task (0: CPU).")] = 0.0,
         examples: Annotated[int, typer.Option(min=0, help="Images per dataset shown in the example grids.")] = 1,
+        adapter: Annotated[str, typer.Option(help="How the adapted rows adapt: film (adapt(), FiLM steps) or auto "
+                                             "(the path a server's kind=auto adapter chooses: operator fits, "
+                                             "FiLM, LoRA).")] = "film",
         told: Annotated[bool, typer.Option("--told/--blind", help="Name each condition's family to a model that "
                                            "can be told the degradation (rows 'model (told)'); others stay "
                                            "blind.")] = False,
@@ -126,7 +129,7 @@ def register(app: typer.Typer) -> None:
             steps=_numbers(steps, "--steps", int), baselines=baselines, protocol=protocol,
             specialist_from=specialist_from, compare=compare, crop=crop, support_size=support_size, limit=limit,
             seed=seed, out=out, tracking_uri=tracking_uri, experiment=experiment, track=track, address=address,
-            cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, examples=examples, told=told, progress=progress,
+            cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, examples=examples, told=told, adapter=adapter, progress=progress,
             command="metarestore " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         result = run_evaluation(request)
         from evaluation.report import markdown_table, methods_table, summarize

@@ -45,6 +45,7 @@ class Settings:
     threads: int = 1
     use_gpu: bool = False
     told: bool = False  # name each condition's family to a model that can be told it (model.condition: family)
+    adapter: str = "film"  # film: learner.adapt (FiLM); auto: operators.fit_adapter, the server's automatic choice
 
 
 @dataclass
@@ -66,6 +67,20 @@ class Unit:
 
 def adapted_label(label: str, shots: int, steps: int) -> str:
     return label if shots == 0 else f"{label} {shots}-shot {steps}-step"
+
+
+def auto_adapted(learner: MetaLearner, x: torch.Tensor, support_x: torch.Tensor, support_y: torch.Tensor,
+                 steps: int) -> torch.Tensor:
+    """What a client of ``POST /v1/adapters`` (kind auto) gets: the path chosen by leave-one-out among
+    zero-shot, FiLM and the operator + restorer paths, fitted with ``steps`` steps (0: only the paths
+    without gradient steps: their restorer is the model as it is), then the image restored with it (whole:
+    an adapter's pre-step sees the whole image, as a server's does)."""
+    from metarestore.operators import fit_adapter
+    from metarestore.operators.paths import default_paths
+
+    paths = None if steps > 0 else [p for p in default_paths() if not p.adapted]
+    adapter = fit_adapter(learner, support_x, support_y, steps=max(steps, 1), paths=paths)
+    return adapter.restore(x)
 
 
 def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLearner]], settings: Settings,
@@ -116,8 +131,11 @@ def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLea
         for k in positive:
             for s in settings.steps:
                 t0 = time.perf_counter()
-                output = few_shot(learner, degraded, (support[0][:k], support[1][:k]), steps=s, zero_shot=False,
-                                  restore=tiled, family=family).adapted
+                if settings.adapter == "auto":
+                    output = auto_adapted(learner, degraded, support[0][:k], support[1][:k], s)
+                else:
+                    output = few_shot(learner, degraded, (support[0][:k], support[1][:k]), steps=s, zero_shot=False,
+                                      restore=tiled, family=family).adapted
                 show = adapted_label(label, k, s) if (k, s) == (last_k, last_s) else None
                 record(label, output, time.perf_counter() - t0, spec.display, k, s, show)
     example = None

@@ -65,6 +65,7 @@ class Request:
     examples: int = 1
     tile: int = 512
     told: bool = False  # name each condition's family to a model that can be told it
+    adapter: str = "film"  # film: the rows adapt with learner.adapt; auto: with operators.fit_adapter
     progress: bool = True
     command: str = ""
 
@@ -125,6 +126,8 @@ def load_datasets(specs: list[str], crop: int, limit: int | None) -> list[Datase
 def evaluate(req: Request) -> Evaluation:
     """Run the evaluation described by ``req``; outputs go to ``req.out`` (and MLflow when tracking)."""
     _check_lists(req)
+    if req.adapter not in ("film", "auto"):
+        raise UserError(f"--adapter must be film or auto, got {req.adapter!r}")
     protocol = protocols.get(req.protocol) if req.protocol else None
     if protocol is not None:
         if req.families:
@@ -159,7 +162,10 @@ def evaluate(req: Request) -> Evaluation:
         notes.append("downsample: the degraded input is the bicubic up-sampled image, so identity = bicubic")
     if adapting:
         notes.append(f"adaptation: K support patches ({req.support_size} px) from the dataset's other images, "
-                     "degraded with the query's task parameters and fresh noise; steps 0 equals zero-shot")
+                     "degraded with the query's task parameters and fresh noise; "
+                     + ("steps 0 equals zero-shot" if req.adapter == "film" else
+                        "adapter auto: the path fit_adapter chooses by leave-one-out on the K pairs (a server's "
+                        "kind=auto; steps 0: only paths without gradient steps)"))
     if protocol is not None:
         notes.append(f"protocol {protocol.name}: {protocol.description}"
                      + (f"; published: {protocol.reference}" if protocol.reference else ""))
@@ -170,7 +176,7 @@ def evaluate(req: Request) -> Evaluation:
     settings = Settings(shots=sorted(set(req.shots)), steps=sorted(set(req.steps)), baselines=wanted,
                         support_size=req.support_size, seed=req.seed, protocol=protocol.name if protocol else "",
                         lpips=lpips_status()[0], tile=req.tile, threads=max(1, int(req.cpus_per_task)),
-                        use_gpu=req.gpus_per_task > 0, told=req.told)
+                        use_gpu=req.gpus_per_task > 0, told=req.told, adapter=req.adapter)
     units = [Unit(d.name, i, c, example=n < req.examples) for d in datasets for c in conditions
              for n, i in enumerate(d.queries)]
     results = run_units(units, datasets, [n.spec for n in networks], settings, req)

@@ -174,6 +174,7 @@ def test_bad_input_gives_one_error_line(workdir, capsys):
         "unknown degradation family 'fog'": ["--model", model, "--families", "gaussian_noise,fog"],
         "unknown protocol 'bsd1000'": ["--model", model, "--protocol", "bsd1000"],
         "protocol cbsd68-awgn needs --data": ["--model", model, "--protocol", "cbsd68-awgn"],
+        "--adapter must be film or auto": ["--model", model, "--adapter", "lora"],
         "model not found": ["--model", model],
     }
     *in_process, (last, last_args) = cases.items()
@@ -211,6 +212,23 @@ def test_told_rows_name_the_family_to_a_model_that_can_be_told_it(told_checkpoin
             expected = learner.restore(x, family="jpeg" if named else None)
             target = torch.from_numpy(clean).permute(2, 0, 1)[None].float()
             assert rows[1]["psnr"] == pytest.approx(score(expected, target, cond, False)["psnr"], abs=1e-3)
+
+
+def test_auto_adapter_rows_fit_the_operator_a_server_would(smoke_model):
+    """--adapter auto: the adapted rows are what a server's kind=auto adapter gives; on a strong colour cast
+    (a held-out family) the fitted tone model lifts the image far above zero-shot, with no gradient step."""
+    from evaluation.conditions import Condition
+    from evaluation.methods import ModelSpec, Settings, Unit, run_unit
+    from metarestore.hub import load_learner
+
+    learner, _ = load_learner(smoke_model["checkpoint"])
+    dataset = load_dataset("embedded", crop=CROP)
+    settings = Settings(shots=[0, 3], steps=[0], baselines=[], support_size=48, adapter="auto")
+    cond = Condition("color_cast", "0.8", severity=0.8)
+    rows = run_unit(Unit(dataset.name, 1, cond), dataset, [(ModelSpec("model", "m", "m", None), learner)],
+                    settings)["rows"]
+    scores = {(r["method"], r["shots"]): r["psnr"] for r in rows}
+    assert scores[("model", 3)] > scores[("model", 0)] + 3, scores
 
 
 # real Ray + MLflow runs ----------------------------------------------------------------------------
