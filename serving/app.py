@@ -360,11 +360,13 @@ def _kind(value, auto_names: list[str]) -> str:
         path = Path.parse(value)
         if not math.isfinite(path.balance) or not 0 <= path.balance <= 10 or Path.parse(path.name) != path:
             raise ValueError(value)
+        if path.told is not None and path.name not in auto_names:  # a family this model cannot be told
+            raise ValueError(value)
     except ValueError:
         shown = str(value)[:40] if isinstance(value, str) else "(a file)"
         raise ApiError(422, "invalid_kind", f"kind {shown!r} is not auto or an adaptation path; valid: auto, "
                        f"{', '.join(auto_names)} (PRE@BALANCE and PRE@BALANCE+film with PRE one of "
-                       f"{', '.join(p for p in PRE_STEPS if p != 'none')})") from None
+                       f"{', '.join(p for p in PRE_STEPS if p != 'none')}; told:FAMILY for a family the model can be told)") from None
     return path.name
 
 
@@ -434,13 +436,15 @@ class Restorer:
         app.state.max_header_bytes = int(cfg.max_header_kb * 1024)
         self._uploads = asyncio.Semaphore(cfg.max_uploads)
         self.adapt_pixels = max(256, int(cfg.adapt_memory_mb * 2**20) // adapt_bytes_per_pixel(self.learner))
-        self.auto_paths = self._auto_paths(cfg.auto_paths)
+        self.auto_paths = self._auto_paths(cfg.auto_paths, self.learner)
 
     @staticmethod
-    def _auto_paths(names: list[str] | None) -> list[str]:
+    def _auto_paths(names: list[str] | None, learner) -> list[str]:
         from metarestore.operators.paths import Path, default_paths
 
-        paths = [Path.parse(n) for n in names] if names else default_paths()  # a bad name fails the deploy
+        paths = [Path.parse(n) for n in names] if names else default_paths(learner)  # a bad name fails the deploy
+        for p in paths:
+            learner.hint(p.told)  # a family the model cannot be told fails the deploy too
         if not paths:
             raise ValueError("auto_paths must name at least one path")
         return [p.name for p in paths]
@@ -611,7 +615,7 @@ class Restorer:
         if adapter.path.restorer == "none":
             return x.clamp(0, 1), 1, pre_s
         if not adapter.path.adapted:
-            y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, None))
+            y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, None, family=adapter.path.told))
         else:
             y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
         return y, batch, pre_s + forward_s

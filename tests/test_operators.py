@@ -403,3 +403,30 @@ def test_jpeg_path_retrains_on_codec_pairs_and_round_trips(learner):
     assert loaded.path.name == "jpeg" and torch.allclose(loaded.restore(test_x), restored, atol=1e-5)
     with pytest.raises(AdapterError):  # on a blur, the JPEG path cannot be fitted
         fit_adapter(learner, blurred(clean[:3], disc_kernel(2.0), 0.005), clean[:3], paths=["jpeg"])
+
+
+def test_a_model_that_can_be_told_the_degradation_offers_told_paths(told_checkpoint, learner, tmp_path):
+    """told:F (the model told family F) is a candidate for a model that can be told; auto picks it where it
+    is what the pairs show, it round-trips, and neither a blind model nor an unknown family can use one."""
+    from metarestore.hub import load_learner
+    from metarestore.operators.paths import default_paths
+
+    told, _ = load_learner(told_checkpoint)
+    names = [p.name for p in default_paths(told)]
+    assert [n for n in names if n.startswith("told:")] == [f"told:{f}" for f in told.model.hint_families]
+    assert not any(n.startswith("told:") for n in (p.name for p in default_paths(learner)))
+    assert Path.parse("told:jpeg") == Path(told="jpeg") and Path(told="jpeg").name == "told:jpeg"
+    # pairs whose clean side is exactly what the model told "jpeg" makes of the degraded side
+    degraded = crops(48, 4)
+    clean = told.restore(degraded, family="jpeg")
+    adapter = fit_adapter(told, degraded, clean, steps=1, max_folds=2,
+                          paths=["zero_shot", "film", "told:gaussian_noise", "told:jpeg"])
+    assert adapter.path.name == "told:jpeg", adapter.info["scores"]
+    assert adapter.info["scores"]["told:jpeg"] > adapter.info["scores"]["told:gaussian_noise"] + 10
+    loaded = Adapter.from_bytes(adapter.to_bytes(), told)
+    assert loaded.path == adapter.path
+    torch.testing.assert_close(loaded.restore(degraded), clean)
+    with pytest.raises(AdapterError, match="blind"):
+        Adapter.from_bytes(adapter.to_bytes(), learner)
+    with pytest.raises(AdapterError, match="haze"):
+        fit_adapter(told, degraded, clean, paths=["told:haze"])

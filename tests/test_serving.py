@@ -257,6 +257,18 @@ def test_told_requests_get_their_own_degradations_output_even_when_batched_toget
                          params={"degradation": hints[1], "adapter": "x"}, timeout=120)
     assert_error(both, 400, "degradation_with_adapter")
 
+    # an adapter may be the model told a family it knows (kind told:F, or chosen by auto); its answers are that
+    # row's output, and a family the model cannot be told is not a kind
+    fields = pairs_files([x], [expected[hints[1]]])
+    made = requests.post(f"{server.told}/v1/adapters", files=fields, data={"kind": f"told:{hints[1]}"}, timeout=300)
+    assert made.status_code == 200, made.text
+    assert made.json()["path"] == f"told:{hints[1]}"
+    adapted = requests.post(f"{server.told}/v1/restore", data=png(x), headers={"Content-Type": "image/png"},
+                            params={"adapter": made.json()["adapter_id"]}, timeout=120)
+    assert (decode(adapted.content) - expected[hints[1]]).abs().max() <= 1.5 / 255
+    refused = requests.post(f"{server.told}/v1/adapters", files=fields, data={"kind": "told:haze"}, timeout=300)
+    assert_error(refused, 422, "invalid_kind")
+
 
 def test_adapter_improves_a_held_out_degradation(server, cast_adapter):
     info = cast_adapter.json()

@@ -82,7 +82,7 @@ class Adapter:
         if self.path.restorer == "none":
             return pre.clamp(0, 1)
         if not self.path.adapted:
-            return self.learner.restore(pre)
+            return self.learner.restore(pre, family=self.path.told)
         return self.learner.restore(pre, self.params, kind=self.path.restorer)
 
     # storage --------------------------------------------------------------------------------------
@@ -116,6 +116,7 @@ class Adapter:
             raise AdapterError("not a metarestore operator adapter (format/version mismatch)")
         try:
             path = Path.parse(str(header["path"]))
+            learner.hint(path.told)
         except ValueError as exc:
             raise AdapterError(str(exc)) from None
         residuals = {str(k): float(v) for k, v in header.get("residuals", {}).items()}
@@ -256,10 +257,13 @@ def _plain_scores(learner, paths: list[Path], ops: Operators, held_x: torch.Tens
             continue
         if cache is not None:
             cache[_pre_key(path)] = pres[path.name]
-    net = [p for p in paths if p.name in pres and p.restorer == "net"]
+    net = [p for p in paths if p.name in pres and p.restorer == "net" and p.told is None]
     if net:
         out = learner.restore(torch.cat([pres[p.name] for p in net]))
         scores.update({p.name: psnr(out[i:i + 1], held_y) for i, p in enumerate(net)})
+    for p in paths:  # told the family: a pass of its own (one hint per forward pass)
+        if p.told is not None:
+            scores[p.name] = psnr(learner.restore(pres[p.name], family=p.told), held_y)
     scores.update({p.name: psnr(pres[p.name], held_y) for p in paths if p.name in pres and p.restorer == "none"})
     return scores
 
@@ -315,8 +319,8 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
                 score_side: int | None = None) -> Adapter:
     """Fit an adapter from K (degraded ``support_x``, clean ``support_y``) pairs, (K, C, H, W) in [0, 1].
 
-    ``paths``: the candidates (names such as ``"film"``, ``"lora"``, ``"deconv@0.01+film"``; default:
-    ``default_paths()``), one path to force it (no validation). ``steps``: gradient steps of the chosen
+    ``paths``: the candidates (names such as ``"film"``, ``"lora"``, ``"deconv@0.01+film"``, ``"told:jpeg"``;
+    default: ``default_paths(learner)``), one path to force it (no validation). ``steps``: gradient steps of the chosen
     adapted restorer; ``validation_steps`` (default ``steps``): those of every adapted candidate in
     validation (fewer rank candidates nearly as well at a fraction of the cost). With ``patch``, each step
     sees one random window of that size per pair rather than the whole pairs (``MetaLearner.adapt``),
@@ -340,11 +344,16 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     run), so callers (and tests) can check that no fold scores a pair it fitted on."""
     start = time.perf_counter()
     _check_support(support_x, support_y)
-    candidates = [p if isinstance(p, Path) else Path.parse(p) for p in (paths or default_paths())]
+    candidates = [p if isinstance(p, Path) else Path.parse(p) for p in (paths or default_paths(learner))]
     if support_x.shape[1] != 3:
         candidates = [p for p in candidates if p.pre != "haze"]
     if not candidates:
         raise AdapterError("no adaptation path to choose from")
+    try:
+        for p in candidates:
+            learner.hint(p.told)  # told:F needs a model that can be told F
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
     validation_steps = steps if validation_steps is None else validation_steps
     folds, scheme = _folds(support_x, support_y, max_folds) if len(candidates) > 1 else ([], "forced")
     if score_side is not None:

@@ -7,7 +7,9 @@ restorer retrained on pairs that operator synthesises from the clean support (``
 optionally half-quadratic splitting with the restorer as the denoiser, then the restorer itself with its
 own weights, its state of an adapter kind (``metarestore.model.kinds``: ``film``, ``lora``, ...) adapted
 by gradient steps on (pre-stepped support, clean) pairs, or no restorer at all (the classical baselines).
-Every path is named by a short string, e.g. ``deconv@0.01+film`` or ``lora``.
+A model that can be told the degradation (``model.condition: family``) adds one path per family it knows,
+``told:FAMILY``: the restorer as is, told that family ("these pairs look like JPEG").
+Every path is named by a short string, e.g. ``deconv@0.01+film``, ``lora`` or ``told:jpeg``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Path:
     pre: str = "none"  # one of PRE_STEPS
     balance: float = 0.0  # Tikhonov weight of deconv/hqs/wiener
     restorer: str = "net"  # "net" (the model as is), an adapter kind (adapted, e.g. "film"), "none" (classical)
+    told: str | None = None  # the family a model that can be told it restores as (pre none, restorer net)
 
     @property
     def adapted(self) -> bool:
@@ -45,6 +48,8 @@ class Path:
 
     @property
     def name(self) -> str:
+        if self.told is not None:
+            return f"told:{self.told}"
         pre = "zero_shot" if self.pre == "none" and self.restorer == "net" else self.pre
         if self.pre == "none" and self.adapted:
             return self.restorer
@@ -61,6 +66,8 @@ class Path:
         restorer = "net"
         if name == "zero_shot":
             return cls()
+        if name.startswith("told:") and len(name) > 5:
+            return cls(told=name[5:])
         if name in KINDS:
             return cls(restorer=name)
         if "+" in name:
@@ -76,8 +83,9 @@ class Path:
         return cls(pre, float(balance) if balance else 0.0, restorer)
 
 
-def default_paths() -> list[Path]:
-    """The candidates an adapter chooses among by held-out validation."""
+def default_paths(learner=None) -> list[Path]:
+    """The candidates an adapter chooses among by held-out validation (with ``learner``: plus ``told:F`` for
+    every family F its model can be told)."""
     paths = [Path(), Path(restorer="film"), Path(restorer="lora")]
     for balance in (0.003, 0.03):
         paths.append(Path("deconv", balance))
@@ -86,6 +94,8 @@ def default_paths() -> list[Path]:
     # ``jpeg`` and ``noise`` are there to be asked for (kind=jpeg), not validated by default: the codec's
     # grid search alone costs ~0.7 s of the 1 s an automatic adapter has (issue 16), and on Poisson-Gaussian
     # noise the base model retrained on synthesised pairs gained nothing (+0.0 dB, 5 pairs, 30 steps)
+    if learner is not None:
+        paths += [Path(told=f) for f in getattr(learner.model, "hint_families", ())]
     return paths
 
 
