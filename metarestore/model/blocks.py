@@ -69,10 +69,18 @@ class NAFBlock(nn.Module):
         self.film_scale = nn.Parameter(torch.ones(1, c, 1, 1))
         self.film_shift = nn.Parameter(torch.zeros(1, c, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                modulation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``modulation``: a conditioning's (scale, shift), (N, c, 1, 1), applied to the output as
+        ``out * (1 + scale) + shift``; folded into the FiLM's own scale and shift, so it costs no pass over
+        the activations."""
         y = self.gate(self.conv2(self.conv1(self.norm1(x))))
         y = self.conv3(y * self.sca(y))
         x = x + y * self.beta
         y = self.conv5(self.gate(self.conv4(self.norm2(x))))
         x = x + y * self.gamma
-        return x * self.film_scale + self.film_shift
+        scale, shift = self.film_scale, self.film_shift
+        if modulation is not None:
+            s, t = modulation
+            scale, shift = scale * (1 + s), shift * (1 + s) + t
+        return x * scale + shift

@@ -84,8 +84,7 @@ class RestorationNet(nn.Module):
             if modulations is None:
                 return stage(y)
             for block in stage:
-                scale, shift = next(modulations)
-                y = block(y) * (1 + scale) + shift
+                y = block(y, next(modulations))
             return y
 
         y = self.intro(inp)
