@@ -17,7 +17,8 @@ from metarestore.viz import save_grid
 def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity: float = 0.5, shots: int = 4,
              steps: int = 5, size: int = 128, seed: int = 0, data: str = EMBEDDED) -> list[dict]:
     """``data``: ``embedded`` (always there), ``model`` (the folders the model was trained and validated
-    on, when this machine has them) or a folder."""
+    on, when this machine has them) or a folder. A model that can be told the degradation is told each
+    family it knows (as a client that knows what happened to its images would); the rest is blind."""
     cfg = from_dict(metadata["config"])
     trained, held_out = metadata["families"]["train"], metadata["families"]["held_out"]
     if data == "model":
@@ -30,6 +31,7 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
     support = PatchSampler(support_images, size, augment=False)
     rows, grid = [], []
     device = next(learner.parameters()).device
+    told = set(getattr(learner.model, "hint_families", ()))
     for name in [*trained, *held_out]:
         task = Task.sample(name, severity, seed, "showcase", name)
         g = cpu_generator(stable_seed(seed, "showcase", name, "patches"))
@@ -39,8 +41,8 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
         if name in held_out:
             support_y = support.sample(shots, g).to(device)
             pairs = (task.degrade_support(support_y), support_y)
-        run = few_shot(learner, degraded, pairs, steps=steps, query_y=clean)
-        row = {"family": name, "held_out": name in held_out, "psnr_input": run.scores["input"],
+        run = few_shot(learner, degraded, pairs, steps=steps, query_y=clean, family=name if name in told else None)
+        row = {"family": name, "held_out": name in held_out, "told": name in told, "psnr_input": run.scores["input"],
                "psnr_restored": run.scores["zero_shot"]}
         if "adapted" in run.scores:
             row["psnr_adapted"] = run.scores["adapted"]
@@ -62,7 +64,7 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         best = r.get("psnr_adapted", r["psnr_restored"])
         adapted = f"{r['psnr_adapted']:9.2f}" if "psnr_adapted" in r else f"{'-':>9}"
-        label = r["family"] + (" (held out)" if r["held_out"] else "")
+        label = r["family"] + (" (held out)" if r["held_out"] else "") + (" (told)" if r.get("told") else "")
         lines.append(f"{label:<28}{r['psnr_input']:9.2f}{r['psnr_restored']:10.2f}{adapted}{best - r['psnr_input']:+8.2f}")
     gains = {r["family"]: r.get("psnr_adapted", r["psnr_restored"]) - r["psnr_input"] for r in rows}
     improved = [f for f, gain in gains.items() if gain >= IMPROVED_DB]

@@ -375,3 +375,16 @@ def test_showcase_summary_counts_only_clear_gains_and_names_the_losses():
     text = format_rows(rows).splitlines()
     assert text[-2] == "improved by >= 0.5 dB: 2 of 4 families"
     assert text[-1] == "worse than the input: contrast (-0.30 dB)"
+
+
+def test_showcase_tells_a_model_the_families_it_knows(told_checkpoint, tmp_path):
+    """A model that can be told the degradation restores each trained family told (the row says so), the
+    held-out ones blind; the table marks them."""
+    from evaluation.showcase import format_rows, showcase
+    from metarestore.hub import load_learner
+
+    learner, metadata = load_learner(told_checkpoint)
+    rows = showcase(learner, metadata, tmp_path, size=64, shots=2, steps=1)
+    assert {r["family"]: r["told"] for r in rows} == {
+        **{f: True for f in metadata["families"]["train"]}, **{f: False for f in metadata["families"]["held_out"]}}
+    assert "jpeg (told)" in format_rows(rows) and (tmp_path / "showcase.png").exists()
