@@ -97,7 +97,7 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
 
     ckpt = load_checkpoint(resolve(cfg.train.init, cfg.tracking.uri).path)
     saved = from_dict(ckpt.metadata["config"]).model
-    if cfg.model.condition != "none":
+    if cfg.model.condition != "none" and saved.condition == "none":  # a conditioning added; a saved one stays
         saved.condition, saved.hint_families = cfg.model.condition, cfg.model.hint_families
     cfg.model = saved
     return ckpt.model

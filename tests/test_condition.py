@@ -8,7 +8,7 @@ import torch
 
 from conftest import smoke_config
 from metarestore.checkpoint import Checkpoint
-from metarestore.engine import MetaTrainer
+from metarestore.engine import MetaTrainer, plan_step
 from metarestore.meta import adaptable_params, forward_with
 from metarestore.model import RestorationNet
 from metarestore.model.condition import PREFIX
@@ -186,3 +186,21 @@ def test_a_family_conditioned_run_resumes_an_unconditioned_one_and_trains_the_na
     assert table.grad[1:].abs().sum(1).gt(0).all(), "every named row learns"
     assert table.grad[0].abs().sum() == 0, "with blind_fraction 0 the blind row gets nothing"
     assert table.abs().sum() > 0
+
+
+def test_a_fine_tune_of_a_told_model_keeps_what_it_can_be_told(told_checkpoint, tmp_path):
+    """Fine-tuning a told model on other families: its table (and the families it names) stay the saved
+    ones, every weight loads, and a task of a family it cannot be told trains blind."""
+    from metarestore.checkpoint import load_checkpoint
+
+    for condition in ("none", "family"):
+        cfg = smoke_config(tmp_path / condition, f"train.init={told_checkpoint}", f"model.condition={condition}",
+                           "families.train=[gaussian_noise, color_cast]", "families.held_out=[haze]")
+        trainer = MetaTrainer(cfg, device="cpu")
+        assert cfg.model.condition == "family"
+        assert cfg.model.hint_families == ["gaussian_noise", "gaussian_blur", "jpeg", "low_light"]
+        source = load_checkpoint(told_checkpoint).model
+        assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in source.items())
+        cast = [t for t in plan_step(cfg, 0) if t.family == "color_cast"]
+        assert trainer.learner.hints(cast).tolist() == [0]
+        trainer.run_step()
