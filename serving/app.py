@@ -360,7 +360,7 @@ def _kind(value, auto_names: list[str]) -> str:
         path = Path.parse(value)
         if not math.isfinite(path.balance) or not 0 <= path.balance <= 10 or Path.parse(path.name) != path:
             raise ValueError(value)
-        if path.told is not None and path.name not in auto_names:  # a family this model cannot be told
+        if path.told is not None and f"told:{path.told}" not in auto_names:  # a family the model cannot be told
             raise ValueError(value)
     except ValueError:
         shown = str(value)[:40] if isinstance(value, str) else "(a file)"
@@ -617,7 +617,8 @@ class Restorer:
         if not adapter.path.adapted:
             y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, None, family=adapter.path.told))
         else:
-            y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer))
+            y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer,
+                                                                 family=adapter.path.told))
         return y, batch, pre_s + forward_s
 
     def _check_degradation(self, degradation: str | None, adapter: str | None) -> None:

@@ -423,6 +423,13 @@ def test_a_model_that_can_be_told_the_degradation_offers_told_paths(told_checkpo
                           paths=["zero_shot", "film", "told:gaussian_noise", "told:jpeg"])
     assert adapter.path.name == "told:jpeg", adapter.info["scores"]
     assert adapter.info["scores"]["told:jpeg"] > adapter.info["scores"]["told:gaussian_noise"] + 10
+    # FiLM polishes the best told path only (one adapted candidate more, not one per family)
+    assert "told:jpeg+film" in adapter.info["scores"] and "told:gaussian_noise+film" not in adapter.info["scores"]
+    assert Path.parse("told:jpeg+film") == Path(restorer="film", told="jpeg")
+    polished = fit_adapter(told, degraded, clean, steps=2, paths=["told:jpeg+film"])
+    assert polished.path.name == "told:jpeg+film" and polished.params is not None
+    again = Adapter.from_bytes(polished.to_bytes(), told)
+    torch.testing.assert_close(again.restore(degraded), polished.restore(degraded))
     loaded = Adapter.from_bytes(adapter.to_bytes(), told)
     assert loaded.path == adapter.path
     torch.testing.assert_close(loaded.restore(degraded), clean)

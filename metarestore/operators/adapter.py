@@ -34,7 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from metarestore.errors import UserError
-from metarestore.model.kinds import get_kind
+from metarestore.model.kinds import KINDS, get_kind
 from metarestore.operators.haze import HazeFit
 from metarestore.operators.kernel import MAX_KERNEL, KernelFit
 from metarestore.operators.noise import fit_noise
@@ -83,7 +83,7 @@ class Adapter:
             return pre.clamp(0, 1)
         if not self.path.adapted:
             return self.learner.restore(pre, family=self.path.told)
-        return self.learner.restore(pre, self.params, kind=self.path.restorer)
+        return self.learner.restore(pre, self.params, kind=self.path.restorer, family=self.path.told)
 
     # storage --------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -276,11 +276,11 @@ def _validate_adapted(learner, path: Path, folds: list, fitted: list[Operators],
     state in one batched forward."""
     fit_x = torch.stack([pre_step(path, fitted[n], f[0], learner) for n, f in enumerate(folds)])
     fit_y = torch.stack([f[1] for f in folds])
-    params = _detach(learner.adapt(fit_x, fit_y, steps=steps, kind=path.restorer, patch=patch))
+    params = _detach(learner.adapt(fit_x, fit_y, steps=steps, kind=path.restorer, patch=patch, family=path.told))
     held_pres = held_pres or [{} for _ in folds]
     held = torch.stack([held_pres[n][_pre_key(path)] if _pre_key(path) in held_pres[n]
                         else pre_step(path, fitted[n], f[2], learner) for n, f in enumerate(folds)])
-    out = learner.restore(held, params, kind=path.restorer)
+    out = learner.restore(held, params, kind=path.restorer, family=path.told)
     return [psnr(out[n], f[3]) for n, f in enumerate(folds)]
 
 
@@ -298,6 +298,31 @@ def _pre_helps(pre: str, plain: list[Path], scores: dict[str, list[float]]) -> b
     if best is None:  # its plain paths were skipped (they did not help) or are not candidates (validate it)
         return not any(p.pre == pre for p in plain)
     return best > sum(zero) / len(zero) + HELPS_DB
+
+
+def _told_helps(path: Path, scores: dict[str, list[float]]) -> bool:
+    """An adapted told path (``told:F+film``) is validated only where ``told:F`` alone beat zero-shot."""
+    if path.told is None:
+        return True
+    return _mean(scores.get(Path(told=path.told).name)) > _mean(scores.get(Path().name)) + HELPS_DB
+
+
+def _polish_told(candidates: list[Path], scores: dict[str, list[float]]) -> Path | None:
+    """``told:F+film`` for the best-scoring plain ``told:F`` when it beat zero-shot by ``HELPS_DB`` and is
+    not a candidate already: FiLM steps polish the family the pairs look like (one more adapted candidate,
+    not one per family)."""
+    told = [p for p in candidates if p.told is not None and not p.adapted and scores.get(p.name)]
+    if not told or "film" not in KINDS:
+        return None
+    best = max(told, key=lambda p: _mean(scores[p.name]))
+    polish = Path(restorer="film", told=best.told)
+    if any(p.name == polish.name for p in candidates) or not _told_helps(polish, scores):
+        return None
+    return polish
+
+
+def _mean(values: list[float] | None) -> float:
+    return sum(values) / len(values) if values else float("-inf")
 
 
 def _best_plain(pre: str, plain: list[Path], scores: dict[str, list[float]],
@@ -393,7 +418,12 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     # Round two: the adapted paths, each only on a pre-step that helps by itself (``_pre_helps``),
     # best pre-step first, every candidate's folds in one batched adaptation, within the budget.
     adapted = [p for p in candidates if p.adapted and p.name not in ruled_out
-               and _pre_helps(p.pre, plain, scores)] if folds else []
+               and _pre_helps(p.pre, plain, scores) and _told_helps(p, scores)] if folds else []
+    polish = _polish_told(candidates, scores)  # the best told path, if it helps: FiLM on top of it too
+    if polish is not None and folds:
+        candidates.append(polish)
+        scores[polish.name] = []
+        adapted.append(polish)
     adapted.sort(key=lambda p: -_base_score(p, plain, scores))  # stable: ties keep the candidates' order
     if adapted and on_fold is not None:
         for _, _, _, _, fit_idx, held_idx in folds:
@@ -436,7 +466,7 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     params = None
     if chosen.adapted:
         params = _detach(learner.adapt(pre_step(chosen, ops, support_x, learner), support_y, steps=steps,
-                                       kind=chosen.restorer, patch=patch))
+                                       kind=chosen.restorer, patch=patch, family=chosen.told))
     kernel_fit = ops.kernel
     if kernel_fit is None:
         from metarestore.operators.kernel import fit_kernel

@@ -39,7 +39,7 @@ class Path:
     pre: str = "none"  # one of PRE_STEPS
     balance: float = 0.0  # Tikhonov weight of deconv/hqs/wiener
     restorer: str = "net"  # "net" (the model as is), an adapter kind (adapted, e.g. "film"), "none" (classical)
-    told: str | None = None  # the family a model that can be told it restores as (pre none, restorer net)
+    told: str | None = None  # the family a model that can be told it restores as (pre none; net or adapted)
 
     @property
     def adapted(self) -> bool:
@@ -49,7 +49,7 @@ class Path:
     @property
     def name(self) -> str:
         if self.told is not None:
-            return f"told:{self.told}"
+            return f"told:{self.told}" + (f"+{self.restorer}" if self.adapted else "")
         pre = "zero_shot" if self.pre == "none" and self.restorer == "net" else self.pre
         if self.pre == "none" and self.adapted:
             return self.restorer
@@ -67,7 +67,10 @@ class Path:
         if name == "zero_shot":
             return cls()
         if name.startswith("told:") and len(name) > 5:
-            return cls(told=name[5:])
+            family, _, kind = name[5:].partition("+")
+            if kind and kind not in KINDS:
+                raise ValueError(f"unknown adapter kind {kind!r} in an adaptation path (known: {', '.join(KINDS)})")
+            return cls(restorer=kind or "net", told=family)
         if name in KINDS:
             return cls(restorer=name)
         if "+" in name:
