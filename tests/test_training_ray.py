@@ -30,10 +30,12 @@ def test_sharded_step_equals_single_process(ray_local, workdir, tracking_uri):
     Plain SGD without clipping, so a wrong gradient scale (a per-worker normaliser, a task run twice)
     would show; Adam's first step would hide it. Three steps, each compared: the network starts as the
     identity (zero last layer, zero NAFNet block scales), so the deeper layers only move from step 3.
+    The model is told each task's family (``model.condition: family``, a quarter of the tasks blind): every
+    worker derives the same hints from the tasks' seeds.
     """
     overrides = ["train.steps=3", "train.optimizer=sgd", "train.momentum=0", "train.outer_lr=0.05", "meta.loss=l1",
                  "train.grad_clip=0", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=3",
-                 COSTS]
+                 "model.condition=family", COSTS]
     cfg = smoke_config(workdir / "ray", *overrides)
     info = train_distributed(cfg, workers=2, tracking_uri=tracking_uri, register=False)
     state = json.loads((workdir / "ray" / "run.json").read_text())
