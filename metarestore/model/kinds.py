@@ -46,6 +46,9 @@ def kind_of(model: nn.Module, kind: str | AdapterKind | None = None) -> AdapterK
 class AdapterKind:
     name = ""
     inner_lr = 0.01  # inner learning rate when the learner's own (meta-learned) rates are for another kind
+    # whether the network's forward broadcasts this kind's tensors over the batch: then a (T, ...) state
+    # becomes a per-sample (T * N, ...) one and T tasks run as one plain batch, no vmap (``adapt``)
+    per_sample = False
 
     def initial(self, model: nn.Module, detach: bool = False) -> Params:
         """The starting state; ``detach=True`` gives fresh leaves that leave the model untouched."""
@@ -131,6 +134,8 @@ class NormBias(Subset):
 @register("film")
 class FiLM(Subset):
     """The per-block channel scale and shift (``NAFBlock.film_scale``/``film_shift``)."""
+
+    per_sample = True  # (1, c, 1, 1) tensors that multiply and shift (N, c, H, W) activations
 
     def adapts(self, name: str) -> bool:
         return name.endswith(("film_scale", "film_shift"))
