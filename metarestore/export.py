@@ -32,14 +32,16 @@ class ExportError(UserError):
 
 
 class Restorer(nn.Module):
-    """What is exported: the network with its output clamped to [0, 1]."""
+    """What is exported: the network with its output clamped to [0, 1], told one degradation (a constant
+    row of a model that can be told it: ``hint``) or blind."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, hint: torch.Tensor | None = None):
         super().__init__()
         self.net = net
+        self.register_buffer("hint", hint)  # None: blind
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(image).clamp(0, 1)
+        return (self.net(image) if self.hint is None else self.net(image, self.hint)).clamp(0, 1)
 
 
 def adapter_bytes(spec: str | Path, adapter_dir: str | None = None, model_sha256: str | None = None) -> bytes:
@@ -101,15 +103,25 @@ def merge_adapter(learner, adapter) -> None:
 
 
 def exportable(model_uri: str, adapter: str | Path | None = None, tracking_uri: str | None = None,
-               adapter_dir: str | None = None) -> tuple[Restorer, dict]:
-    """The model at ``model_uri`` (adapter merged), ready to export; and the checkpoint's metadata."""
+               adapter_dir: str | None = None, degradation: str | None = None) -> tuple[Restorer, dict]:
+    """The model at ``model_uri`` (adapter merged; told ``degradation``, or the family a ``told:F`` adapter
+    names), ready to export; and the checkpoint's metadata."""
     from metarestore.hub import load_model
 
     learner, metadata, _ = load_model(model_uri, tracking_uri)
     if adapter is not None:
         sha = metadata.get("files", {}).get("model.safetensors")
-        merge_adapter(learner, load_adapter(adapter, learner, adapter_dir, sha))
-    return Restorer(learner.model).eval(), metadata
+        loaded = load_adapter(adapter, learner, adapter_dir, sha)
+        merge_adapter(learner, loaded)
+        told = getattr(loaded.path, "told", None)
+        if told is not None and degradation not in (None, told):
+            raise ExportError(f"the adapter restores told {told!r}; --degradation {degradation!r} contradicts it")
+        degradation = told or degradation
+    try:
+        hint = learner.hint(degradation)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    return Restorer(learner.model, hint).eval(), metadata
 
 
 def multiple(model: nn.Module) -> int:
@@ -166,16 +178,17 @@ def to_torchscript(model: Restorer, out: Path) -> None:
 
 
 def export(model_uri: str, fmt: str, out: str | Path, adapter: str | Path | None = None,
-           tracking_uri: str | None = None, adapter_dir: str | None = None) -> dict:
-    """Export ``model_uri`` (with ``adapter`` merged) to ``out``; returns what was written."""
+           tracking_uri: str | None = None, adapter_dir: str | None = None, degradation: str | None = None) -> dict:
+    """Export ``model_uri`` (with ``adapter`` merged, told ``degradation``) to ``out``; returns what was written."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     out = Path(out)
     if out.is_dir():
         raise ExportError(f"{out} is a directory; give the output file")
-    model, metadata = exportable(model_uri, adapter, tracking_uri, adapter_dir)
+    model, metadata = exportable(model_uri, adapter, tracking_uri, adapter_dir, degradation)
     torch.manual_seed(0)  # the example input
     (to_onnx if fmt == "onnx" else to_torchscript)(model, out)
     return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "min_size": multiple(model),
             "input": INPUT_NAME, "output": OUTPUT_NAME, "adapter": str(adapter) if adapter else None,
+            "degradation": None if model.hint is None else model.net.hint_families[int(model.hint) - 1],
             "algorithm": metadata.get("algorithm"), "step": metadata.get("step")}

@@ -135,11 +135,15 @@ def export(
                                                     "fsspec URI; default ~/.cache/metarestore/adapters, the "
                                                     "server's default).")] = None,
     tracking_uri: TrackingUri = None,
+    degradation: Annotated[str | None, typer.Option(help="Export the model told this degradation (a model that "
+                                                    "can be told it; a told:F adapter sets it). Default: "
+                                                    "blind.")] = None,
 ) -> None:
     """Export the model (an adapter merged in) to ONNX or TorchScript, with dynamic batch, height and width."""
     from metarestore.export import export as run_export
 
-    info = run_export(model, format, output, adapter=adapter, tracking_uri=tracking_uri, adapter_dir=adapter_dir)
+    info = run_export(model, format, output, adapter=adapter, tracking_uri=tracking_uri, adapter_dir=adapter_dir,
+                      degradation=degradation)
     typer.echo(f"{info['path']}: {info['format']}, {info['bytes'] / 2**20:.1f} MiB; input '{info['input']}' "
                f"(N, 3, H, W) float32 in [0, 1], H and W >= {info['min_size']}; output '{info['output']}'")
 

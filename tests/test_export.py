@@ -135,3 +135,37 @@ def test_a_stored_lora_adapter_exports_by_its_id_and_operator_paths_are_refused(
     with pytest.raises(ExportError, match="no adapter nope"):
         export(perturbed_smoke_checkpoint, "torchscript", workdir / "f.pt", adapter="nope", adapter_dir=str(store))
     assert not any((workdir / n).exists() for n in ("d.pt", "e.pt", "f.pt"))
+
+
+def test_a_told_model_exports_told_its_degradation_or_the_one_its_adapter_names(told_checkpoint, workdir,
+                                                                                perturbed_smoke_checkpoint):
+    """--degradation (or a told:F adapter) bakes the family's row into the exported graph; a blind model
+    cannot be told, and an adapter's family cannot be contradicted."""
+    from metarestore.export import export
+    from metarestore.operators.adapter import fit_adapter
+
+    learner, _, _ = load_model(told_checkpoint)
+    x = torch.rand(2, 3, 37, 50, generator=torch.Generator().manual_seed(0))
+    info = export(told_checkpoint, "torchscript", workdir / "jpeg.pt", degradation="jpeg")
+    assert info["degradation"] == "jpeg"
+    with torch.no_grad():
+        got = torch.jit.load(info["path"])(x)
+    torch.testing.assert_close(got, learner.restore(x, family="jpeg"), atol=1e-4, rtol=0)
+    assert not torch.allclose(got, learner.restore(x), atol=1e-3)
+    import onnxruntime
+
+    onnx = export(told_checkpoint, "onnx", workdir / "jpeg.onnx", degradation="jpeg")  # the row, any batch size
+    session = onnxruntime.InferenceSession(onnx["path"], providers=["CPUExecutionProvider"])
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]),
+                               learner.restore(x, family="jpeg"), atol=1e-4, rtol=0)
+    clean = learner.restore(x, family="gaussian_blur")
+    adapter = fit_adapter(learner, x, clean, paths=["told:gaussian_blur"])
+    adapter.save(workdir / "told")
+    info = export(told_checkpoint, "torchscript", workdir / "blur.pt", adapter=workdir / "told" / "adapter.safetensors")
+    assert info["degradation"] == "gaussian_blur"
+    with pytest.raises(ExportError, match="contradicts"):
+        export(told_checkpoint, "torchscript", workdir / "x.pt", adapter=workdir / "told" / "adapter.safetensors",
+               degradation="jpeg")
+    with pytest.raises(ExportError, match="blind"):
+        export(perturbed_smoke_checkpoint, "torchscript", workdir / "x.pt", degradation="jpeg")
+    assert not (workdir / "x.pt").exists()
