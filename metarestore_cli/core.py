@@ -100,7 +100,9 @@ def restore(
     y = restore_image(learner, clean[None].float().div(255).to(dev), tile=tile, family=degradation)
     write_image(output, y, grey=grey)
     version = f" version {ref.version}" if ref.version else ""
-    typer.echo(f"{output}: restored with {ref.name or ref.path}{version} ({metadata['algorithm']}, step {metadata['step']})")
+    told = f", told {degradation}" if degradation else ""
+    typer.echo(f"{output}: restored with {ref.name or ref.path}{version} ({metadata['algorithm']}, step "
+               f"{metadata['step']}{told})")
 
 
 def info(model: Annotated[str, typer.Argument(help="builtin:base, a checkpoint directory or an MLflow model "
