@@ -78,7 +78,7 @@ def auto_adapted(learner: MetaLearner, x: torch.Tensor, support_x: torch.Tensor,
     from metarestore.operators import fit_adapter
     from metarestore.operators.paths import default_paths
 
-    paths = None if steps > 0 else [p for p in default_paths() if not p.adapted]
+    paths = None if steps > 0 else [p for p in default_paths(learner) if not p.adapted]
     adapter = fit_adapter(learner, support_x, support_y, steps=max(steps, 1), paths=paths)
     return adapter.restore(x)
 
