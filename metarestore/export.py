@@ -35,10 +35,11 @@ class Restorer(nn.Module):
     """What is exported: the network with its output clamped to [0, 1], told one degradation (a constant
     row of a model that can be told it: ``hint``) or blind."""
 
-    def __init__(self, net: nn.Module, hint: torch.Tensor | None = None):
+    def __init__(self, net: nn.Module, hint: torch.Tensor | None = None, degradation: str | None = None):
         super().__init__()
         self.net = net
         self.register_buffer("hint", hint)  # None: blind
+        self.degradation = degradation  # the family ``hint`` names
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return (self.net(image) if self.hint is None else self.net(image, self.hint)).clamp(0, 1)
@@ -113,7 +114,7 @@ def exportable(model_uri: str, adapter: str | Path | None = None, tracking_uri: 
         sha = metadata.get("files", {}).get("model.safetensors")
         loaded = load_adapter(adapter, learner, adapter_dir, sha)
         merge_adapter(learner, loaded)
-        told = getattr(loaded.path, "told", None)
+        told = loaded.path.told
         if told is not None and degradation not in (None, told):
             raise ExportError(f"the adapter restores told {told!r}; --degradation {degradation!r} contradicts it")
         degradation = told or degradation
@@ -121,7 +122,7 @@ def exportable(model_uri: str, adapter: str | Path | None = None, tracking_uri: 
         hint = learner.hint(degradation)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    return Restorer(learner.model, hint).eval(), metadata
+    return Restorer(learner.model, hint, degradation).eval(), metadata
 
 
 def multiple(model: nn.Module) -> int:
@@ -190,5 +191,5 @@ def export(model_uri: str, fmt: str, out: str | Path, adapter: str | Path | None
     (to_onnx if fmt == "onnx" else to_torchscript)(model, out)
     return {"path": str(out), "format": fmt, "bytes": out.stat().st_size, "min_size": multiple(model),
             "input": INPUT_NAME, "output": OUTPUT_NAME, "adapter": str(adapter) if adapter else None,
-            "degradation": None if model.hint is None else model.net.hint_families[int(model.hint) - 1],
+            "degradation": model.degradation,
             "algorithm": metadata.get("algorithm"), "step": metadata.get("step")}
