@@ -161,7 +161,8 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                            info: dict[str, Any], positions: list[int] | None = None) -> None:
     """Restore what ``optimizer_to_tensors`` saved. ``positions``: where each saved parameter now sits in
-    an optimizer of one group that has gained parameters; the new ones start with no state (fresh moments)."""
+    an optimizer of one group that has gained parameters; the new ones start with no state (fresh moments),
+    and so does one that has grown (a conditioning table with entries for new blocks)."""
     groups = info["param_groups"]
     if positions is not None:
         if len(groups) != 1 or len(optimizer.param_groups) != 1:
@@ -180,7 +181,10 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     if positions is not None:
-        state = {moved[index]: values for index, values in state.items()}
+        params = optimizer.param_groups[0]["params"]
+        state = {moved[index]: values for index, values in state.items()
+                 if all(v.shape == params[moved[index]].shape for v in values.values()
+                        if torch.is_tensor(v) and v.dim() > 0)}
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -107,13 +107,68 @@ def _channels_last_pays(x: torch.Tensor) -> bool:
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """``model.load_state_dict(state)``, strict, except that a conditioned model also takes the weights of an
-    unconditioned one: the conditioning parameters it lacks keep their (no-op) initial values.
-    Returns the names of the parameters left at their initial values."""
+    """``model.load_state_dict(state)``, strict, except for two ways a network may outgrow its checkpoint:
+
+    - a conditioned model takes the weights of an unconditioned one: the conditioning parameters it lacks
+      keep their (no-op) initial values;
+    - a deeper model (more blocks at the end of a stage, same width) takes a shallower one's: the new blocks
+      keep their initial values, which compute the identity (a NAFBlock's residual scales start at zero),
+      and the conditioning's entries for them start at zero. So a run can grow mid-way
+      (``--resume`` into a config with more blocks) and go on computing the same function.
+
+    Returns the names of the parameters the state did not hold (left at their initial values)."""
     own = model.state_dict()
-    fresh = [] if any(k.startswith(PREFIX) for k in state) else [k for k in own if k.startswith(PREFIX)]
+    new = _new_blocks(model, state)
+    state = _grown(model, state, new)
+    if not any(k.startswith(PREFIX) for k in state):
+        new.add(PREFIX.rstrip("."))
+    fresh = [k for k in own if k not in state and any(k.startswith(f"{n}.") for n in new)]
     model.load_state_dict({**{k: own[k] for k in fresh}, **state})
     return fresh
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, int]]:
+    """(name, channels) of every NAFBlock in forward order, the order the conditioning's entries follow."""
+    return [(n, m.film_scale.shape[1]) for n, m in model.named_modules() if isinstance(m, NAFBlock)]
+
+
+def _new_blocks(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """The model's blocks the state has nothing of (when it holds some: it is a network's state), and the
+    names of their maps in a degradation encoder."""
+    names = [n for n, _ in _blocks(model)]
+    held = {n for n in names if f"{n}.film_scale" in state}
+    if not held:
+        return set()
+    return {n for n in names if n not in held} | {f"{PREFIX}modulations.{i}" for i, n in enumerate(names)
+                                                 if n not in held}
+
+
+def _grown(model: nn.Module, state: dict[str, torch.Tensor], new: set[str]) -> dict[str, torch.Tensor]:
+    """The state with its conditioning re-laid for the model's blocks (zero entries for the new ones)."""
+    if not new:
+        return state
+    blocks = _blocks(model)
+    old = [(i, c) for i, (n, c) in enumerate(blocks) if n not in new]
+    maps = f"{PREFIX}modulations."
+
+    def renumbered(key: str) -> str:  # a degradation encoder's map of old block j is the map of block old[j]
+        if not key.startswith(maps):
+            return key
+        j, rest = key[len(maps):].split(".", 1)
+        return f"{maps}{old[int(j)][0]}.{rest}"
+
+    state = {renumbered(k): v for k, v in state.items()}
+    table = state.get(f"{PREFIX}table")
+    if table is not None and table.shape[1] == 2 * sum(c for _, c in old):
+        starts = [sum(c for _, c in blocks[:i]) for i in range(len(blocks))]
+        grown, half, at = table.new_zeros(table.shape[0], 2 * starts[-1] + 2 * blocks[-1][1]), table.shape[1] // 2, 0
+        for i, c in old:  # scales in the first half of a row, shifts in the second
+            for side in (0, 1):
+                start = starts[i] + side * grown.shape[1] // 2
+                grown[:, start:start + c] = table[:, at + side * half:at + side * half + c]
+            at += c
+        state[f"{PREFIX}table"] = grown
+    return state
 
 
 def param_group(name: str) -> str:
