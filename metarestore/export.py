@@ -115,6 +115,10 @@ def exportable(model_uri: str, adapter: str | Path | None = None, tracking_uri: 
         loaded = load_adapter(adapter, learner, adapter_dir, sha)
         merge_adapter(learner, loaded)
         told = loaded.path.told
+        if loaded.path.passes > 1:
+            raise ExportError(f"the adapter's path {loaded.path.name} runs the network {loaded.path.passes} times; "
+                              "export exports one pass (export without the adapter, told --degradation "
+                              f"{told}, and run it {loaded.path.passes} times)")
         if told is not None and degradation not in (None, told):
             raise ExportError(f"the adapter restores told {told!r}; --degradation {degradation!r} contradicts it")
         degradation = told or degradation

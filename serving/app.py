@@ -348,7 +348,7 @@ def _finite(value):
 
 def _kind(value, auto_names: list[str]) -> str:
     """The ``kind`` form field: auto or a path name that ``Path.parse`` reads back to the same path."""
-    from metarestore.operators.paths import PRE_STEPS, Path
+    from metarestore.operators.paths import MAX_PASSES, PRE_STEPS, Path
 
     if value is None or value == "":
         return "auto"
@@ -366,7 +366,8 @@ def _kind(value, auto_names: list[str]) -> str:
         shown = str(value)[:40] if isinstance(value, str) else "(a file)"
         raise ApiError(422, "invalid_kind", f"kind {shown!r} is not auto or an adaptation path; valid: auto, "
                        f"{', '.join(auto_names)} (PRE@BALANCE and PRE@BALANCE+film with PRE one of "
-                       f"{', '.join(p for p in PRE_STEPS if p != 'none')}; told:FAMILY for a family the model can be told)") from None
+                       f"{', '.join(p for p in PRE_STEPS if p != 'none')}; told:FAMILY or told:FAMILY*N, N up to "
+                       f"{MAX_PASSES}, for a family the model can be told)") from None
     return path.name
 
 
@@ -614,8 +615,12 @@ class Restorer:
             pre_s = time.perf_counter() - start
         if adapter.path.restorer == "none":
             return x.clamp(0, 1), 1, pre_s
-        if not adapter.path.adapted:
-            y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, None, family=adapter.path.told))
+        if not adapter.path.adapted:  # told:F*N: N batched passes
+            forward_s = 0.0
+            for _ in range(adapter.path.passes):
+                x, batch, seconds = await self.batcher.submit(_Job(x, adapter_id, None, family=adapter.path.told))
+                forward_s += seconds
+            y = x
         else:
             y, batch, forward_s = await self.batcher.submit(_Job(x, adapter_id, adapter.params, adapter.path.restorer,
                                                                  family=adapter.path.told))

@@ -168,4 +168,8 @@ def test_a_told_model_exports_told_its_degradation_or_the_one_its_adapter_names(
                degradation="jpeg")
     with pytest.raises(ExportError, match="blind"):
         export(perturbed_smoke_checkpoint, "torchscript", workdir / "x.pt", degradation="jpeg")
+    twice = fit_adapter(learner, x, clean, paths=["told:gaussian_blur*2"])
+    twice.save(workdir / "twice")
+    with pytest.raises(ExportError, match="2 times"):  # one pass is exported, not a wrong graph
+        export(told_checkpoint, "torchscript", workdir / "x.pt", adapter=workdir / "twice" / "adapter.safetensors")
     assert not (workdir / "x.pt").exists()

@@ -437,3 +437,28 @@ def test_a_model_that_can_be_told_the_degradation_offers_told_paths(told_checkpo
         Adapter.from_bytes(adapter.to_bytes(), learner)
     with pytest.raises(AdapterError, match="haze"):
         fit_adapter(told, degraded, clean, paths=["told:haze"])
+
+
+def test_pairs_more_degraded_than_the_training_get_more_passes_of_the_told_restorer(told_checkpoint):
+    """told:F*N (the model told F, N times) is scored for the best told path when it helps; auto picks it for
+    pairs that two passes restore, it round-trips, and N is bounded."""
+    from metarestore.hub import load_learner
+    from metarestore.operators.paths import MAX_PASSES
+
+    told, _ = load_learner(told_checkpoint)
+    degraded = crops(48, 4)
+    clean = told.restore(told.restore(degraded, family="jpeg"), family="jpeg")  # what two passes make of them
+    adapter = fit_adapter(told, degraded, clean, steps=1, max_folds=2,
+                          paths=["zero_shot", "told:gaussian_noise", "told:jpeg"])
+    scores = adapter.info["scores"]
+    assert adapter.path == Path(told="jpeg", passes=2) and adapter.path.name == "told:jpeg*2", scores
+    assert {f"told:jpeg*{n}" for n in range(2, MAX_PASSES + 1)} <= set(scores)
+    assert not any(n.startswith("told:gaussian_noise*") for n in scores)  # the best told path only
+    assert scores["told:jpeg*2"] > scores["told:jpeg"] + 1
+    torch.testing.assert_close(adapter.restore(degraded), clean)
+    loaded = Adapter.from_bytes(adapter.to_bytes(), told)
+    assert loaded.path == adapter.path
+    torch.testing.assert_close(loaded.restore(degraded), clean)
+    for bad in (f"told:jpeg*{MAX_PASSES + 1}", "told:jpeg*1", "told:jpeg*2+film", "told:jpeg*x"):
+        with pytest.raises(ValueError, match="told:jpeg"):
+            Path.parse(bad)

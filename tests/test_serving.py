@@ -266,6 +266,13 @@ def test_told_requests_get_their_own_degradations_output_even_when_batched_toget
     adapted = requests.post(f"{server.told}/v1/restore", data=png(x), headers={"Content-Type": "image/png"},
                             params={"adapter": made.json()["adapter_id"]}, timeout=120)
     assert (decode(adapted.content) - expected[hints[1]]).abs().max() <= 1.5 / 255
+    twice = requests.post(f"{server.told}/v1/adapters", files=fields, data={"kind": f"told:{hints[1]}*2"}, timeout=300)
+    assert twice.status_code == 200, twice.text
+    assert twice.json()["path"] == f"told:{hints[1]}*2"
+    adapted = requests.post(f"{server.told}/v1/restore", data=png(x), headers={"Content-Type": "image/png"},
+                            params={"adapter": twice.json()["adapter_id"]}, timeout=120)
+    second_pass = learner.restore(expected[hints[1]], family=hints[1])
+    assert (decode(adapted.content) - second_pass).abs().max() <= 1.5 / 255
     refused = requests.post(f"{server.told}/v1/adapters", files=fields, data={"kind": "told:haze"}, timeout=300)
     assert_error(refused, 422, "invalid_kind")
 

@@ -38,7 +38,7 @@ from metarestore.model.kinds import KINDS, get_kind
 from metarestore.operators.haze import HazeFit
 from metarestore.operators.kernel import MAX_KERNEL, KernelFit
 from metarestore.operators.noise import fit_noise
-from metarestore.operators.paths import Operators, Path, default_paths, pre_step
+from metarestore.operators.paths import MAX_PASSES, Operators, Path, default_paths, pre_step
 from metarestore.operators.tone import KNOTS, ToneFit
 from metarestore.pixels import center_crop
 
@@ -82,7 +82,7 @@ class Adapter:
         if self.path.restorer == "none":
             return pre.clamp(0, 1)
         if not self.path.adapted:
-            return self.learner.restore(pre, family=self.path.told)
+            return told_passes(self.learner, pre, self.path)
         return self.learner.restore(pre, self.params, kind=self.path.restorer, family=self.path.told)
 
     # storage --------------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def _plain_scores(learner, paths: list[Path], ops: Operators, held_x: torch.Tens
         scores.update({p.name: psnr(out[i:i + 1], held_y) for i, p in enumerate(net)})
     for p in paths:  # told the family: a pass of its own (one hint per forward pass)
         if p.told is not None:
-            scores[p.name] = psnr(learner.restore(pres[p.name], family=p.told), held_y)
+            scores[p.name] = psnr(told_passes(learner, pres[p.name], p), held_y)
     scores.update({p.name: psnr(pres[p.name], held_y) for p in paths if p.name in pres and p.restorer == "none"})
     return scores
 
@@ -298,6 +298,27 @@ def _pre_helps(pre: str, plain: list[Path], scores: dict[str, list[float]]) -> b
     if best is None:  # its plain paths were skipped (they did not help) or are not candidates (validate it)
         return not any(p.pre == pre for p in plain)
     return best > sum(zero) / len(zero) + HELPS_DB
+
+
+def told_passes(learner, x: torch.Tensor, path: Path) -> torch.Tensor:
+    """The model as is (told ``path.told``, or blind) applied ``path.passes`` times."""
+    for _ in range(path.passes):
+        x = learner.restore(x, family=path.told)
+    return x
+
+
+def _repeat_told(candidates: list[Path], scores: dict[str, list[float]]) -> list[Path]:
+    """``told:F*2`` .. ``told:F*MAX_PASSES`` for the best-scoring one-pass ``told:F`` when it beat zero-shot
+    by ``HELPS_DB``: pairs more degraded than the training's range want more than one pass (forward passes
+    only; those already among the candidates are not added twice)."""
+    told = [p for p in candidates if p.told is not None and not p.adapted and p.passes == 1 and scores.get(p.name)]
+    if not told:
+        return []
+    best = max(told, key=lambda p: _mean(scores[p.name]))
+    if not _mean(scores[best.name]) > _mean(scores.get(Path().name)) + HELPS_DB:
+        return []
+    names = {p.name for p in candidates}
+    return [r for n in range(2, MAX_PASSES + 1) if (r := Path(told=best.told, passes=n)).name not in names]
 
 
 def _told_helps(path: Path, scores: dict[str, list[float]]) -> bool:
@@ -405,6 +426,14 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     for n, (_, _, held_x, held_y, _, _) in enumerate(folds):
         for name, score in _plain_scores(learner, first, fitted[n], held_x, held_y, held_pres[n]).items():
             scores[name].append(score)
+    repeats = _repeat_told(candidates, scores) if folds else []  # the best told path, more passes of it
+    for n, (_, _, held_x, held_y, fit_idx, held_idx) in enumerate(folds if repeats else []):
+        if on_fold is not None:
+            on_fold(list(fit_idx), held_idx)
+        for name, score in _plain_scores(learner, repeats, fitted[n], held_x, held_y, held_pres[n]).items():
+            scores.setdefault(name, []).append(score)
+    candidates += repeats
+    plain += repeats
     refining = [p for p in plain if p.pre in REFINES and _pre_helps(REFINES[p.pre], first, scores)]
     skipped: list[str] = []
     if refining and budget_s is not None and time.perf_counter() - start > budget_s:
