@@ -1,9 +1,9 @@
 """Few-shot adaptation on degradations no registered family produces (issue 14).
 
-Nine operators of our own design, none in ``metarestore.degradations``: linear ones (a defocus disc, an
+Ten operators of our own design, none in ``metarestore.degradations``: linear ones (a defocus disc, an
 irregular camera-shake path, blur + bicubic x2 resampling, a spatially varying blur), non-linear ones (a
-tone curve after a colour matrix, JPEG at quality 8, Poisson-Gaussian camera noise), haze with a coloured
-airlight, and vignetting. For every one and every shot count, K support pairs and separate test crops
+tone curve after a colour matrix, JPEG at quality 8, Poisson-Gaussian camera noise, a raw camera path:
+mosaic, noise and demosaic), haze with a coloured airlight, and vignetting. For every one and every shot count, K support pairs and separate test crops
 (other images) are degraded with the same operator and restored by:
 
 - ``zero_shot``: the restorer as is;
@@ -101,6 +101,23 @@ def _camera_noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x + var.sqrt() * torch.randn(x.shape, generator=g, dtype=x.dtype)
 
 
+def _raw_camera(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A camera's raw path: an RGGB Bayer mosaic, shot and read noise on the raw samples, bilinear demosaic.
+    Unlike ``camera_noise`` (independent per pixel and channel, as the training's noise families) the noise
+    comes out correlated across neighbouring pixels and channels, with the demosaic's own colour fringes."""
+    h, w = x.shape[-2:]
+    mask = torch.zeros(1, 3, h, w, dtype=x.dtype)
+    mask[:, 0, 0::2, 0::2] = mask[:, 1, 0::2, 1::2] = mask[:, 1, 1::2, 0::2] = mask[:, 2, 1::2, 1::2] = 1
+    raw = (x * mask).sum(1, keepdim=True)
+    raw = raw + (0.012 * raw.clamp(0, 1) + 0.02**2).sqrt() * torch.randn(raw.shape, generator=g, dtype=x.dtype)
+    k = torch.tensor([[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]], dtype=x.dtype).expand(3, 1, 3, 3)
+
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(t, (1, 1, 1, 1), mode="reflect"), k, groups=3)
+
+    return spread(raw * mask) / spread(mask.expand_as(x).contiguous())
+
+
 def _haze(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     h, w = x.shape[-2:]
     depth = (torch.linspace(0.3, 1.0, h, dtype=x.dtype)[:, None] + 0.2 * torch.linspace(0, 1, w, dtype=x.dtype)[None])
@@ -124,6 +141,7 @@ DEGRADATIONS: dict[str, Operator] = {
     "tone_colour": _tone,
     "jpeg_q8": _jpeg,
     "camera_noise": _camera_noise,
+    "raw_camera": _raw_camera,
     "coloured_haze": _haze,
     "vignetting": _vignette,
 }
