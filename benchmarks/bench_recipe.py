@@ -4,7 +4,8 @@ Each recipe (an experiment YAML) trains with ``metarestore train --local`` on on
 recipes at once (one core each: same machine, same load). The number of steps each may take is set from
 its own measured CPU time per step (two short probes, so start-up costs cancel), so every recipe finishes
 its whole learning-rate schedule within the budget. Then one ``metarestore evaluate`` scores all the
-final models on the same seeded CBSD68 crops: the trained families at one severity, zero-shot.
+final models on the same seeded CBSD68 crops: the trained families at one severity, zero-shot (``--told``:
+a recipe whose model can be told the degradation, ``model.condition: family``, is told each family).
 
     python benchmarks/bench_recipe.py --configs configs/cbsd432.yaml configs/base.yaml --budget-min 15
 
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--severity", type=float, default=0.5)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "recipe-ab")
+    ap.add_argument("--told", action="store_true", help="Tell each family to the models that can be told it.")
     ap.add_argument("--set", nargs="*", default=[], help="Overrides for every recipe (key=value).")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -109,18 +111,20 @@ def main() -> None:
     cmd = [str(BIN / "metarestore"), "evaluate", "--model", str(args.out / names[0] / "final"),
            "--data", args.data, "--families", ",".join(families), "--severities", str(args.severity),
            "--shots", "0", "--steps", "0", "--baselines", "none", "--limit", str(args.images),
-           "--crop", str(args.crop), "--no-track", "--no-progress", "--out", str(args.out / "eval")]
+           "--crop", str(args.crop), "--no-track", "--no-progress", "--out", str(args.out / "eval"),
+           "--told" if args.told else "--blind"]
     for n in names[1:]:
         cmd += ["--compare", str(args.out / n / "final")]
     subprocess.run(cmd, cwd=ROOT, check=True)
     frame = pd.read_csv(args.out / "eval" / "results.csv")
-    frame["method"] = frame["method"].replace({"model": names[0], "identity": "input"})  # --model's label
+    frame["method"] = frame["method"].replace({"model": names[0], "model (told)": f"{names[0]} (told)",
+                                               "identity": "input"})  # --model's label
     table = frame.pivot_table(index="family", columns="method", values="psnr", aggfunc="mean")
     table.loc["mean"] = table.mean()
 
     print(f"\nCPU budget {args.budget_min:g} min per recipe; wall {wall / 60:.1f} min; load average "
           f"{os.getloadavg()[0]:.1f}; CBSD68 first {args.images} images, {args.crop} px crops, severity "
-          f"{args.severity}, zero-shot\n")
+          f"{args.severity}, zero-shot{', told' if args.told else ''}\n")
     print("| recipe | steps | CPU s/step | CPU min used |")
     print("|---|---|---|---|")
     for n in names:
