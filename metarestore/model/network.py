@@ -161,11 +161,12 @@ def _grown(model: nn.Module, state: dict[str, torch.Tensor], new: set[str]) -> d
     table = state.get(f"{PREFIX}table")
     if table is not None and table.shape[1] == 2 * sum(c for _, c in old):
         starts = [sum(c for _, c in blocks[:i]) for i in range(len(blocks))]
-        grown, half, at = table.new_zeros(table.shape[0], 2 * starts[-1] + 2 * blocks[-1][1]), table.shape[1] // 2, 0
-        for i, c in old:  # scales in the first half of a row, shifts in the second
+        width, old_width = sum(c for _, c in blocks), table.shape[1] // 2  # a row: scales, then shifts
+        grown, at = table.new_zeros(table.shape[0], 2 * width), 0
+        for i, c in old:
             for side in (0, 1):
-                start = starts[i] + side * grown.shape[1] // 2
-                grown[:, start:start + c] = table[:, at + side * half:at + side * half + c]
+                grown[:, side * width + starts[i]:side * width + starts[i] + c] = \
+                    table[:, side * old_width + at:side * old_width + at + c]
             at += c
         state[f"{PREFIX}table"] = grown
     return state
