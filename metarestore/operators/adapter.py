@@ -311,14 +311,22 @@ def _repeat_told(candidates: list[Path], scores: dict[str, list[float]]) -> list
     """``told:F*2`` .. ``told:F*MAX_PASSES`` for the best-scoring one-pass ``told:F`` when it beat zero-shot
     by ``HELPS_DB``: pairs more degraded than the training's range want more than one pass (forward passes
     only; those already among the candidates are not added twice)."""
-    told = [p for p in candidates if p.told is not None and not p.adapted and p.passes == 1 and scores.get(p.name)]
-    if not told:
-        return []
-    best = max(told, key=lambda p: _mean(scores[p.name]))
-    if not _mean(scores[best.name]) > _mean(scores.get(Path().name)) + HELPS_DB:
+    best = _best_told(candidates, scores, one_pass=True)
+    if best is None:
         return []
     names = {p.name for p in candidates}
     return [r for n in range(2, MAX_PASSES + 1) if (r := Path(told=best.told, passes=n)).name not in names]
+
+
+def _best_told(candidates: list[Path], scores: dict[str, list[float]], one_pass: bool = False) -> Path | None:
+    """The best-scoring scored told path without gradient steps (``one_pass``: of one pass), if its family told
+    in one pass beat zero-shot by ``HELPS_DB``."""
+    told = [p for p in candidates if p.told is not None and not p.adapted and scores.get(p.name)
+            and (p.passes == 1 or not one_pass)]
+    if not told:
+        return None
+    best = max(told, key=lambda p: _mean(scores[p.name]))
+    return best if _told_helps(best, scores) else None
 
 
 def _told_helps(path: Path, scores: dict[str, list[float]]) -> bool:
@@ -330,16 +338,13 @@ def _told_helps(path: Path, scores: dict[str, list[float]]) -> bool:
 
 def _polish_told(candidates: list[Path], scores: dict[str, list[float]]) -> Path | None:
     """``told:F+film`` for the best-scoring plain ``told:F`` when it beat zero-shot by ``HELPS_DB`` and is
-    not a candidate already: FiLM steps polish the family the pairs look like (one more adapted candidate,
+    not a candidate already: FiLM steps polish the family the pairs look like (one adapted candidate more,
     not one per family)."""
-    told = [p for p in candidates if p.told is not None and not p.adapted and scores.get(p.name)]
-    if not told or "film" not in KINDS:
+    best = _best_told(candidates, scores)
+    if best is None or "film" not in KINDS:
         return None
-    best = max(told, key=lambda p: _mean(scores[p.name]))
     polish = Path(restorer="film", told=best.told)
-    if any(p.name == polish.name for p in candidates) or not _told_helps(polish, scores):
-        return None
-    return polish
+    return None if any(p.name == polish.name for p in candidates) else polish
 
 
 def _mean(values: list[float] | None) -> float:
