@@ -113,7 +113,6 @@ def exportable(model_uri: str, adapter: str | Path | None = None, tracking_uri: 
     if adapter is not None:
         sha = metadata.get("files", {}).get("model.safetensors")
         loaded = load_adapter(adapter, learner, adapter_dir, sha)
-        merge_adapter(learner, loaded)
         told = loaded.path.told
         if loaded.path.passes > 1:
             raise ExportError(f"the adapter's path {loaded.path.name} runs the network {loaded.path.passes} times; "
@@ -122,6 +121,7 @@ def exportable(model_uri: str, adapter: str | Path | None = None, tracking_uri: 
         if told is not None and degradation not in (None, told):
             raise ExportError(f"the adapter restores told {told!r}; --degradation {degradation!r} contradicts it")
         degradation = told or degradation
+        merge_adapter(learner, loaded)
     try:
         hint = learner.hint(degradation)
     except ValueError as exc:
