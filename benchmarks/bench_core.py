@@ -1,5 +1,5 @@
 """Core benchmarks (docs/benchmarks.md): the episode sampler, and the meta-step of every algorithm with
-the reference per-task path and the batched path side by side (fp32, and bf16 autocast), in tasks/s,
+the reference per-task path (fp32) and the batched path (fp32, and bf16 autocast) side by side, in tasks/s,
 patches/s, achieved GFLOP/s and the fraction of this CPU's fp32 peak.
 
     python benchmarks/bench_core.py [--config configs/demo.yaml] [--steps 6] [--threads 2]
@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from metarestore.config import load_config
-from metarestore.engine import MetaTrainer, plan_step
+from metarestore.engine import MetaTrainer, cpu_has_bf16_units, plan_step, resolve_precision
 from metarestore.meta import ALGORITHMS
 
 
@@ -135,7 +135,6 @@ def main() -> None:
     parser.add_argument("--algorithms", default=",".join(sorted(ALGORITHMS)))
     parser.add_argument("--sweep", help="only the per-patch cost at these batch sizes, e.g. 8,36,72,144")
     parser.add_argument("--knobs", type=int, help="only fp32 / channels-last / bf16 / compile on this many patches")
-    parser.add_argument("--bf16", action="store_true", help="also time the batched step under bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = ["data.train=embedded", "data.val=embedded", *args.set]  # the data does not change the cost
@@ -156,21 +155,24 @@ def main() -> None:
     print(f"config {args.config}: {tasks} tasks per step, {base.data.support}+{base.data.query} patches of "
           f"{base.data.patch_size}px, width {base.model.width}")
     print(f"episode sampler: {eps:.0f} episodes/s\n")
-    print("| algorithm | GFLOP per step | per-task: s/step | tasks/s | GFLOP/s | % peak | batched: s/step | tasks/s "
-          "| patches/s | GFLOP/s | % peak | speed-up |" + (" batched bf16: s/step | speed-up |" if args.bf16 else ""))
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.bf16 else ""))
+    auto = resolve_precision("auto", torch.device("cpu"))
+    print(f"train.precision auto is {auto} on this CPU (bf16 units: {cpu_has_bf16_units()})\n")
+    print("| algorithm | GFLOP per step | per-task: s/step | tasks/s | GFLOP/s | % peak | batched fp32: s/step | tasks/s "
+          "| patches/s | GFLOP/s | % peak | speed-up | batched bf16: s/step | tasks/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for algorithm in args.algorithms.split(","):
-        cfg = load_config(args.config, [*overrides, f"meta.algorithm={algorithm}"])
-        flops = step_flops(MetaTrainer(cfg, device="cpu")) / 1e9
-        old = median_time(per_task_step, MetaTrainer(cfg, device="cpu"), args.steps)
-        new = median_time(lambda t: t.run_step(), MetaTrainer(cfg, device="cpu"), args.steps)
+        def fresh(precision: str, algorithm: str = algorithm) -> MetaTrainer:
+            return MetaTrainer(load_config(args.config, [*overrides, f"meta.algorithm={algorithm}",
+                                                         f"train.precision={precision}"]), device="cpu")
+
+        flops = step_flops(fresh("fp32")) / 1e9
+        old = median_time(per_task_step, fresh("fp32"), args.steps)  # the reference: fp32, no autocast
+        new = median_time(lambda t: t.run_step(), fresh("fp32"), args.steps)
+        bf16 = median_time(lambda t: t.run_step(), fresh("bf16"), args.steps)
         row = (f"| {algorithm} | {flops:.1f} | {old:.3f} | {tasks / old:.1f} | {flops / old:.0f} | "
                f"{100 * flops / old / peak:.0f}% | {new:.3f} | {tasks / new:.1f} | {patches / new:.0f} | "
-               f"{flops / new:.0f} | {100 * flops / new / peak:.0f}% | {old / new:.2f}x |")
-        if args.bf16:  # off by default: on this CPU's torch build bf16 training is many times slower
-            bf16_cfg = load_config(args.config, [*overrides, f"meta.algorithm={algorithm}", "train.precision=bf16"])
-            bf16 = median_time(lambda t: t.run_step(), MetaTrainer(bf16_cfg, device="cpu"), args.steps)
-            row += f" {bf16:.3f} | {old / bf16:.2f}x |"
+               f"{flops / new:.0f} | {100 * flops / new / peak:.0f}% | {old / new:.2f}x | "
+               f"{bf16:.3f} | {tasks / bf16:.1f} | {old / bf16:.2f}x |")
         print(row, flush=True)
 
 

@@ -96,7 +96,9 @@ class TrainConfig:
     # patches (support + query) that go through the network together; a step's tasks run in chunks of
     # this size: past it the activations leave the CPU's caches and each patch costs twice as much
     max_batch_patches: int = 72
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the meta-step; see docs/benchmarks.md for the A/B)
+    # auto | fp32 | bf16: bf16 autocast of the meta-step; auto = bf16 on a CPU with bf16 units (AVX-512 BF16
+    # or AMX), where it is faster at equal quality (docs/benchmarks.md), fp32 elsewhere
+    precision: str = "auto"
     output_dir: str = "runs/{name}"
 
 
@@ -168,8 +170,8 @@ class Config:
             problems.append("meta.blind_fraction must be in [0, 1]")
         if self.train.lr_schedule not in ("constant", "cosine"):
             problems.append("train.lr_schedule must be constant or cosine")
-        if self.train.precision not in ("fp32", "bf16"):
-            problems.append("train.precision must be fp32 or bf16")
+        if self.train.precision not in ("auto", "fp32", "bf16"):
+            problems.append("train.precision must be auto, fp32 or bf16")
         if self.train.optimizer not in OPTIMIZERS:
             problems.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.meta.loss not in LOSSES:

@@ -35,6 +35,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16_units() -> bool:
+    """AVX-512 BF16 or AMX: where oneDNN runs bf16 convolutions natively. Elsewhere bf16 is emulated and a
+    training step many times slower (docs/benchmarks.md)."""
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without these probes: assume not
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``train.precision``: ``auto`` is bf16 on a CPU with bf16 units (the meta-step 1.15-1.3x faster, the
+    same PSNR at equal steps: docs/benchmarks.md), fp32 elsewhere, CUDA included (not yet measured there)."""
+    if name != "auto":
+        return name
+    return "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"
+
+
 def plan_step(cfg: Config, step: int) -> list[TaskSpec]:
     """The tasks of one meta-step: ``tasks_per_family`` tasks of every training family.
 
@@ -109,6 +126,7 @@ class MetaTrainer:
     def __init__(self, cfg: Config, device: torch.device | str | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
         init = initial_weights(cfg)
         self.learner = build_learner(cfg, self.device)
         if init is not None:
@@ -172,8 +190,9 @@ class MetaTrainer:
         return metrics
 
     def autocast(self) -> torch.autocast:
-        """bf16 autocast of the meta-step's forward and backward passes when ``train.precision`` asks."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+        """bf16 autocast of the meta-step's forward and backward passes where ``train.precision`` resolves to
+        bf16 (convolutions and matrix products in bf16; the loss, the weights and the optimizer stay float32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # validation ------------------------------------------------------------------------------------
     def validate(self) -> ValidationResult:

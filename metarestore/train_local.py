@@ -49,9 +49,10 @@ def train_local(cfg: Config, tracking_uri: str | None = None, resume: bool = Fal
             prune_checkpoints(checkpoints, cfg.train.keep_checkpoints)
 
     with tracked_run(uri, cfg.tracking.experiment, cfg.name, run_id=run_id, tags={"mode": "local"},
-                     params=lambda: run_params(cfg, workers=1, extra={"mode": "local", "device": str(trainer.device)}),
+                     params=lambda: run_params(cfg, workers=1, extra={"mode": "local", "device": str(trainer.device),
+                                                                          "precision": trainer.precision}),
                      archive=None if source is not None else out) as logger:
-        print(f"MLflow run {logger.run_id} at {uri} | device {trainer.device} | "
+        print(f"MLflow run {logger.run_id} at {uri} | device {trainer.device}, {trainer.precision} | "
               f"{len(cfg.families.train)} families x {cfg.meta.tasks_per_family} task(s) per step", flush=True)
         extra = {"mlflow_run_id": logger.run_id}
         metrics = run_loop(trainer, LoopHooks(chief=True, report=keep, extra_state=extra), logger, progress)

@@ -262,6 +262,34 @@ def test_a_step_in_chunks_equals_the_step_in_one_batch(tmp_path):
         torch.testing.assert_close(weights_chunked[name], value, rtol=1e-4, atol=1e-6)
 
 
+def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_units():
+    from metarestore.engine import cpu_has_bf16_units, resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_bf16_units() else "fp32")
+    assert resolve_precision("auto", cuda) == "fp32"
+    assert [resolve_precision(p, d) for p in ("fp32", "bf16") for d in (cpu, cuda)] == ["fp32"] * 2 + ["bf16"] * 2
+
+
+def test_a_bf16_step_is_the_fp32_step_to_bf16_rounding(tmp_path):
+    """bf16 autocast changes the step's gradient by rounding only: the same direction and size, not the
+    same bits (which would mean autocast did nothing)."""
+    from conftest import smoke_config
+    from metarestore.engine import MetaTrainer
+
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        trainer = MetaTrainer(smoke_config(tmp_path, f"train.precision={precision}", "train.grad_clip=0"),
+                              device="cpu")
+        assert trainer.precision == precision
+        trainer.run_step()
+        grads[precision] = torch.cat([p.grad.reshape(-1) for p in trainer.params if p.grad is not None])
+    fp32, bf16 = grads["fp32"], grads["bf16"]
+    assert not torch.equal(fp32, bf16)
+    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.99
+    assert (bf16.norm() / fp32.norm() - 1).abs() < 0.05
+
+
 def test_capped_psnr_loss_bounds_the_weight_of_nearly_clean_images():
     """Per-image PSNR weighs an image by 1/MSE, so one nearly clean patch outweighs a damaged one a
     thousandfold; the capped loss keeps the same value on damaged images and bounds that ratio."""
