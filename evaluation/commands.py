@@ -103,6 +103,8 @@ def register(app: typer.Typer) -> None:
         told: Annotated[bool, typer.Option("--told/--blind", help="Name each condition's family to a model that "
                                            "can be told the degradation (rows 'model (told)'); others stay "
                                            "blind.")] = False,
+        ensemble: Annotated[bool, typer.Option("--ensemble", help="Restore with the x8 self-ensemble (the mean "
+                                               "over eight rotations and flips; rows 'model x8'): 8x the time.")] = False,
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,
     ) -> None:
         """Evaluate a model against classical baselines on benchmark images, with few-shot adaptation curves.
@@ -129,7 +131,8 @@ def register(app: typer.Typer) -> None:
             steps=_numbers(steps, "--steps", int), baselines=baselines, protocol=protocol,
             specialist_from=specialist_from, compare=compare, crop=crop, support_size=support_size, limit=limit,
             seed=seed, out=out, tracking_uri=tracking_uri, experiment=experiment, track=track, address=address,
-            cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, examples=examples, told=told, adapter=adapter, progress=progress,
+            cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, examples=examples, told=told, adapter=adapter,
+            ensemble=ensemble, progress=progress,
             command="metarestore " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         result = run_evaluation(request)
         from evaluation.report import markdown_table, methods_table, summarize

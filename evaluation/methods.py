@@ -46,6 +46,7 @@ class Settings:
     use_gpu: bool = False
     told: bool = False  # name each condition's family to a model that can be told it (model.condition: family)
     adapter: str = "film"  # film: learner.adapt (FiLM); auto: operators.fit_adapter, the server's automatic choice
+    ensemble: bool = False  # restore with the x8 self-ensemble (inference.self_ensemble): rows "model x8"
 
 
 @dataclass
@@ -119,11 +120,12 @@ def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLea
     last_k, last_s = (max(positive), max(settings.steps)) if positive else (0, 0)
 
     def tiled(learner: MetaLearner, x: torch.Tensor, params, family: str | None = None) -> torch.Tensor:
-        return restore_image(learner, x, params, tile=settings.tile, family=family)
+        return restore_image(learner, x, params, tile=settings.tile, family=family, ensemble=settings.ensemble)
 
     for spec, learner in models:
         told = settings.told and cond.family in getattr(learner.model, "hint_families", ())
         family, label = (cond.family, f"{spec.label} (told)") if told else (None, spec.label)
+        label += " x8" if settings.ensemble else ""
         if spec.zero_shot:
             t0 = time.perf_counter()
             output = few_shot(learner, degraded, restore=tiled, family=family).zero_shot

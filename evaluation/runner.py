@@ -66,6 +66,7 @@ class Request:
     tile: int = 512
     told: bool = False  # name each condition's family to a model that can be told it
     adapter: str = "film"  # film: the rows adapt with learner.adapt; auto: with operators.fit_adapter
+    ensemble: bool = False  # the model's rows restore with the x8 self-ensemble
     progress: bool = True
     command: str = ""
 
@@ -128,6 +129,9 @@ def evaluate(req: Request) -> Evaluation:
     _check_lists(req)
     if req.adapter not in ("film", "auto"):
         raise UserError(f"--adapter must be film or auto, got {req.adapter!r}")
+    if req.ensemble and req.adapter == "auto" and any(k > 0 for k in req.shots):
+        raise UserError("--ensemble restores through the model (zero-shot and film rows), not an --adapter auto "
+                        "adapter: drop one of them")
     protocol = protocols.get(req.protocol) if req.protocol else None
     if protocol is not None:
         if req.families:
@@ -176,7 +180,8 @@ def evaluate(req: Request) -> Evaluation:
     settings = Settings(shots=sorted(set(req.shots)), steps=sorted(set(req.steps)), baselines=wanted,
                         support_size=req.support_size, seed=req.seed, protocol=protocol.name if protocol else "",
                         lpips=lpips_status()[0], tile=req.tile, threads=max(1, int(req.cpus_per_task)),
-                        use_gpu=req.gpus_per_task > 0, told=req.told, adapter=req.adapter)
+                        use_gpu=req.gpus_per_task > 0, told=req.told, adapter=req.adapter,
+                        ensemble=req.ensemble)
     units = [Unit(d.name, i, c, example=n < req.examples) for d in datasets for c in conditions
              for n, i in enumerate(d.queries)]
     results = run_units(units, datasets, [n.spec for n in networks], settings, req)

@@ -8,7 +8,7 @@ import copy
 import math
 import queue
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -41,10 +41,25 @@ def _window(tile_h: int, tile_w: int, overlap: int, device) -> torch.Tensor:
     return ramp(tile_h)[:, None] * ramp(tile_w)[None, :]
 
 
+def self_ensemble(restore: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``restore`` over the eight rotations and flips of ``x``, each mapped back (the "x8"
+    test-time ensemble of EDSR, BasicSR and KAIR): eight passes for about +0.17 dB on CBSD68 at sigma 25
+    with the shipped model (docs/benchmarks.md)."""
+    total = torch.zeros_like(x)
+    for turns in range(4):
+        for flip in (False, True):
+            t = torch.rot90(x, turns, (-2, -1))
+            t = t.flip(-1) if flip else t
+            y = restore(t)
+            y = y.flip(-1) if flip else y
+            total += torch.rot90(y, -turns, (-2, -1))
+    return total / 8
+
+
 @torch.no_grad()
 def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None = None, tile: int | None = 256,
                   overlap: int = 32, kind: str | None = None, max_batch_pixels: int | None = None,
-                  family: str | None = None) -> torch.Tensor:
+                  family: str | None = None, ensemble: bool = False) -> torch.Tensor:
     """Restore a (B, 3, H, W) batch in [0, 1], with an adapted state ``params`` of adapter ``kind``
     (default the model's own) when given; images larger than ``tile`` go through in tiles. On CPU 256 px
     tiles are the fastest (a 1024x1024 image: 1.8x faster than 512 px tiles, whose activations leave the
@@ -53,18 +68,26 @@ def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None =
     ``max_batch_pixels`` bounds the pixels of one forward pass: a batch goes through in chunks of that
     many pixels (at least one image or tile each). On CPU the activations of a small pass stay in the
     caches: 8 images of 256x256 at once cost 2.5x more per image than one at a time (docs/benchmarks.md).
-    The result is the same either way. ``family`` names the degradation to a model that can be told it."""
+    The result is the same either way. ``family`` names the degradation to a model that can be told it.
+    ``ensemble``: every image or tile restored as the mean over its eight rotations and flips
+    (``self_ensemble``), at eight times the cost."""
     if max_batch_pixels is not None and len(x) > 1:
         h, w = x.shape[-2:]
         side_h, side_w = (h, w) if tile is None else (min(h, tile), min(w, tile))  # one image, or one tile
         per_pass = max(1, max_batch_pixels // (side_h * side_w))
         if per_pass < len(x):
-            return torch.cat([restore_image(learner, chunk, params, tile, overlap, kind, family=family)
-                              for chunk in x.split(per_pass)])
+            return torch.cat([restore_image(learner, chunk, params, tile, overlap, kind, family=family,
+                                            ensemble=ensemble) for chunk in x.split(per_pass)])
     told = {} if family is None else {"family": family}  # restorers of adapters' paths take no family
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        if ensemble:
+            return self_ensemble(lambda t: learner.restore(t, params, kind=kind, **told), inp)
+        return learner.restore(inp, params, kind=kind, **told)
+
     h, w = x.shape[-2:]
     if tile is None or (h <= tile and w <= tile):
-        return learner.restore(x, params, kind=kind, **told)
+        return run(x)
     out = torch.zeros_like(x)
     weight = torch.zeros(1, 1, h, w, device=x.device)
     stride = max(1, tile - overlap)
@@ -72,7 +95,7 @@ def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None =
         for left in _starts(w, tile, stride):
             patch = x[..., top:top + tile, left:left + tile]
             win = _window(patch.shape[-2], patch.shape[-1], overlap, x.device)
-            out[..., top:top + tile, left:left + tile] += learner.restore(patch, params, kind=kind, **told) * win
+            out[..., top:top + tile, left:left + tile] += run(patch) * win
             weight[..., top:top + tile, left:left + tile] += win
     return (out / weight).clamp(0, 1)
 

@@ -144,6 +144,28 @@ def test_restore_told_the_degradation(told_checkpoint, perturbed_smoke_checkpoin
     assert not (workdir / "x.png").exists()
 
 
+def test_restore_with_the_x8_ensemble(told_checkpoint, clean_image, workdir, capsys):
+    """--ensemble: the image restored as the mean over its eight rotations and flips (what restore_image
+    gives with ensemble=True) and said so; with --endpoint it is one error line."""
+    from metarestore.data import read_image
+    from metarestore.hub import load_learner
+    from metarestore.inference import restore_image
+
+    learner, _ = load_learner(told_checkpoint)
+    x = read_image(clean_image)[0][None].float() / 255
+    out = workdir / "x8.png"
+    result = cli_in_process(capsys, "restore", str(clean_image), "-o", str(out), "--model", told_checkpoint,
+                            "--degradation", "jpeg", "--ensemble")
+    assert result.returncode == 0, result.stderr
+    assert "x8 ensemble" in result.stdout
+    got = read_image(out)[0][None].float() / 255
+    assert (got - restore_image(learner, x, family="jpeg", ensemble=True)).abs().max() <= 0.51 / 255
+    assert (got - restore_image(learner, x, family="jpeg")).abs().max() > 0.51 / 255
+    assert_one_line_error(cli_in_process(capsys, "restore", str(clean_image), "-o", "y.png", "--endpoint",
+                                         "http://127.0.0.1:9", "--ensemble"), "--ensemble needs a local model")
+    assert not (workdir / "y.png").exists()
+
+
 def test_train_local_logs_params_metrics_and_checkpoint(smoke_model):
     client = mlflow.tracking.MlflowClient(smoke_model["tracking_uri"])
     logged = client.get_run(smoke_model["run_id"])

@@ -175,6 +175,8 @@ def test_bad_input_gives_one_error_line(workdir, capsys):
         "unknown protocol 'bsd1000'": ["--model", model, "--protocol", "bsd1000"],
         "protocol cbsd68-awgn needs --data": ["--model", model, "--protocol", "cbsd68-awgn"],
         "--adapter must be film or auto": ["--model", model, "--adapter", "lora"],
+        "--ensemble restores through the model": ["--model", model, "--adapter", "auto", "--shots", "0,3",
+                                                  "--ensemble"],
         "model not found": ["--model", model],
     }
     *in_process, (last, last_args) = cases.items()
@@ -212,6 +214,31 @@ def test_told_rows_name_the_family_to_a_model_that_can_be_told_it(told_checkpoin
             expected = learner.restore(x, family="jpeg" if named else None)
             target = torch.from_numpy(clean).permute(2, 0, 1)[None].float()
             assert rows[1]["psnr"] == pytest.approx(score(expected, target, cond, False)["psnr"], abs=1e-3)
+
+
+def test_ensemble_rows_are_the_x8_restoration(told_checkpoint):
+    """--ensemble: the model's rows are labelled "x8" and score restore_image(..., ensemble=True)."""
+    from evaluation.conditions import grid_conditions
+    from evaluation.methods import ModelSpec, Settings, Unit, run_unit
+    from evaluation.metrics import score
+    from metarestore.hub import load_learner
+    from metarestore.inference import restore_image
+
+    learner, _ = load_learner(told_checkpoint)
+    dataset = load_dataset("embedded", crop=CROP)
+    settings = Settings(shots=[0], steps=[0], baselines=[], told=True, ensemble=True)
+    (cond,) = grid_conditions(["jpeg"], [0.5])
+    rows = run_unit(Unit(dataset.name, 0, cond), dataset, [(ModelSpec("model", "m", "m", None), learner)],
+                    settings)["rows"]
+    assert [r["method"] for r in rows] == ["identity", "model (told) x8"]
+    params = task_params(cond, dataset.name, dataset.names[0], 0)
+    clean = embedded_clean(dataset.names[0])
+    x = torch.from_numpy(registry_degrade(clean, cond.family, params)).permute(2, 0, 1)[None].float()
+    target = torch.from_numpy(clean).permute(2, 0, 1)[None].float()
+    expected = score(restore_image(learner, x, family="jpeg", ensemble=True), target, cond, False)["psnr"]
+    assert rows[1]["psnr"] == pytest.approx(expected, abs=1e-3)
+    single = score(restore_image(learner, x, family="jpeg"), target, cond, False)["psnr"]
+    assert rows[1]["psnr"] != pytest.approx(single, abs=1e-3)
 
 
 def test_auto_adapter_rows_fit_the_operator_a_server_would(smoke_model):

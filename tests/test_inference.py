@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metarestore.config import MetaConfig
-from metarestore.inference import restore_image
+from metarestore.inference import restore_image, self_ensemble
 from metarestore.meta import MetaLearner, make_learner
 from metarestore.model import RestorationNet
 
@@ -87,3 +87,34 @@ def test_a_cuda_model_restores_and_adapts_cpu_images_like_the_cpu_model():
     assert max((params[n].cpu() - reference[n]).abs().max().item() for n in reference) < 1e-4
     adapter = fit_bounded(gpu, x, y, kind="decoder", steps=2, patch=None)
     assert adapter.restore(x).device.type == "cpu"
+
+
+def test_self_ensemble_undoes_every_rotation_and_flip():
+    """A restorer that returns its input gives the image back (every transform undone, a non-square image's
+    sides swapped and restored); one that marks the top-left pixel of what it is given marks each of the
+    four corners twice: the eight transforms are the eight distinct ones, each mapped back."""
+    x = torch.rand(1, 3, 6, 10, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(self_ensemble(lambda t: t, x), x, rtol=0, atol=1e-6)
+
+    def mark(t):
+        t = t.clone()
+        t[..., 0, 0] += 8
+        return t
+
+    out = self_ensemble(mark, torch.zeros(1, 1, 6, 10))
+    assert torch.equal(out[0, 0, [0, 0, -1, -1], [0, -1, 0, -1]], torch.full((4,), 2.0))
+    assert out.sum() == 8
+
+
+def test_the_ensemble_restoration_is_rotation_equivariant_and_not_the_single_pass():
+    learner = tiny_learner()
+    with torch.no_grad():  # a fresh network is the identity (zero-initialised residuals): give it a shape
+        for p in learner.model.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    x = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(4))
+    ensembled = restore_image(learner, x, tile=None, ensemble=True)
+    turned = restore_image(learner, torch.rot90(x, 1, (-2, -1)), tile=None, ensemble=True)
+    torch.testing.assert_close(torch.rot90(turned, -1, (-2, -1)), ensembled, rtol=1e-5, atol=1e-6)
+    single = restore_image(learner, x, tile=None)
+    assert not torch.allclose(ensembled, single, atol=1e-4)
+    assert restore_image(learner, x, tile=16, overlap=4, ensemble=True).shape == x.shape  # per tile
