@@ -271,7 +271,9 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_units():
     assert [resolve_precision(p, d) for p in ("fp32", "bf16") for d in (cpu, cuda)] == ["fp32"] * 2 + ["bf16"] * 2
 
 
-def test_a_bf16_step_is_the_fp32_step_to_bf16_rounding(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_a_bf16_step_is_the_fp32_step_to_bf16_rounding(tmp_path, device):
     """bf16 autocast changes the step's gradient by rounding only: the same direction and size, not the
     same bits (which would mean autocast did nothing)."""
     from conftest import smoke_config
@@ -280,7 +282,7 @@ def test_a_bf16_step_is_the_fp32_step_to_bf16_rounding(tmp_path):
     grads = {}
     for precision in ("fp32", "bf16"):
         trainer = MetaTrainer(smoke_config(tmp_path, f"train.precision={precision}", "train.grad_clip=0"),
-                              device="cpu")
+                              device=device)
         assert trainer.precision == precision
         trainer.run_step()
         grads[precision] = torch.cat([p.grad.reshape(-1) for p in trainer.params if p.grad is not None])
