@@ -43,8 +43,8 @@ def _window(tile_h: int, tile_w: int, overlap: int, device) -> torch.Tensor:
 
 def self_ensemble(restore: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The mean of ``restore`` over the eight rotations and flips of ``x``, each mapped back (the "x8"
-    test-time ensemble of EDSR, BasicSR and KAIR): eight passes for about +0.17 dB on CBSD68 at sigma 25
-    with the shipped model (docs/benchmarks.md)."""
+    test-time ensemble of EDSR, BasicSR and KAIR): eight passes for +0.04 to +0.37 dB per family
+    with the base model (docs/benchmarks.md)."""
     total = torch.zeros_like(x)
     for turns in range(4):
         for flip in (False, True):
