@@ -45,8 +45,8 @@ def cpu_has_bf16_units() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``train.precision``: ``auto`` is bf16 on a CPU with bf16 units (the meta-step 1.15-1.3x faster, the
-    same PSNR at equal steps: docs/benchmarks.md), fp32 elsewhere, CUDA included (not yet measured there)."""
+    """``train.precision``: ``auto`` is bf16 on a CPU with bf16 units (the meta-step 1.1-1.3x faster; equal PSNR
+    in short A/Bs, not in the base model's long run: docs/benchmarks.md), fp32 elsewhere, CUDA included."""
     if name != "auto":
         return name
     return "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"
