@@ -105,10 +105,9 @@ def restore(
                       ensemble=ensemble)
     write_image(output, y, grey=grey)
     version = f" version {ref.version}" if ref.version else ""
-    told = f", told {degradation}" if degradation else ""
-    told += ", x8 ensemble" if ensemble else ""
+    how = (f", told {degradation}" if degradation else "") + (", x8 ensemble" if ensemble else "")
     typer.echo(f"{output}: restored with {ref.name or ref.path}{version} ({metadata['algorithm']}, step "
-               f"{metadata['step']}{told})")
+               f"{metadata['step']}{how})")
 
 
 def info(model: Annotated[str, typer.Argument(help="builtin:base, a checkpoint directory or an MLflow model "
