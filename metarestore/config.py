@@ -96,10 +96,10 @@ class TrainConfig:
     # patches (support + query) that go through the network together; a step's tasks run in chunks of
     # this size: past it the activations leave the CPU's caches and each patch costs twice as much
     max_batch_patches: int = 72
-    # fp32 | bf16 | auto: bf16 autocast of the meta-step; auto = bf16 on a CPU with bf16 units (AVX-512 BF16
-    # or AMX), fp32 elsewhere. Default fp32: bf16 is 1.1-1.3x faster and equal in 300-500-step A/Bs, but the
-    # base run lost 7 dB of told contrast over 2,600 bf16 steps (docs/benchmarks.md)
-    precision: str = "fp32"
+    # fp32 | bf16 | auto: bf16 autocast of the meta-step (the image-facing convolutions stay float32); auto =
+    # bf16 on a CPU with bf16 units (AVX-512 BF16 or AMX), fp32 elsewhere and on CUDA. Equal PSNR at equal
+    # steps in A/Bs from scratch and from the base run's step 15800 (docs/benchmarks.md)
+    precision: str = "auto"
     output_dir: str = "runs/{name}"
 
 

