@@ -1,6 +1,6 @@
 """Core benchmarks (docs/benchmarks.md): the episode sampler, and the meta-step of every algorithm with
-the reference per-task path (fp32) and the batched path (fp32, and bf16 autocast) side by side, in tasks/s,
-patches/s, achieved GFLOP/s and the fraction of this CPU's fp32 peak.
+the reference per-task path (fp32) and the batched path (fp32, and bf16 autocast) side by side (one step of
+each in turn), in tasks/s, patches/s, achieved GFLOP/s and the fraction of this CPU's fp32 peak.
 
     python benchmarks/bench_core.py [--config configs/demo.yaml] [--steps 6] [--threads 2]
     python benchmarks/bench_core.py --config configs/base.yaml --sweep 8,16,36,72,144   # per-patch cost by batch
@@ -47,14 +47,28 @@ def per_task_step(trainer: MetaTrainer) -> None:
     trainer.step += 1
 
 
-def median_time(step, trainer: MetaTrainer, steps: int) -> float:
-    step(trainer)  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+def interleaved_times(paths: list[tuple], steps: int) -> list[list[float]]:
+    """Seconds per step of each (step function, trainer), one step of each in turn per round (after a
+    warm-up of each): a machine whose speed drifts during the run slows every path alike, so the ratios of
+    one round compare like with like."""
+    for step, trainer in paths:
         step(trainer)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in paths]
+    for _ in range(steps):
+        for (step, trainer), own in zip(paths, times, strict=True):
+            start = time.perf_counter()
+            step(trainer)
+            own.append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(reference: list[float], times: list[float]) -> float:
+    """The median over rounds of reference / time: a speed-up measured within each round."""
+    return statistics.median(a / b for a, b in zip(reference, times, strict=True))
+
+
+def batched_step(trainer: MetaTrainer) -> None:
+    trainer.run_step()
 
 
 def step_flops(trainer: MetaTrainer) -> int:
@@ -166,13 +180,16 @@ def main() -> None:
                                                          f"train.precision={precision}"]), device="cpu")
 
         flops = step_flops(fresh("fp32")) / 1e9
-        old = median_time(per_task_step, fresh("fp32"), args.steps)  # the reference: fp32, no autocast
-        new = median_time(lambda t: t.run_step(), fresh("fp32"), args.steps)
-        bf16 = median_time(lambda t: t.run_step(), fresh("bf16"), args.steps)
+        # the reference (fp32, no autocast), the batched step in fp32 and in bf16 autocast
+        times = interleaved_times([(per_task_step, fresh("fp32")), (batched_step, fresh("fp32")),
+                                   (batched_step, fresh("bf16"))], args.steps)
+        old, new, bf16 = (statistics.median(t) for t in times)
+        ratio_new, ratio_bf16 = (median_ratio(times[0], t) for t in times[1:])
+
         row = (f"| {algorithm} | {flops:.1f} | {old:.3f} | {tasks / old:.1f} | {flops / old:.0f} | "
                f"{100 * flops / old / peak:.0f}% | {new:.3f} | {tasks / new:.1f} | {patches / new:.0f} | "
-               f"{flops / new:.0f} | {100 * flops / new / peak:.0f}% | {old / new:.2f}x | "
-               f"{bf16:.3f} | {tasks / bf16:.1f} | {old / bf16:.2f}x |")
+               f"{flops / new:.0f} | {100 * flops / new / peak:.0f}% | {ratio_new:.2f}x | "
+               f"{bf16:.3f} | {tasks / bf16:.1f} | {ratio_bf16:.2f}x |")
         print(row, flush=True)
 
 
