@@ -47,7 +47,7 @@ def tracked_run(uri: str | None, experiment: str, run_name: str, *, run_id: str 
         archive_existing(archive)
     logger = RunLogger(uri, experiment, run_name, run_id=run_id, parent_run_id=parent_run_id, tags=tags)
     try:
-        if run_id is None and params is not None:
+        if logger.run_id != run_id and params is not None:  # a new run (also when run_id is not in this store)
             logger.params(params() if callable(params) else params)
         yield logger
     except BaseException as exc:

@@ -98,4 +98,5 @@ def test_resume_against_a_store_without_the_recorded_run_logs_to_a_new_run(tmp_p
                       resume=True)
     assert f"note: MLflow run {old['run_id']} is not in" in capsys.readouterr().out
     assert new["run_id"] != old["run_id"] and load_checkpoint(new["checkpoint"]).step == 4
-    assert "meta_loss" in MlflowClient(new["tracking_uri"]).get_run(new["run_id"]).data.metrics
+    data = MlflowClient(new["tracking_uri"]).get_run(new["run_id"]).data
+    assert "meta_loss" in data.metrics and data.params["precision"] == "fp32"  # a new run gets its parameters
