@@ -135,7 +135,7 @@ class MetaTrainer:
         self.params = [p for p in self.learner.parameters()]
         self.optimizer = build_optimizer(self.params, cfg)
         self.sampler = EpisodeSampler(load_images(cfg.data.train, "train"), cfg.data.patch_size,
-                                      cfg.data.support, cfg.data.query)
+                                      cfg.data.support, cfg.data.query, unclipped=cfg.families.unclipped)
         self.step = 0  # the next step to run
         self.families = list(cfg.families.train)
 

@@ -20,6 +20,8 @@ def test_defaults_are_valid_and_overrides_use_yaml():
     ({"families": {"train": ["jpeg"], "held_out": ["jpeg"]}}, "both trained and held out"),
     ({"families": {"weights": {"jpeg": -1}}}, "must be >= 0"),
     ({"families": {"severity": [0.8, 0.2]}}, "families.severity"),
+    ({"families": {"unclipped": {"gaussian_noise": 1.5}}}, "families.unclipped"),
+    ({"families": {"unclipped": {"fog": 0.5}}}, "unknown degradation family 'fog'"),
     ({"data": {"patch_size": 60}}, "multiple of 8"),
     ({"meta": {"inner_lr": {"head": 0.1}}}, "unknown group"),
 ])
