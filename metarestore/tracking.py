@@ -22,6 +22,10 @@ from urllib.parse import urlparse
 from metarestore.errors import UserError
 
 log = logging.getLogger(__name__)
+# a new sqlite store's schema set-up ("Creating initial MLflow database tables...", alembic's migrations) is
+# MLflow's business, not a line the user waits for
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
