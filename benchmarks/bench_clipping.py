@@ -1,0 +1,50 @@
+"""Gaussian noise clipped to [0, 1] or not: what a model scores on each (docs/benchmarks.md, "Unclipped noise").
+
+    python benchmarks/bench_clipping.py --models builtin:base runs/base/final --images ../shared/data/test/CBSD68 --limit 8
+
+The published AWGN tables (CBSD68, Kodak24) add noise without clipping; a photo saved as PNG has it clipped.
+Full images, sigma 25/255, noise seed = image index (as the anchors of DEVELOPERS.md); the model told
+``gaussian_noise`` when it can be told; outputs clipped and rounded to 8 bits, as ``evaluate --protocol`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from metarestore.data import load_images
+from metarestore.hub import load_model
+from metarestore.inference import restore_image
+from metarestore.meta.losses import psnr
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["builtin:base"])
+    parser.add_argument("--images", default="../shared/data/test/CBSD68")
+    parser.add_argument("--limit", type=int, default=8)
+    parser.add_argument("--sigma", type=float, default=25.0, help="of 255")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    images = load_images(args.images).images[:args.limit]
+    print(f"{len(images)} images of {args.images}, sigma {args.sigma:g}\n")
+    print("| model | input | restored, unclipped noise | restored, clipped noise |\n|---|---|---|---|")
+    for uri in args.models:
+        learner, _, _ = load_model(uri)
+        family = "gaussian_noise" if "gaussian_noise" in learner.model.hint_families else None
+        scores = {"input": [], "unclipped": [], "clipped": []}
+        for i, image in enumerate(images):
+            clean = image.float()[None] / 255
+            noisy = clean + args.sigma / 255 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(i))
+            scores["input"].append(psnr(noisy, clean))
+            for kind, x in (("unclipped", noisy), ("clipped", noisy.clamp(0, 1))):
+                out = (restore_image(learner, x, family=family).clamp(0, 1) * 255).round() / 255
+                scores[kind].append(psnr(out, clean))
+        mean = {k: sum(v) / len(v) for k, v in scores.items()}
+        print(f"| {uri} | {mean['input']:.2f} | {mean['unclipped']:.2f} | {mean['clipped']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
