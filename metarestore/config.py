@@ -43,8 +43,8 @@ class FamiliesConfig:
     weights: dict[str, float] = field(default_factory=dict)  # per family; missing -> 1.0
     severity: list[float] = field(default_factory=lambda: [0.2, 1.0])  # sampled uniformly in range
     # per family, the fraction of its training tasks whose degraded patches keep values outside [0, 1]
-    # (missing -> 0: clipped). The published AWGN benchmarks add unclipped noise; a model trained on clipped
-    # noise alone loses 0.4 dB there (docs/benchmarks.md), so the base recipe trains both.
+    # (missing -> 0: clipped, as a saved photo's). The published AWGN benchmarks add unclipped noise: a model
+    # trained on clipped noise alone loses 0.4 dB there (docs/benchmarks.md, "Unclipped noise").
     unclipped: dict[str, float] = field(default_factory=dict)
 
     def weight(self, family: str) -> float:
