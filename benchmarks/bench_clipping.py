@@ -17,6 +17,7 @@ from metarestore.data import load_images
 from metarestore.hub import load_model
 from metarestore.inference import restore_image
 from metarestore.meta.losses import psnr
+from metarestore.pixels import quantize
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
             noisy = clean + args.sigma / 255 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(i))
             scores["input"].append(psnr(noisy, clean))
             for kind, x in (("unclipped", noisy), ("clipped", noisy.clamp(0, 1))):
-                out = (restore_image(learner, x, family=family).clamp(0, 1) * 255).round() / 255
+                out = quantize(restore_image(learner, x, family=family))
                 scores[kind].append(psnr(out, clean))
         mean = {k: sum(v) / len(v) for k, v in scores.items()}
         print(f"| {uri} | {mean['input']:.2f} | {mean['unclipped']:.2f} | {mean['clipped']:.2f} |")
