@@ -104,6 +104,7 @@ def _per_channel(fn: Callable[[np.ndarray], np.ndarray], image: np.ndarray) -> n
 
 # noise ---------------------------------------------------------------------------------------------
 @register("gaussian_noise", "bm3d")
+@register("awgn", "bm3d")
 def bm3d_awgn(image: np.ndarray, params: dict) -> np.ndarray:
     """CBM3D (opponent colour space) told the true noise level, as in the published CBM3D tables."""
     import bm3d

@@ -61,7 +61,6 @@ class Condition:
     level: str  # what tables show: "0.5" (a severity) or a protocol level such as "sigma=25"
     severity: float | None = None  # sample the family's parameters at this severity ...
     fixed: dict[str, float] | None = field(default=None)  # ... or use these (plus a seeded "seed")
-    clip: bool = True  # clamp the degraded input to [0, 1]
     quantize: bool = False  # score 8-bit outputs (round to 1/255), as published tables do
     y_channel: bool = False  # score the BT.601 luma only
     shave: int = 0  # ignore this many border pixels when scoring
@@ -95,7 +94,7 @@ def clean_image(dataset: Dataset, index: int, cond: Condition) -> torch.Tensor:
 
 
 def task(cond: Condition, params: dict) -> Task:
-    return Task(cond.family, params, clip=cond.clip)
+    return Task(cond.family, params)
 
 
 def degrade(cond: Condition, clean: torch.Tensor, params: dict) -> torch.Tensor:

@@ -4,7 +4,7 @@ A protocol names its datasets (matched by folder name, case-insensitive: ``--dat
 family at fixed levels, and how to measure. Protocols evaluate full images (no crop) unless asked.
 
 - ``cbsd68-awgn`` / ``kodak24-awgn``: additive white Gaussian noise, sigma 15, 25, 50 (of 255), *not*
-  clipped (the usual float noisy input), outputs rounded to 8 bits, PSNR/SSIM on RGB. Reference
+  clipped (the usual float noisy input: the ``awgn`` family), outputs rounded to 8 bits, PSNR/SSIM on RGB. Reference
   (CBSD68, sigma 25): CBM3D 30.71 dB, DnCNN 31.23, FFDNet 31.21, AirNet 31.26, PromptIR 31.31.
 - ``live1-classic5-jpeg``: JPEG quality 10, 20, 30, 40 (torchvision's encoder, colour input; classic5
   is grey, read as three equal channels), 8-bit outputs, PSNR/SSIM on the Y channel as in the ARCNN and
@@ -33,7 +33,6 @@ class Protocol:
     datasets: tuple[str, ...]  # folder names it evaluates
     family: str
     levels: tuple[tuple[str, dict[str, float]], ...]  # (label, fixed parameters)
-    clip: bool = True
     quantize: bool = True
     y_channel: bool = False
     shave_scale: bool = False  # shave `scale` border pixels (SR)
@@ -43,7 +42,7 @@ class Protocol:
         out = []
         for label, fixed in self.levels:
             scale = int(fixed.get("scale", 1))
-            out.append(Condition(self.family, label, fixed=dict(fixed), clip=self.clip, quantize=self.quantize,
+            out.append(Condition(self.family, label, fixed=dict(fixed), quantize=self.quantize,
                                  y_channel=self.y_channel, shave=scale if self.shave_scale else 0,
                                  modcrop=scale))
         return out
@@ -63,8 +62,8 @@ class Protocol:
 
 def _awgn(dataset: str) -> Protocol:
     return Protocol(f"{dataset.lower()}-awgn", f"{dataset}, additive white Gaussian noise, unclipped",
-                    (dataset,), "gaussian_noise",
-                    tuple((f"sigma={s}", {"sigma": s / 255.0}) for s in (15, 25, 50)), clip=False,
+                    (dataset,), "awgn",
+                    tuple((f"sigma={s}", {"sigma": s / 255.0}) for s in (15, 25, 50)),
                     reference="CBSD68 sigma 25: CBM3D 30.71, DnCNN 31.23, FFDNet 31.21, AirNet 31.26, "
                               "PromptIR 31.31 dB" if dataset == "CBSD68" else "")
 

@@ -161,8 +161,8 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
 def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                            info: dict[str, Any], positions: list[int] | None = None) -> None:
     """Restore what ``optimizer_to_tensors`` saved. ``positions``: where each saved parameter now sits in
-    an optimizer of one group that has gained parameters; the new ones start with no state (fresh moments),
-    and so does one that has grown (a conditioning table with entries for new blocks)."""
+    an optimizer of one group that may have gained parameters; the new ones start with no state (fresh
+    moments), and so does one that has grown (a conditioning table with entries for new blocks or families)."""
     groups = info["param_groups"]
     if positions is not None:
         if len(groups) != 1 or len(optimizer.param_groups) != 1:

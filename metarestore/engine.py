@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from metarestore.checkpoint import Checkpoint, optimizer_from_tensors, optimizer_to_tensors
-from metarestore.config import Config
+from metarestore.config import Config, from_dict
 from metarestore.data import EMBEDDED, EpisodeSampler, PatchSampler, TaskSpec, load_images
 from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.errors import ResumeError
@@ -109,7 +109,6 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     if not cfg.train.init:
         return None
     from metarestore.checkpoint import load_checkpoint
-    from metarestore.config import from_dict
     from metarestore.hub import resolve
 
     ckpt = load_checkpoint(resolve(cfg.train.init, cfg.tracking.uri).path)
@@ -135,7 +134,7 @@ class MetaTrainer:
         self.params = [p for p in self.learner.parameters()]
         self.optimizer = build_optimizer(self.params, cfg)
         self.sampler = EpisodeSampler(load_images(cfg.data.train, "train"), cfg.data.patch_size,
-                                      cfg.data.support, cfg.data.query, unclipped=cfg.families.unclipped)
+                                      cfg.data.support, cfg.data.query)
         self.step = 0  # the next step to run
         self.families = list(cfg.families.train)
 
@@ -224,7 +223,12 @@ class MetaTrainer:
         """Resume: weights, optimizer, learned inner rates and the sampler's position.
 
         A conditioned run resumes from an unconditioned checkpoint: the conditioning parameters keep their
-        initial values and start with fresh optimizer state (the others' AdamW moments carry over)."""
+        initial values and start with fresh optimizer state (the others' AdamW moments carry over); so do a
+        grown network's new blocks, and a told table that has gained families (appended to the saved ones)."""
+        told = from_dict(ckpt.metadata["config"]).model.hint_families if "config" in ckpt.metadata else []
+        if told and list(self.model.hint_families[:len(told)]) != told:
+            raise ResumeError(f"the checkpoint is told {', '.join(told)}; this config's families.train must list "
+                              "them first, in that order (new families after them)")
         fresh = {f"model.{k}" for k in load_weights(self.model, {k: v.to(self.device) for k, v in ckpt.model.items()})}
         own = self.learner_state()
         saved = {k[len("learner."):]: v.to(self.device) for k, v in ckpt.training_tensors.items()
@@ -236,7 +240,7 @@ class MetaTrainer:
         names = [n for n, _ in self.learner.named_parameters()]
         optimizer_from_tensors(self.optimizer, {k: v.to(self.device) for k, v in ckpt.training_tensors.items()},
                                ckpt.training_state["optimizer"],
-                               positions=[i for i, n in enumerate(names) if n not in fresh] if fresh else None)
+                               positions=[i for i, n in enumerate(names) if n not in fresh])
         self.step = int(ckpt.training_state["sampler"]["next_step"])
 
 

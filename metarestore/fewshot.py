@@ -27,12 +27,10 @@ Score = Callable[[torch.Tensor, torch.Tensor], float]
 
 @dataclass(frozen=True)
 class Task:
-    """A degradation task: a family and its concrete parameters (``clip=False``: unclipped, as the
-    published AWGN protocols add noise)."""
+    """A degradation task: a family and its concrete parameters."""
 
     family: str
     params: Params
-    clip: bool = True
 
     @classmethod
     def sample(cls, family: str, severity: float, *seed_parts: object) -> Task:
@@ -41,11 +39,11 @@ class Task:
 
     def degrade(self, clean: torch.Tensor) -> torch.Tensor:
         """The query side: the task as drawn."""
-        return degradations.get(self.family)(clean, self.params, clip=self.clip)
+        return degradations.get(self.family)(clean, self.params)
 
     def degrade_support(self, clean: torch.Tensor) -> torch.Tensor:
         """The support side: the same parameters, fresh noise."""
-        return degradations.get(self.family)(clean, reseed(self.params, SUPPORT_NOISE), clip=self.clip)
+        return degradations.get(self.family)(clean, reseed(self.params, SUPPORT_NOISE))
 
 
 @dataclass

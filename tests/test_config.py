@@ -20,14 +20,18 @@ def test_defaults_are_valid_and_overrides_use_yaml():
     ({"families": {"train": ["jpeg"], "held_out": ["jpeg"]}}, "both trained and held out"),
     ({"families": {"weights": {"jpeg": -1}}}, "must be >= 0"),
     ({"families": {"severity": [0.8, 0.2]}}, "families.severity"),
-    ({"families": {"unclipped": {"gaussian_noise": 1.5}}}, "families.unclipped"),
-    ({"families": {"unclipped": {"fog": 0.5}}}, "unknown degradation family 'fog'"),
     ({"data": {"patch_size": 60}}, "multiple of 8"),
     ({"meta": {"inner_lr": {"head": 0.1}}}, "unknown group"),
+    ({"families": {"unclipped": {"gaussian_noise": 0.5}}}, "families.unclipped is retired: train the awgn family"),
 ])
 def test_mistakes_are_reported(data, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(data)
+
+
+def test_a_retired_key_left_empty_in_a_saved_config_still_loads():
+    """A checkpoint of 2026-12-06 saved ``families.unclipped: {}``: it resumes and evaluates as before."""
+    assert from_dict({"families": {"unclipped": {}, "train": ["jpeg"]}}).families.train == ["jpeg"]
 
 
 def test_bad_override_syntax():

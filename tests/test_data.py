@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from metarestore import degradations
 from metarestore.data import (
     DataError,
     EpisodeSampler,
@@ -81,21 +82,14 @@ def test_episodes_are_reproducible_and_shaped():
     assert not torch.equal(a.support_x, a.support_y)  # degraded
 
 
-def test_unclipped_fraction_keeps_the_noise_outside_the_unit_range():
-    """families.unclipped: the AWGN benchmarks' unclipped noise is a training distribution of its own."""
-    images = load_images("embedded", "train")
-    clipped = EpisodeSampler(images, patch_size=32, support=2, query=2)
-    unclipped = EpisodeSampler(images, patch_size=32, support=2, query=2, unclipped={"gaussian_noise": 1.0})
-    task = TaskSpec("gaussian_noise", 1.0, seed=5)
-    a, b = clipped.episode(task), unclipped.episode(task)
+def test_awgn_is_gaussian_noise_left_unclipped():
+    """awgn: the AWGN benchmarks' unclipped noise is a training family of its own, the same draw as
+    gaussian_noise's without the clamp (and a chain ending in it stays unclipped)."""
+    sampler = EpisodeSampler(load_images("embedded", "train"), patch_size=32, support=2, query=2)
+    a = sampler.episode(TaskSpec("gaussian_noise", 1.0, seed=5))
+    b = sampler.episode(TaskSpec("awgn", 1.0, seed=5))
     assert a.query_x.min() >= 0 and a.query_x.max() <= 1
     assert b.query_x.min() < 0 or b.query_x.max() > 1
-    assert torch.equal(a.query_y, b.query_y)  # the same patches: only the clipping differs
-    assert torch.allclose(b.query_x.clamp(0, 1), a.query_x)
-    # other families are untouched, and a fraction draws per task from its seed (both kinds occur)
-    blur = TaskSpec("gaussian_blur", 0.5, seed=5)
-    assert torch.equal(clipped.episode(blur).query_x, unclipped.episode(blur).query_x)
-    half = EpisodeSampler(images, patch_size=32, support=2, query=2, unclipped={"gaussian_noise": 0.5})
-    kinds = {bool(((e.query_x < 0) | (e.query_x > 1)).any()) for e in
-             (half.episode(TaskSpec("gaussian_noise", 1.0, seed=s)) for s in range(12))}
-    assert kinds == {True, False}
+    assert torch.equal(a.query_y, b.query_y) and a.params == b.params  # the same patches and noise ...
+    assert torch.allclose(b.query_x.clamp(0, 1), a.query_x)  # ... only the clipping differs
+    assert not degradations.get("gaussian_blur+awgn").clipped and degradations.get("awgn+jpeg").clipped

@@ -41,9 +41,9 @@ def embedded_clean(name: str, crop: int = CROP) -> np.ndarray:
     return array[top:top + crop, left:left + crop, :3].astype(np.float64) / 255.0
 
 
-def registry_degrade(clean: np.ndarray, family: str, params: dict, clip: bool = True) -> np.ndarray:
+def registry_degrade(clean: np.ndarray, family: str, params: dict) -> np.ndarray:
     x = torch.from_numpy(clean).float().permute(2, 0, 1)[None]
-    return degradations.get(family)(x, params, clip=clip)[0].permute(1, 2, 0).double().numpy()
+    return degradations.get(family)(x, params)[0].permute(1, 2, 0).double().numpy()
 
 
 # seeded conditions ---------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_awgn_protocol_adds_exact_unclipped_noise():
     clean = embedded_clean("astronaut", 128)
     params = task_params(cond, "CBSD68", "x.png", seed=0)
     assert params["sigma"] == 25 / 255
-    noisy = registry_degrade(clean, "gaussian_noise", params, clip=False)
+    noisy = registry_degrade(clean, "awgn", params)
     x = torch.from_numpy(clean).float().permute(2, 0, 1)[None]
     torch.testing.assert_close(degrade(cond, x, params)[0].permute(1, 2, 0).double(), torch.from_numpy(noisy))
     assert noisy.min() < 0 or noisy.max() > 1, "protocol noise is not clipped"
@@ -387,7 +387,7 @@ def test_awgn_protocol_end_to_end_on_a_small_cbsd68_folder(ray_local, smoke_mode
     assert set(frame["method"]) == {"identity", "model"} and (frame["height"] == 80).all()
     for row in frame[frame["method"] == "identity"].itertuples():
         clean = np.asarray(Image.open(folder / row.image)).astype(np.float64) / 255.0
-        noisy = registry_degrade(clean, "gaussian_noise", json.loads(row.params), clip=False)
+        noisy = registry_degrade(clean, "awgn", json.loads(row.params))
         eight_bit = np.round(np.clip(noisy, 0, 1) * 255) / 255
         assert row.psnr == pytest.approx(peak_signal_noise_ratio(clean, eight_bit, data_range=1.0), abs=2e-3)
 

@@ -9,6 +9,7 @@ import torch
 from conftest import smoke_config
 from metarestore.checkpoint import Checkpoint
 from metarestore.engine import MetaTrainer
+from metarestore.errors import ResumeError
 from metarestore.model import RestorationNet
 from metarestore.model.condition import PREFIX
 from metarestore.model.network import load_weights
@@ -91,3 +92,35 @@ def test_a_told_run_resumes_into_a_deeper_network_and_trains_its_new_blocks(tmp_
     trainer.run_step()
     scales = [n for n in new if n.endswith((".beta", ".gamma"))]
     assert scales and all(not torch.equal(own[n], start[n]) for n in scales), "the new blocks learn"
+
+
+def test_a_told_run_resumes_with_a_new_family_whose_row_starts_blind(tmp_path):
+    """``families.train`` gains a family (``awgn``, say) mid-run: its told row starts as the blind row, the
+    saved families' rows and every other weight carry over, and the grown table's moments start fresh."""
+    two = ("families.train=[gaussian_noise, jpeg]", "model.condition=family")
+    before = MetaTrainer(smoke_config(tmp_path / "two", *two), device="cpu")
+    before.run_step()
+    tensors, state = before.training_state()
+    saved = Checkpoint({"config": before.cfg.to_dict()}, {k: v.clone() for k, v in before.model.state_dict().items()},
+                       tensors, state)
+
+    trainer = MetaTrainer(smoke_config(tmp_path / "three", "families.train=[gaussian_noise, jpeg, awgn]",
+                                       "model.condition=family"), device="cpu")
+    trainer.load_state(saved)
+    model, old = trainer.model, before.model
+    assert model.hint_families == ("gaussian_noise", "jpeg", "awgn") and trainer.step == 1
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for family in ("gaussian_noise", "jpeg"):
+            torch.testing.assert_close(model(x, model.condition.hints([family])),
+                                       old(x, old.condition.hints([family])), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(x, model.condition.hints(["awgn"])), old(x), rtol=0, atol=1e-6)
+    table = model.condition.table
+    assert table not in trainer.optimizer.state
+    trainer.run_step()
+    assert not torch.equal(table[3], table[0]), "the new family's row learns its own"
+
+    reordered = MetaTrainer(smoke_config(tmp_path / "bad", "families.train=[jpeg, gaussian_noise, awgn]",
+                                         "model.condition=family"), device="cpu")
+    with pytest.raises(ResumeError, match="told gaussian_noise, jpeg"):
+        reordered.load_state(saved)

@@ -86,23 +86,17 @@ class EpisodeBatch:
 class EpisodeSampler:
     """Builds an Episode from a TaskSpec: clean patches, the task's parameters, degraded copies."""
 
-    def __init__(self, images: ImageSet, patch_size: int, support: int, query: int, augment: bool = True,
-                 unclipped: dict[str, float] | None = None):
-        """``unclipped``: per family, the fraction of its tasks whose degraded patches are not clipped to
-        [0, 1] (drawn from the task's seed, so every worker agrees)."""
+    def __init__(self, images: ImageSet, patch_size: int, support: int, query: int, augment: bool = True):
         self.patches = PatchSampler(images, patch_size, augment)
         self.support, self.query = support, query
-        self.unclipped = dict(unclipped or {})
 
     def episode(self, task: TaskSpec, device: torch.device | str = "cpu") -> Episode:
         generator = cpu_generator(task.seed)
         family = degradations.get(task.family)
         clean = self.patches.sample(self.support + self.query, generator)
         params = family.sample(task.severity, generator)
-        fraction = self.unclipped.get(task.family, 0.0)
-        clip = not (fraction > 0 and torch.rand((), generator=generator).item() < fraction)
         clean = clean.to(device)
-        degraded = family(clean, params, clip=clip)
+        degraded = family(clean, params)
         k = self.support
         return Episode(task, params, degraded[:k], clean[:k], degraded[k:], clean[k:])
 

@@ -65,6 +65,9 @@ class Degradation:
     name: str = ""
     description: str = ""
     specs: dict[str, ParamSpec] = field(default_factory=dict)
+    # the output is an image, clamped to [0, 1] as a saved photo's values are; False for a family whose
+    # values are a float measurement (``awgn``, the published denoising benchmarks' noise)
+    clipped: bool = True
 
     def sample(self, severity: float, generator: torch.Generator) -> Params:
         """Default sampler: every spec at the jittered severity, plus a seed for the operator's noise."""
@@ -76,12 +79,11 @@ class Degradation:
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, params: Params, clip: bool = True) -> torch.Tensor:
-        """Apply the family; ``clip=False`` keeps values outside [0, 1] (the published AWGN protocols
-        add unclipped noise)."""
+    def __call__(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        """Apply the family, clamped to [0, 1] unless the family is not ``clipped``."""
         check_batch(x)
         y = self.apply(x, params)
-        return (y.clamp(0.0, 1.0) if clip else y).to(x.dtype)
+        return (y.clamp(0.0, 1.0) if self.clipped else y).to(x.dtype)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description,

@@ -31,7 +31,7 @@ class Chain(Degradation):
 
     def __init__(self, members: list[Degradation]):
         super().__init__(name="+".join(m.name for m in members),
-                         description=" then ".join(m.name for m in members))
+                         description=" then ".join(m.name for m in members), clipped=members[-1].clipped)
         self.members = members
 
     def sample(self, severity: float, generator: torch.Generator) -> Params:

@@ -123,12 +123,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     - a deeper model (more blocks at the end of a stage, same width) takes a shallower one's: the new blocks
       keep their initial values, which compute the identity (a NAFBlock's residual scales start at zero),
       and the conditioning's entries for them start at zero. So a run can grow mid-way
-      (``--resume`` into a config with more blocks) and go on computing the same function.
+      (``--resume`` into a config with more blocks) and go on computing the same function;
+    - a told model that names more families takes the weights of one that names fewer (the new ones come
+      after the saved ones, as a config appends them to ``families.train``): their rows start as the blind
+      row, what the model did for them untold.
 
     Returns the names of the parameters the state did not hold (left at their initial values)."""
     own = model.state_dict()
     new = _new_blocks(model, state)
-    state = _grown(model, state, new)
+    state = _more_rows(_grown(model, state, new), own)
     if not any(k.startswith(PREFIX) for k in state):
         new.add(PREFIX.rstrip("."))
     fresh = [k for k in own if k not in state and any(k.startswith(f"{n}.") for n in new)]
@@ -179,6 +182,15 @@ def _grown(model: nn.Module, state: dict[str, torch.Tensor], new: set[str]) -> d
             at += c
         state[f"{PREFIX}table"] = grown
     return state
+
+
+def _more_rows(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state with its told table grown to the model's rows, each new one a copy of the blind row."""
+    key = f"{PREFIX}table"
+    table, wanted = state.get(key), own.get(key)
+    if table is None or wanted is None or table.shape[0] >= wanted.shape[0] or table.shape[1] != wanted.shape[1]:
+        return state
+    return {**state, key: torch.cat([table, table[:1].expand(wanted.shape[0] - table.shape[0], -1)])}
 
 
 def param_group(name: str) -> str:
