@@ -97,10 +97,14 @@ def restore(
     dev = resolve_device(device)
     clean, grey = read_image(image)
     learner, metadata, ref = load_model(model or DEFAULT_MODEL, tracking_uri, dev)
+    from metarestore.degradations import not_an_image_family
+
     try:
         learner.hint(degradation)
     except ValueError as exc:
         fail(str(exc))
+    if degradation and (reason := not_an_image_family(degradation)):
+        fail(reason)
     y = restore_image(learner, clean[None].float().div(255).to(dev), tile=tile, family=degradation,
                       ensemble=ensemble)
     write_image(output, y, grey=grey)
@@ -120,7 +124,9 @@ def info(model: Annotated[str, typer.Argument(help="builtin:base, a checkpoint d
     meta = read_metadata(ref.path)
     shown = {k: meta[k] for k in ("name", "algorithm", "adapt", "families", "inner_lr", "inner_steps", "step",
                                   "parameters", "adaptable_parameters", "versions") if k in meta}
-    told = meta.get("config", {}).get("model", {}).get("hint_families")
+    from metarestore.degradations import image_families
+
+    told = image_families(meta.get("config", {}).get("model", {}).get("hint_families") or [])
     if told:
         shown["degradations"] = told  # what `restore --degradation` may name
     shown["path"] = str(ref.path)

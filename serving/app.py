@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from metarestore.degradations import image_families, not_an_image_family
 from metarestore.pixels import center_crop
 from serving.adapters import AdapterStoreDeployment, default_adapter_dir
 from serving.batching import Batcher
@@ -485,7 +486,7 @@ class Restorer:
             device=str(self.device),
             algorithm=meta["algorithm"], adapt=meta.get("adapt", ""), families=meta.get("families", {}),
             inner_steps=self.learner.inner_steps, parameters=self.counts[0], adaptable_parameters=self.counts[1],
-            degradations=list(getattr(self.learner.model, "hint_families", ())),
+            degradations=image_families(getattr(self.learner.model, "hint_families", ())),
             limits={"max_pixels": cfg.max_pixels, "max_body_mb": cfg.max_body_mb, "max_shots": cfg.max_shots,
                     "max_steps": cfg.max_steps, "adapt_steps": cfg.adapt_steps, "adapter_ttl_s": cfg.adapter_ttl_s,
                     "max_batch_size": cfg.max_batch_size, "tile": cfg.tile,
@@ -635,7 +636,9 @@ class Restorer:
                            "degradation (leave out 'degradation')")
         if degradation not in known:
             raise ApiError(400, "unknown_degradation", f"degradation {degradation[:40]!r} is not one this model "
-                           f"can be told: {', '.join(known)}")
+                           f"can be told: {', '.join(image_families(known))}")
+        if reason := not_an_image_family(degradation):
+            raise ApiError(400, "degradation_not_for_images", reason)
         if adapter:
             raise ApiError(400, "degradation_with_adapter", "give 'adapter' or 'degradation', not both: an "
                            "adapter already says what the degradation is")

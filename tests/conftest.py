@@ -168,12 +168,15 @@ def perturbed_smoke_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def told_checkpoint(tmp_path_factory):
     """Like ``perturbed_smoke_checkpoint``, with ``model.condition: family``: its table perturbed too, so that
-    naming a degradation changes the output."""
+    naming a degradation changes the output. It also trains ``awgn``, as the shipped model does: a family that
+    float inputs can be told but no image can."""
     from metarestore.checkpoint import save_checkpoint
     from metarestore.engine import MetaTrainer
 
     root = tmp_path_factory.mktemp("told_model")
-    trainer = MetaTrainer(smoke_config(root / "run", "model.condition=family"), device="cpu")
+    trainer = MetaTrainer(smoke_config(root / "run", "model.condition=family",
+                                       "families.train=[gaussian_noise, gaussian_blur, jpeg, low_light, awgn]"),
+                          device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for param in trainer.model.parameters():

@@ -116,7 +116,8 @@ def test_restore_with_a_checkpoint_and_with_a_registered_model(smoke_model, clea
 
 def test_restore_told_the_degradation(told_checkpoint, perturbed_smoke_checkpoint, clean_image, workdir, capsys):
     """--degradation reaches a model that can be told it (the output is its row's), and is one error line
-    for a blind model or a family the model does not know; nothing is written for a mistake."""
+    for a blind model, a family the model does not know, or one no image file can show (awgn); nothing is
+    written for a mistake."""
     import torch
 
     from metarestore.data import read_image
@@ -124,7 +125,7 @@ def test_restore_told_the_degradation(told_checkpoint, perturbed_smoke_checkpoin
     from metarestore.inference import restore_image
 
     info = json.loads(cli_in_process(capsys, "info", told_checkpoint).stdout)
-    assert info["degradations"] == ["gaussian_noise", "gaussian_blur", "jpeg", "low_light"]
+    assert info["degradations"] == ["gaussian_noise", "gaussian_blur", "jpeg", "low_light"]  # not awgn
     learner, _ = load_learner(told_checkpoint)
     x = read_image(clean_image)[0][None].float() / 255
     outputs = {}
@@ -139,6 +140,8 @@ def test_restore_told_the_degradation(told_checkpoint, perturbed_smoke_checkpoin
     assert not torch.equal(outputs["jpeg"], outputs["gaussian_blur"])
     assert_one_line_error(cli_in_process(capsys, "restore", str(clean_image), "-o", "x.png", "--model",
                                          told_checkpoint, "--degradation", "haze"), "knows gaussian_noise")
+    assert_one_line_error(cli_in_process(capsys, "restore", str(clean_image), "-o", "x.png", "--model",
+                                         told_checkpoint, "--degradation", "awgn"), "outside [0, 1]")
     assert_one_line_error(cli_in_process(capsys, "restore", str(clean_image), "-o", "x.png", "--model",
                                          perturbed_smoke_checkpoint, "--degradation", "jpeg"), "trained blind")
     assert not (workdir / "x.png").exists()

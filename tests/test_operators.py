@@ -407,13 +407,16 @@ def test_jpeg_path_retrains_on_codec_pairs_and_round_trips(learner):
 
 def test_a_model_that_can_be_told_the_degradation_offers_told_paths(told_checkpoint, learner, tmp_path):
     """told:F (the model told family F) is a candidate for a model that can be told; auto picks it where it
-    is what the pairs show, it round-trips, and neither a blind model nor an unknown family can use one."""
+    is what the pairs show, it round-trips, and neither a blind model, an unknown family nor one no image can
+    show (awgn, which the model knows) can use one."""
     from metarestore.hub import load_learner
     from metarestore.operators.paths import default_paths
 
     told, _ = load_learner(told_checkpoint)
     names = [p.name for p in default_paths(told)]
-    assert [n for n in names if n.startswith("told:")] == [f"told:{f}" for f in told.model.hint_families]
+    assert "awgn" in told.model.hint_families
+    assert [n for n in names if n.startswith("told:")] == [f"told:{f}" for f in told.model.hint_families
+                                                           if f != "awgn"]
     assert not any(n.startswith("told:") for n in (p.name for p in default_paths(learner)))
     assert Path.parse("told:jpeg") == Path(told="jpeg") and Path(told="jpeg").name == "told:jpeg"
     # pairs whose clean side is exactly what the model told "jpeg" makes of the degraded side
@@ -437,6 +440,8 @@ def test_a_model_that_can_be_told_the_degradation_offers_told_paths(told_checkpo
         Adapter.from_bytes(adapter.to_bytes(), learner)
     with pytest.raises(AdapterError, match="haze"):
         fit_adapter(told, degraded, clean, paths=["told:haze"])
+    with pytest.raises(ValueError, match="outside"):
+        Path.parse("told:awgn")
 
 
 def test_pairs_more_degraded_than_the_training_get_more_passes_of_the_told_restorer(told_checkpoint):

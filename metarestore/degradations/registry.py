@@ -64,6 +64,21 @@ def get(name: str) -> Degradation:
     return Chain([REGISTRY[part] for part in parts])
 
 
+def image_families(family_names: list[str] | tuple[str, ...]) -> list[str]:
+    """Those of ``family_names`` that an 8-bit image can show (a request's PNG, ``restore``'s input): the
+    clipped ones. ``awgn`` leaves values outside [0, 1], which no image file holds: its noise in a saved
+    image is ``gaussian_noise``."""
+    return [name for name in family_names if get(name).clipped]
+
+
+def not_an_image_family(name: str) -> str | None:
+    """Why an image cannot be said to show family ``name`` (a one-line message), or None when it can."""
+    if get(name).clipped:
+        return None
+    return (f"{name} describes values outside [0, 1], which an image file cannot hold; name what the saved image "
+            "shows (its noise: gaussian_noise)")
+
+
 def validate(family_names: list[str]) -> None:
     for name in family_names:
         get(name)

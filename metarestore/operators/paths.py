@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from metarestore.degradations import image_families, names, not_an_image_family
 from metarestore.model.kinds import KINDS
 from metarestore.operators.codec import JpegFit, fit_jpeg
 from metarestore.operators.fourier import deconvolve
@@ -78,6 +79,8 @@ class Path:
             family, star, passes = family.partition("*")
             if star and (kind or passes not in [str(n) for n in range(2, MAX_PASSES + 1)]):
                 raise ValueError(f"told:{family}*N takes N from 2 to {MAX_PASSES}, without an adapter kind")
+            if family in names() and (reason := not_an_image_family(family)):
+                raise ValueError(reason)  # an adapter is fitted on, and answers, images
             return cls(restorer=kind or "net", told=family, passes=int(passes) if star else 1)
         if name in KINDS:
             return cls(restorer=name)
@@ -106,7 +109,7 @@ def default_paths(learner=None) -> list[Path]:
     # grid search alone costs ~0.7 s of the 1 s an automatic adapter has (issue 16), and on Poisson-Gaussian
     # noise the base model retrained on synthesised pairs gained nothing (+0.0 dB, 5 pairs, 30 steps)
     if learner is not None:
-        paths += [Path(told=f) for f in getattr(learner.model, "hint_families", ())]
+        paths += [Path(told=f) for f in image_families(getattr(learner.model, "hint_families", ()))]
     return paths
 
 
