@@ -198,7 +198,7 @@ def test_a_fine_tune_of_a_told_model_keeps_what_it_can_be_told(told_checkpoint, 
                            "families.train=[gaussian_noise, color_cast]", "families.held_out=[haze]")
         trainer = MetaTrainer(cfg, device="cpu")
         assert cfg.model.condition == "family"
-        assert cfg.model.hint_families == ["gaussian_noise", "gaussian_blur", "jpeg", "low_light"]
+        assert cfg.model.hint_families == ["gaussian_noise", "gaussian_blur", "jpeg", "low_light", "awgn"]
         source = load_checkpoint(told_checkpoint).model
         assert all(torch.equal(trainer.model.state_dict()[k], v) for k, v in source.items())
         cast = [t for t in plan_step(cfg, 0) if t.family == "color_cast"]
