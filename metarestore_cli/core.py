@@ -48,6 +48,8 @@ def degrade(
     from metarestore.meta import psnr
 
     fam = degradations.get(family)
+    if reason := degradations.not_an_image_family(family):
+        fail(reason)  # the file would hold the clipped values: another family's output
     clean, grey = read_image(image)
     x = clean[None].float() / 255
     params = fam.sample(severity, cpu_generator(seed))

@@ -79,6 +79,9 @@ def test_user_mistakes_are_one_line(clean_image, workdir, capsys):
     def mistake(*args: str) -> subprocess.CompletedProcess:
         return cli_in_process(capsys, *args)
 
+    assert_one_line_error(mistake("degrade", str(clean_image), "-o", "x.png", "--family", "gaussian_blur+awgn"),
+                          "outside [0, 1]")  # a PNG would hold gaussian_noise's clipped values instead
+    assert not (workdir / "x.png").exists()
     assert_one_line_error(mistake("degrade", str(clean_image), "-o", "x.png", "--family", "fog"),
                           "unknown degradation family 'fog'")
     bad = workdir / "bad.yaml"
