@@ -92,6 +92,7 @@ def restore(
     if adapter is not None:
         fail("--adapter needs --endpoint (adapters live on the server)")
     from metarestore.data import read_image, write_image
+    from metarestore.degradations import not_an_image_family
     from metarestore.engine import resolve_device
     from metarestore.hub import DEFAULT_MODEL, load_model
     from metarestore.inference import restore_image
@@ -99,8 +100,6 @@ def restore(
     dev = resolve_device(device)
     clean, grey = read_image(image)
     learner, metadata, ref = load_model(model or DEFAULT_MODEL, tracking_uri, dev)
-    from metarestore.degradations import not_an_image_family
-
     try:
         learner.hint(degradation)
     except ValueError as exc:

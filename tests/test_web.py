@@ -156,10 +156,12 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     assert link.get_attribute("href") == driver.find_element(By.ID, "after").get_attribute("src")
     assert link.get_attribute("download") == "noisy-restored.png"
 
-    # told the degradation: the page offers the model's list (the families an image can show), and that row's output
+    # told the degradation: the page offers the model's list (the families an image can show), and that
+    # row's output
     told = Select(driver.find_element(By.ID, "degradation-select"))
     assert driver.find_element(By.ID, "degradation-field").is_displayed()
-    assert [o.get_attribute("value") for o in told.options] == ["", *degradations.image_families(learner.model.hint_families)]
+    offered = ["", *degradations.image_families(learner.model.hint_families)]
+    assert [o.get_attribute("value") for o in told.options] == offered
     told.select_by_value("jpeg")
     driver.find_element(By.ID, "restore-button").click()
     assert wait_for(driver, "restore") == "done", text(driver, "message")
