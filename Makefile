@@ -36,17 +36,21 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The shipped base model (docs/model-card-base.md): continue its training from the committed state, on any
-# machine (a GPU is used when there is one), then snapshot it: the resumable state goes to
-# checkpoints/base-training (commit it) and the weights alone to metarestore/weights/base (builtin:base).
+# A base model's long run (BASE=base: the shipped one, docs/model-card-base.md; BASE=base-wide: its wider
+# successor in training): continue it from its committed state (or start it), on any machine (a GPU is used
+# when there is one). base-snapshot copies the newest checkpoint to checkpoints/$(BASE)-training (commit it);
+# for BASE=base it also publishes the weights to metarestore/weights/base (builtin:base).
+BASE ?= base
 base-train: setup
-	$(BIN)/metarestore train --local --config configs/base.yaml --no-register \
-	  $$(test -d runs/base/checkpoints && echo --resume || echo --resume-from checkpoints/base-training)
+	$(BIN)/metarestore train --local --config configs/$(BASE).yaml --no-register \
+	  $$(if test -d runs/$(BASE)/checkpoints; then echo --resume; \
+	     elif test -d checkpoints/$(BASE)-training; then echo --resume-from checkpoints/$(BASE)-training; fi)
 
 base-snapshot: setup
-	latest=$$(ls -d runs/base/checkpoints/step-* | tail -1) && rm -rf checkpoints/base-training && \
-	  mkdir -p checkpoints && cp -r $$latest checkpoints/base-training
-	$(BIN)/python -m metarestore.checkpoint publish checkpoints/base-training metarestore/weights/base
+	latest=$$(ls -d runs/$(BASE)/checkpoints/step-* | tail -1) && rm -rf checkpoints/$(BASE)-training && \
+	  mkdir -p checkpoints && cp -r $$latest checkpoints/$(BASE)-training
+	test "$(BASE)" != base || \
+	  $(BIN)/python -m metarestore.checkpoint publish checkpoints/base-training metarestore/weights/base
 
 # Timing benchmarks for docs/benchmarks.md: run on a quiet machine.
 benchmarks: setup

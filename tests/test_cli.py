@@ -184,8 +184,7 @@ def test_train_local_logs_params_metrics_and_checkpoint(smoke_model):
     assert [m.step for m in history] == list(range(10, 61, 10))
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "demo.yaml", "cbsd432.yaml", "base.yaml", "tune-smoke.yaml",
-                                  "tune-cbsd432.yaml"])
+@pytest.mark.parametrize("name", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_are_valid(name, tmp_path):
     from metarestore.config import dump, load_config
 
