@@ -39,10 +39,12 @@ lint: setup
 # A base model's long run (BASE=base: the shipped one, docs/model-card-base.md; BASE=base-wide: its wider
 # successor in training): continue it from its committed state (or start it), on any machine (a GPU is used
 # when there is one). base-snapshot copies the newest checkpoint to checkpoints/$(BASE)-training (commit it);
-# for BASE=base it also publishes the weights to metarestore/weights/base (builtin:base).
+# for BASE=base it also publishes the weights to metarestore/weights/base (builtin:base). ARGS: more options for
+# train, e.g. ARGS="--set data.train=data/CBSD432" where ../shared/data is not there.
 BASE ?= base
+ARGS ?=
 base-train: setup
-	$(BIN)/metarestore train --local --config configs/$(BASE).yaml --no-register \
+	$(BIN)/metarestore train --local --config configs/$(BASE).yaml --no-register $(ARGS) \
 	  $$(if test -d runs/$(BASE)/checkpoints; then echo --resume; \
 	     elif test -d checkpoints/$(BASE)-training; then echo --resume-from checkpoints/$(BASE)-training; fi)
 
