@@ -2,10 +2,10 @@
 
 Layout::
 
-    model.safetensors     network weights
+    model.safetensors     network weights (a run's weight average where it keeps one: ``train.ema_decay``)
     metadata.json         config, families, algorithm, inner learning rates, versions, step, file hashes
-    training.safetensors  optional: optimizer and learner tensors, for resuming
-    training.json         optional: optimizer hyper-parameters, step, sampler state
+    training.safetensors  optional: optimizer and learner tensors (and then the live weights), for resuming
+    training.json         optional: optimizer hyper-parameters, step, sampler state, the average's updates
 
 Writes are atomic (a temporary directory renamed into place) and every file's SHA-256 is recorded,
 so a truncated or corrupted checkpoint is refused with a clear error instead of loading garbage.
@@ -208,9 +208,27 @@ def publish(source: str | Path, target: str | Path) -> Path:
     return save_checkpoint(target, ckpt.model, ckpt.metadata)
 
 
-if __name__ == "__main__":  # python -m metarestore.checkpoint publish SOURCE TARGET (make base-snapshot)
+def average(sources: list[str | Path], target: str | Path) -> Path:
+    """The uniform average of several checkpoints' weights (fairseq's ``average_checkpoints``), with the last
+    one's metadata: how a run's weight average (``train.ema_decay``) was judged before it had one."""
+    if not sources:
+        raise CheckpointError("average: no checkpoints given")
+    checkpoints = [load_checkpoint(s) for s in sources]
+    models = [c.model for c in checkpoints]
+    last = models[-1]
+    if any(set(m) != set(last) or any(m[k].shape != last[k].shape for k in last) for m in models):
+        raise CheckpointError("average: the checkpoints hold different networks")
+    mean = {k: (sum(m[k].double() for m in models) / len(models)).to(last[k].dtype) if last[k].is_floating_point()
+            else last[k] for k in last}
+    return save_checkpoint(target, mean, checkpoints[-1].metadata)
+
+
+if __name__ == "__main__":  # python -m metarestore.checkpoint publish SOURCE TARGET | average TARGET SOURCE...
     import sys
 
-    if len(sys.argv) != 4 or sys.argv[1] != "publish":
-        sys.exit("usage: python -m metarestore.checkpoint publish SOURCE TARGET")
-    print(publish(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) == 4 and sys.argv[1] == "publish":  # make base-snapshot
+        print(publish(sys.argv[2], sys.argv[3]))
+    elif len(sys.argv) >= 4 and sys.argv[1] == "average":
+        print(average(sys.argv[3:], sys.argv[2]))
+    else:
+        sys.exit("usage: python -m metarestore.checkpoint publish SOURCE TARGET | average TARGET SOURCE...")

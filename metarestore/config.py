@@ -87,6 +87,9 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # > 0: the run validates, checkpoints and ships an exponential moving average of its weights with this
+    # decay (metarestore.ema; BasicSR's ema_decay, 0.999 typical); the live weights travel in the training state
+    ema_decay: float = 0.0
     log_every: int = 10
     val_every: int = 100
     checkpoint_every: int = 100
@@ -171,6 +174,8 @@ class Config:
             problems.append("meta.blind_fraction must be in [0, 1]")
         if self.train.lr_schedule not in ("constant", "cosine"):
             problems.append("train.lr_schedule must be constant or cosine")
+        if not 0 <= self.train.ema_decay < 1:
+            problems.append("train.ema_decay must be in [0, 1) (0: no weight average)")
         if self.train.precision not in ("auto", "fp32", "bf16"):
             problems.append("train.precision must be auto, fp32 or bf16")
         if self.train.optimizer not in OPTIMIZERS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from metarestore.checkpoint import Checkpoint, optimizer_from_tensors, optimizer
 from metarestore.config import Config, from_dict
 from metarestore.data import EMBEDDED, EpisodeSampler, PatchSampler, TaskSpec, load_images
 from metarestore.degradations.base import cpu_generator, stable_seed
+from metarestore.ema import WeightEMA
 from metarestore.errors import ResumeError
 from metarestore.fewshot import Task, few_shot
 from metarestore.meta import MetaLearner, flat_grad, make_learner, set_flat_grad
@@ -25,6 +27,7 @@ from metarestore.model import RestorationNet, count_parameters
 from metarestore.model.network import load_weights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+LIVE = "live."  # the live weights' prefix in the training state of a run that keeps a weight average
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -133,6 +136,7 @@ class MetaTrainer:
         self.model = self.learner.model
         self.params = [p for p in self.learner.parameters()]
         self.optimizer = build_optimizer(self.params, cfg)
+        self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.sampler = EpisodeSampler(load_images(cfg.data.train, "train"), cfg.data.patch_size,
                                       cfg.data.support, cfg.data.query)
         self.step = 0  # the next step to run
@@ -177,6 +181,8 @@ class MetaTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.step += 1
         f = len(self.families)
         metrics = {"meta_loss": float(stats[:f].sum()), "grad_norm": float(grad_norm), "tasks": float(stats[-1]),
@@ -195,7 +201,16 @@ class MetaTrainer:
 
     # validation ------------------------------------------------------------------------------------
     def validate(self) -> ValidationResult:
-        return validate(self.learner, self.cfg, self.device)
+        with self.averaged():
+            return validate(self.learner, self.cfg, self.device)
+
+    def averaged(self) -> AbstractContextManager:
+        """The network computes with the run's weight average inside the block (``train.ema_decay``)."""
+        return self.ema.applied(self.model) if self.ema is not None else nullcontext()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds as its model: the average where the run keeps one."""
+        return self.ema.average if self.ema is not None else self.model.state_dict()
 
     # checkpoint state ------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -216,8 +231,11 @@ class MetaTrainer:
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, optimizer_info = optimizer_to_tensors(self.optimizer)
         tensors.update({f"learner.{k}": v for k, v in self.learner_state().items()})
-        return tensors, {"step": self.step, "optimizer": optimizer_info,
-                         "sampler": {"seed": self.cfg.seed, "next_step": self.step}}
+        state = {"step": self.step, "optimizer": optimizer_info, "sampler": {"seed": self.cfg.seed, "next_step": self.step}}
+        if self.ema is not None:  # the checkpoint's model is the average: the live weights go on from here
+            tensors.update({f"{LIVE}{k}": v.detach() for k, v in self.model.state_dict().items()})
+            state["ema"] = {"decay": self.ema.decay, "updates": self.ema.updates}
+        return tensors, state
 
     def load_state(self, ckpt: Checkpoint) -> None:
         """Resume: weights, optimizer, learned inner rates and the sampler's position.
@@ -229,7 +247,12 @@ class MetaTrainer:
         if told and list(self.model.hint_families[:len(told)]) != told:
             raise ResumeError(f"the checkpoint is told {', '.join(told)}; this config's families.train must list "
                               "them first, in that order (new families after them)")
-        fresh = {f"model.{k}" for k in load_weights(self.model, {k: v.to(self.device) for k, v in ckpt.model.items()})}
+        live = {k[len(LIVE):]: v for k, v in ckpt.training_tensors.items() if k.startswith(LIVE)}
+        if self.ema is not None:  # the average: the checkpoint's model (a checkpoint without one starts it here)
+            load_weights(self.model, {k: v.to(self.device) for k, v in ckpt.model.items()})
+            self.ema = WeightEMA(self.model, self.ema.decay, ckpt.training_state.get("ema", {}).get("updates", 0))
+        weights = live or ckpt.model
+        fresh = {f"model.{k}" for k in load_weights(self.model, {k: v.to(self.device) for k, v in weights.items()})}
         own = self.learner_state()
         saved = {k[len("learner."):]: v.to(self.device) for k, v in ckpt.training_tensors.items()
                  if k.startswith("learner.")}

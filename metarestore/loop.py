@@ -45,7 +45,7 @@ def due(step: int, every: int, last: int) -> bool:
 
 def write_checkpoint(trainer: MetaTrainer, directory: Path, extra_state: dict[str, Any]) -> Path:
     tensors, state = trainer.training_state()
-    return save_checkpoint(directory, trainer.model.state_dict(), trainer.metadata(), tensors,
+    return save_checkpoint(directory, trainer.weights(), trainer.metadata(), tensors,
                            {**state, **extra_state})
 
 

@@ -7,6 +7,7 @@ import torch
 
 from metarestore.checkpoint import (
     CheckpointError,
+    average,
     list_checkpoints,
     load_checkpoint,
     optimizer_from_tensors,
@@ -23,6 +24,23 @@ def trained_optimizer(model):
         model(torch.rand(1, 3, 16, 16)).mean().backward()
         opt.step()
     return opt
+
+
+def test_average_is_the_mean_of_the_weights_with_the_last_metadata(tmp_path):
+    nets = [RestorationNet(width=8) for _ in range(3)]
+    for i, net in enumerate(nets):
+        torch.manual_seed(i)
+        for p in net.parameters():
+            torch.nn.init.normal_(p)
+    paths = [save_checkpoint(tmp_path / f"s{i}", n.state_dict(), {"step": i}) for i, n in enumerate(nets)]
+    mean = load_checkpoint(average(paths, tmp_path / "mean"))
+    assert mean.step == 2
+    for name in nets[0].state_dict():
+        torch.testing.assert_close(mean.model[name], sum(n.state_dict()[name] for n in nets) / 3)
+    other = save_checkpoint(tmp_path / "wide", RestorationNet(width=16).state_dict(), {"step": 9})
+    with pytest.raises(CheckpointError, match="different networks"):
+        average([paths[0], other], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_round_trip_is_exact(tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from conftest import cli_in_process, smoke_config
 from metarestore.checkpoint import load_checkpoint
-from metarestore.engine import MetaTrainer, plan_step
+from metarestore.engine import LIVE, MetaTrainer, plan_step
 from tests.faults import slow_train_func
 from training.driver import train_distributed
 
@@ -31,11 +31,12 @@ def test_sharded_step_equals_single_process(ray_local, workdir, tracking_uri):
     would show; Adam's first step would hide it. Three steps, each compared: the network starts as the
     identity (zero last layer, zero NAFNet block scales), so the deeper layers only move from step 3.
     The model is told each task's family (``model.condition: family``, a quarter of the tasks blind): every
-    worker derives the same hints from the tasks' seeds.
+    worker derives the same hints from the tasks' seeds. The run keeps a weight average (``train.ema_decay``):
+    the checkpoints' models are the single process's average, their live weights its weights.
     """
     overrides = ["train.steps=3", "train.optimizer=sgd", "train.momentum=0", "train.outer_lr=0.05", "meta.loss=l1",
                  "train.grad_clip=0", "train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=3",
-                 "model.condition=family", COSTS]
+                 "model.condition=family", "train.ema_decay=0.5", COSTS]
     cfg = smoke_config(workdir / "ray", *overrides)
     info = train_distributed(cfg, workers=2, tracking_uri=tracking_uri, register=False)
     state = json.loads((workdir / "ray" / "run.json").read_text())
@@ -46,9 +47,12 @@ def test_sharded_step_equals_single_process(ray_local, workdir, tracking_uri):
     initial = {k: v.clone() for k, v in reference.model.state_dict().items()}
     for step in (1, 2, 3):
         reference.run_step()
-        distributed = load_checkpoint(run_dir / f"step-{step:06d}").model
+        distributed = load_checkpoint(run_dir / f"step-{step:06d}", training=True)
         for name, value in reference.model.state_dict().items():
-            torch.testing.assert_close(distributed[name], value, rtol=0, atol=1e-5, msg=f"step {step}: {name}")
+            torch.testing.assert_close(distributed.training_tensors[f"{LIVE}{name}"], value, rtol=0, atol=1e-5,
+                                       msg=f"step {step}: {name}")
+            torch.testing.assert_close(distributed.model[name], reference.ema.average[name], rtol=0, atol=1e-5,
+                                       msg=f"step {step}: the average of {name}")
     final = load_checkpoint(info["checkpoint"]).model
     changed = sum(not torch.equal(final[name], initial[name]) for name in initial)
     assert changed > len(initial) // 2, "the steps really moved the weights"
