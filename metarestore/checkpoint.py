@@ -226,9 +226,12 @@ def average(sources: list[str | Path], target: str | Path) -> Path:
 if __name__ == "__main__":  # python -m metarestore.checkpoint publish SOURCE TARGET | average TARGET SOURCE...
     import sys
 
-    if len(sys.argv) == 4 and sys.argv[1] == "publish":  # make base-snapshot
-        print(publish(sys.argv[2], sys.argv[3]))
-    elif len(sys.argv) >= 4 and sys.argv[1] == "average":
-        print(average(sys.argv[3:], sys.argv[2]))
-    else:
-        sys.exit("usage: python -m metarestore.checkpoint publish SOURCE TARGET | average TARGET SOURCE...")
+    try:
+        if len(sys.argv) == 4 and sys.argv[1] == "publish":  # make base-snapshot
+            print(publish(sys.argv[2], sys.argv[3]))
+        elif len(sys.argv) >= 4 and sys.argv[1] == "average":
+            print(average(sys.argv[3:], sys.argv[2]))
+        else:
+            sys.exit("usage: python -m metarestore.checkpoint publish SOURCE TARGET | average TARGET SOURCE...")
+    except UserError as exc:
+        sys.exit(f"error: {exc}")

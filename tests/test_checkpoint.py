@@ -43,6 +43,19 @@ def test_average_is_the_mean_of_the_weights_with_the_last_metadata(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_the_maintainer_command_says_error_and_writes_nothing(tmp_path):
+    """``python -m metarestore.checkpoint average|publish`` (make base-snapshot): one ``error:`` line, exit 1."""
+    import subprocess
+    import sys
+
+    good = save_checkpoint(tmp_path / "good", RestorationNet(width=8).state_dict(), {"step": 1})
+    done = subprocess.run([sys.executable, "-m", "metarestore.checkpoint", "average", str(tmp_path / "out"),
+                           str(tmp_path / "missing"), str(good)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"error: checkpoint not found: {tmp_path / 'missing'} (expected a directory with metadata.json)"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_round_trip_is_exact(tmp_path):
     model = RestorationNet(width=8)
     opt = trained_optimizer(model)
