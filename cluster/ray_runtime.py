@@ -56,6 +56,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         what = f"started a local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, token authentication on)"
     if not everything and kwargs["log_to_driver"]:
         _project_lines_only()
+    if os.environ.get("NO_COLOR") or not sys.stdout.isatty():
+        # Ray colours the "(RayTrainWorker pid=...)" prefix of streamed lines even into a file or a pipe
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     print(f"{what}; Ray's own logs: {_log_dir()}", file=sys.stderr, flush=True)
     return True
 
