@@ -36,12 +36,13 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# A base model's long run (BASE=base: the shipped one, docs/model-card-base.md; BASE=base-wide: its wider
-# successor in training): continue it from its committed state (or start it), on any machine (a GPU is used
-# when there is one). base-snapshot copies the newest checkpoint to checkpoints/$(BASE)-training (commit it);
-# for BASE=base it also publishes the weights to metarestore/weights/base (builtin:base). ARGS: more options for
+# A base model's long run (BASE=base-wide: the shipped one, docs/model-card-base.md; BASE=base: the width-24
+# model it replaced): continue it from its committed state (or start it), on any machine (a GPU is used when
+# there is one). base-snapshot copies the newest checkpoint to checkpoints/$(BASE)-training (commit it); for the
+# shipped run it also publishes the weights to metarestore/weights/base (builtin:base). ARGS: more options for
 # train, e.g. ARGS="--set data.train=data/CBSD432" where ../shared/data is not there.
-BASE ?= base
+SHIPPED := base-wide
+BASE ?= $(SHIPPED)
 ARGS ?=
 base-train: setup
 	$(BIN)/metarestore train --local --config configs/$(BASE).yaml --no-register $(ARGS) \
@@ -51,8 +52,8 @@ base-train: setup
 base-snapshot: setup
 	latest=$$(ls -d runs/$(BASE)/checkpoints/step-* | tail -1) && rm -rf checkpoints/$(BASE)-training && \
 	  mkdir -p checkpoints && cp -r $$latest checkpoints/$(BASE)-training
-	test "$(BASE)" != base || \
-	  $(BIN)/python -m metarestore.checkpoint publish checkpoints/base-training metarestore/weights/base
+	test "$(BASE)" != $(SHIPPED) || \
+	  $(BIN)/python -m metarestore.checkpoint publish checkpoints/$(BASE)-training metarestore/weights/base
 
 # Timing benchmarks for docs/benchmarks.md: run on a quiet machine.
 benchmarks: setup
