@@ -102,7 +102,8 @@ def register(app: typer.Typer) -> None:
                                              "FiLM, LoRA).")] = "film",
         told: Annotated[bool, typer.Option("--told/--blind", help="Name each condition's family to a model that "
                                            "can be told the degradation (rows 'model (told)'); others stay "
-                                           "blind.")] = False,
+                                           "blind: estimated, then what was found undone, as `restore` does "
+                                           "by default (a clean verdict leaves the image as it is).")] = False,
         ensemble: Annotated[bool, typer.Option("--ensemble", help="Restore with the x8 self-ensemble (the mean "
                                                "over eight rotations and flips; rows 'model x8'): 8x the time.")] = False,
         progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar.")] = True,

@@ -19,6 +19,7 @@ from metarestore.meta.adapt import Params
 from metarestore.pixels import center_crop
 
 if TYPE_CHECKING:
+    from metarestore.estimator import Estimate
     from metarestore.operators.adapter import Adapter
 
 
@@ -98,6 +99,47 @@ def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None =
             out[..., top:top + tile, left:left + tile] += run(patch) * win
             weight[..., top:top + tile, left:left + tile] += win
     return (out / weight).clamp(0, 1)
+
+
+def told_families(learner: MetaLearner) -> list[str]:
+    """The families an image can show that ``learner``'s model can be told (empty for a model without a
+    family table)."""
+    from metarestore.degradations import image_families
+
+    return image_families(getattr(learner.model, "hint_families", ()))
+
+
+def blind_plan(learner: MetaLearner, estimate: Estimate) -> list[str | None]:
+    """What blind restoration does with ``estimate``: the families to undo in order (``[]``: leave the image
+    as it is). A model that can be told families undoes each found one told; a model without a family table
+    has only its blind pass (``None``), run when the estimate finds anything at all."""
+    from metarestore.estimator import plan
+
+    told = told_families(learner)
+    if told:
+        return list(plan(estimate, told))
+    return [None] if estimate.present else []
+
+
+def restore_estimated(learner: MetaLearner, x: torch.Tensor, estimate: Estimate, **kwargs
+                      ) -> tuple[torch.Tensor, list[str | None]]:
+    """Blind restoration as every default path does it (CLI, server, showcase, evaluation): undo what the
+    estimate found, last applied first, each told to the model; or return ``x`` itself, untouched, when the
+    estimate finds nothing, is unsure, or finds what the model cannot undo. ``kwargs``: ``restore_image``'s.
+    Returns the output and the plan it followed."""
+    steps = blind_plan(learner, estimate)
+    for family in steps:
+        x = restore_image(learner, x, family=family, **kwargs)
+    return x, steps
+
+
+def restore_blind(learner: MetaLearner, x: torch.Tensor, estimator=None, **kwargs) -> torch.Tensor:
+    """``restore_estimated`` for a (B, 3, H, W) batch, each image estimated on its own (default: the shipped
+    estimator): the blind column of ``evaluate`` and ``showcase``. ``kwargs``: ``restore_image``'s."""
+    from metarestore.estimator import default_estimator
+
+    estimator = estimator or default_estimator()
+    return torch.cat([restore_estimated(learner, image[None], estimator(image), **kwargs)[0] for image in x])
 
 
 class ModelPool:

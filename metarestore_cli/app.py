@@ -17,6 +17,7 @@ from metarestore.errors import UserError
 # In --help order. A new package with commands adds its module here (and nothing else changes).
 COMMAND_MODULES = (
     "metarestore_cli.core",  # families, degrade, restore, info, export
+    "metarestore_cli.estimator",  # estimator estimate|train|report
     "training.commands",  # train, tune
     "serving.commands",  # serve, adapt
     "evaluation.commands",  # showcase, evaluate

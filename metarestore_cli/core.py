@@ -72,7 +72,9 @@ def restore(
                                       "larger on a GPU).")] = 256,
     degradation: Annotated[str | None, typer.Option(help="What happened to the image (e.g. jpeg, gaussian_blur), "
                                                     "for a model that can be told it (`metarestore info`: "
-                                                    "degradations); default: blind.")] = None,
+                                                    "degradations); default: blind, estimated from the image "
+                                                    "and its file (`found:` says what; a clean photo is left "
+                                                    "as it is).")] = None,
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Restore as the mean over the image's eight "
                                            "rotations and flips: 8x the time, a little better (local model).")] = False,
 ) -> None:
@@ -86,6 +88,10 @@ def restore(
 
         client = RestorerClient(endpoint, token=token)
         info = client.restore_file(image, output, adapter=adapter, degradation=degradation)
+        if info.get("found"):
+            undone = info.get("restored_as") or "none"
+            typer.echo(f"found: {info['found']}" + ("; left as it is" if undone == "none" else
+                                                    f"; undid {' then '.join(undone.split(','))}"))
         typer.echo(f"{output}: restored by {endpoint} (model version {info.get('model_version')}, "
                    f"adapter {info.get('adapter') or '-'})")
         return
@@ -106,11 +112,22 @@ def restore(
         fail(str(exc))
     if degradation and (reason := not_an_image_family(degradation)):
         fail(reason)
-    y = restore_image(learner, clean[None].float().div(255).to(dev), tile=tile, family=degradation,
-                      ensemble=ensemble)
+    x = clean[None].float().div(255).to(dev)
+    if degradation:
+        y = restore_image(learner, x, tile=tile, family=degradation, ensemble=ensemble)
+        how = f", told {degradation}"
+    else:  # blind: what the estimator finds is undone, or the image is left as it is
+        from metarestore.estimator import load_estimator
+        from metarestore.inference import restore_estimated
+
+        estimate = load_estimator(device=dev)(x, image.read_bytes())
+        typer.echo(f"found: {estimate.summary()}")
+        y, steps = restore_estimated(learner, x, estimate, tile=tile, ensemble=ensemble)
+        how = (", blind: undid " + " then ".join(str(s or "blind") for s in steps) if steps
+               else ", blind: nothing to undo, left as it is")
     write_image(output, y, grey=grey)
     version = f" version {ref.version}" if ref.version else ""
-    how = (f", told {degradation}" if degradation else "") + (", x8 ensemble" if ensemble else "")
+    how += ", x8 ensemble" if ensemble else ""
     typer.echo(f"{output}: restored with {ref.name or ref.path}{version} ({metadata['algorithm']}, step "
                f"{metadata['step']}{how})")
 

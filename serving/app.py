@@ -311,6 +311,13 @@ def _form_file_body(*fields: str) -> dict:
 _RESTORE_BODY = _form_file_body("image")
 _RESTORE_BODY["requestBody"]["content"].update({t: {"schema": {"type": "string", "format": "binary"}}
                                                 for t in ("image/png", "image/jpeg")})
+_RESTORE_HEADERS = {
+    "X-Degradation": {"schema": {"type": "string"}, "description": "Blind requests only: what the degradation "
+                      "estimator found, e.g. 'clean (p=0.97)' or 'jpeg (p=1.00, quality 30) + gaussian_noise "
+                      "(p=0.91, severity 0.40)'."},
+    "X-Restored-As": {"schema": {"type": "string"}, "description": "Blind requests only: the families undone, in "
+                      "order (comma-separated), or 'none' when the image came back as it was sent."},
+    "X-Model-Version": {"schema": {"type": "string"}}, "X-Adapter": {"schema": {"type": "string"}}}
 _ADAPTER_BODY = _form_file_body("degraded", "clean")
 _ADAPTER_BODY["requestBody"]["content"][MULTIPART]["schema"]["properties"].update(
     steps={"type": "integer"}, label={"type": "string", "maxLength": 200},
@@ -428,6 +435,9 @@ class Restorer:
         self.device = resolve_device(cfg.device)
         self.learner, self.metadata, self.ref = load_model(cfg.model, cfg.tracking_uri, device=self.device)
         self.pool = ModelPool(self.learner, cfg.compute_slots, self.threads)  # self.learner itself never runs
+        from metarestore.estimator import load_estimator
+
+        self.estimator = load_estimator(device=self.device)  # blind requests: what happened to the image
         self.version = str(self.ref.version) if self.ref.version else "local"
         self.model_sha256 = self.metadata.get("files", {}).get("model.safetensors", "")
         self.counts = count_parameters(self.learner.model)
@@ -494,11 +504,15 @@ class Restorer:
                     "adapt_folds": cfg.adapt_folds, "adapt_patch": cfg.adapt_patch})
 
     @app.post("/v1/restore", response_class=Response, openapi_extra=_RESTORE_BODY,
-              responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size."}})
+              responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size.",
+                                "headers": _RESTORE_HEADERS}})
     async def restore(self, request: Request, adapter: str | None = None, degradation: str | None = None) -> Response:
         """Restore one PNG/JPEG (raw body with Content-Type image/png|jpeg, or multipart field ``image``).
         ``degradation`` names what happened to the image (one of ``/v1/model``'s ``degradations``) to a
-        model that can be told it; without it the model restores blind. Not with ``adapter``.
+        model that can be told it. Without it the restore is blind: the degradation estimator reads the image
+        (and a JPEG file's quantization tables), the answer's ``X-Degradation`` says what it found and
+        ``X-Restored-As`` what was undone; a clean photo, or one it is unsure of, comes back as it was sent.
+        Not with ``adapter``.
 
         The answer's ``Server-Timing`` header says where the replica's time went (ms): reading the body,
         the adapter lookup, decoding, waiting for the model (queue), the forward pass, encoding, total."""
@@ -523,16 +537,39 @@ class Restorer:
             timing.mark("adapter")
         x, grey = await _on(self._codec, decode_image, data, self.cfg.max_pixels, "image", self.cfg.max_aspect)
         timing.mark("decode")
+        found_headers, estimate_s = {}, 0.0
         if adapter:
             y, batch, forward_s = await self._restore_adapted(adapter, found, x)
-        else:
+        elif degradation:
             y, batch, forward_s = await self.batcher.submit(_Job(x, None, None, family=degradation))
-        timing.mark("queue", minus=forward_s)
+        else:  # blind: estimate what happened, undo it, or leave the image as it is
+            y, batch, forward_s, estimate_s, found_headers = await self._restore_estimated(x, data)
+        timing.mark("queue", minus=forward_s + estimate_s)
+        if not adapter and not degradation:
+            timing.add("estimate", estimate_s)
         timing.add("forward", forward_s)
         png = await _on(self._codec, encode_png, y, grey, self.cfg.png_level)
         timing.mark("encode")
         return Response(png, media_type="image/png", headers={**self._headers(adapter), "X-Batch-Size": str(batch),
-                                                              "Server-Timing": timing.header()})
+                                                              **found_headers, "Server-Timing": timing.header()})
+
+    async def _restore_estimated(self, x: torch.Tensor, data: bytes
+                                 ) -> tuple[torch.Tensor, int, float, float, dict[str, str]]:
+        """The default path (``inference.restore_estimated``, served): the estimate on a compute thread, then
+        one batched pass per family it found (none: the image comes back as it came). Returns (image, batch
+        size, forward seconds, estimate seconds, the ``X-Degradation`` and ``X-Restored-As`` headers)."""
+        from metarestore.inference import blind_plan
+
+        start = time.perf_counter()
+        estimate = await _on(self._compute, self.estimator, x, data)
+        estimate_s = time.perf_counter() - start
+        batch, forward_s = 0, 0.0
+        steps = blind_plan(self.learner, estimate)
+        for family in steps:
+            x, batch, seconds = await self.batcher.submit(_Job(x, None, None, family=family))
+            forward_s += seconds
+        return x, batch, forward_s, estimate_s, {"X-Degradation": estimate.summary(),
+                                     "X-Restored-As": ",".join(str(f or "blind") for f in steps) or "none"}
 
     @app.post("/v1/adapters", response_model=AdapterInfo, openapi_extra=_ADAPTER_BODY)
     async def create_adapter(self, request: Request) -> JSONResponse:

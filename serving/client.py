@@ -33,6 +33,8 @@ class Restored:
     model_version: str
     adapter: str | None
     replica: str
+    found: str | None = None  # blind: what the server's estimator found (X-Degradation)
+    restored_as: str | None = None  # blind: what it undid, comma-separated, or "none" (X-Restored-As)
 
 
 def _image_bytes(image: str | Path | bytes) -> tuple[bytes, str]:
@@ -101,7 +103,8 @@ class RestorerClient:
                               headers={"Content-Type": content_type})
         used = response.headers.get("X-Adapter", "none")
         return Restored(response.content, response.headers.get("X-Model-Version", "?"),
-                        None if used == "none" else used, response.headers.get("X-Replica", "?"))
+                        None if used == "none" else used, response.headers.get("X-Replica", "?"),
+                        response.headers.get("X-Degradation"), response.headers.get("X-Restored-As"))
 
     def restore_file(self, image: str | Path, output: str | Path, adapter: str | None = None,
                      degradation: str | None = None) -> dict:
@@ -119,7 +122,7 @@ class RestorerClient:
             except (ValueError, KeyError, OSError) as exc:
                 raise UserError(f"cannot write {output}: {exc}") from None
         return {"output": str(output), "model_version": result.model_version, "adapter": result.adapter,
-                "replica": result.replica}
+                "replica": result.replica, "found": result.found, "restored_as": result.restored_as}
 
     def create_adapter(self, degraded: Sequence[str | Path | bytes], clean: Sequence[str | Path | bytes],
                        steps: int | None = None, kind: str | None = None) -> dict:

@@ -4,6 +4,7 @@ and one clear line (no traceback, exit 2) for every mistake."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,38 @@ def test_restore_told_the_degradation(told_checkpoint, perturbed_smoke_checkpoin
     assert_one_line_error(cli_in_process(capsys, "restore", str(clean_image), "-o", "x.png", "--model",
                                          perturbed_smoke_checkpoint, "--degradation", "jpeg"), "trained blind")
     assert not (workdir / "x.png").exists()
+
+
+def test_restore_blind_says_what_it_found_and_leaves_a_clean_photo_untouched(told_checkpoint, clean_image, workdir,
+                                                                            capsys):
+    """No --degradation: the estimator reads the file. A clean photo comes back pixel for pixel and the
+    command says so; a JPEG file is found to be JPEG at the quality it was saved with, and what comes back
+    is the model told JPEG."""
+    import torch
+    from PIL import Image
+
+    from metarestore.data import read_image
+    from metarestore.hub import load_learner
+    from metarestore.inference import restore_image
+
+    out = workdir / "same.png"
+    result = cli_in_process(capsys, "restore", str(clean_image), "-o", str(out), "--model", told_checkpoint)
+    assert result.returncode == 0, result.stderr
+    assert "found: clean" in result.stdout and "left as it is" in result.stdout, result.stdout
+    assert torch.equal(read_image(out)[0], read_image(clean_image)[0])
+    jpeg = workdir / "photo.jpg"
+    Image.open(clean_image).save(jpeg, quality=20)
+    out = workdir / "dejpeg.png"
+    result = cli_in_process(capsys, "restore", str(jpeg), "-o", str(out), "--model", told_checkpoint)
+    assert result.returncode == 0, result.stderr
+    assert "found: jpeg (p=1.00, quality 20)" in result.stdout and "undid jpeg" in result.stdout, result.stdout
+    learner, _ = load_learner(told_checkpoint)
+    x = read_image(jpeg)[0][None].float() / 255
+    got = read_image(out)[0][None].float() / 255
+    y = x
+    for family in re.search(r"undid ([a-z_ ]+)", result.stdout).group(1).split(" then "):  # jpeg first
+        y = restore_image(learner, y, family=family.strip())
+    assert (got - y).abs().max() <= 0.51 / 255
 
 
 def test_restore_with_the_x8_ensemble(told_checkpoint, clean_image, workdir, capsys):

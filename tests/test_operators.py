@@ -198,6 +198,28 @@ def test_one_shot_validates_on_halves_or_falls_back_to_zero_shot(learner):
     assert small.path.name == "zero_shot" and small.info["folds"] == 0
 
 
+def test_an_adapter_never_chooses_a_path_that_scores_below_the_input(learner, tmp_path):
+    """``identity`` (leave the image as it is) is a candidate of every automatic fit and scores exactly the
+    input's PSNR: on pairs that nothing can improve (a degradation that only posterises) the adapter keeps
+    the image, its report's gain over the input is zero, and it restores to the very input, also after a
+    round trip through storage."""
+    from metarestore.operators.paths import IDENTITY, default_paths
+
+    assert default_paths(learner)[0] == IDENTITY and Path.parse("identity") == IDENTITY
+    assert IDENTITY.name == "identity" and Path.parse("zero_shot").name == "zero_shot"
+    clean = crops(64, 4)
+    degraded = (clean * 7).round() / 7  # posterised: 8 levels a channel, nothing a path here can undo
+    adapter = fit_adapter(learner, degraded, clean, steps=1)
+    info = adapter.info
+    assert info["scores"]["identity"] == pytest.approx(info["psnr_before"], abs=1e-3)
+    assert info["psnr_after"] >= info["psnr_before"] - 1e-3, info["scores"]  # never below the input
+    if adapter.path == IDENTITY:
+        assert torch.equal(adapter.restore(degraded), degraded.clamp(0, 1))
+    forced = fit_adapter(learner, degraded, clean, paths=["identity"])
+    forced.save(tmp_path / "keep")
+    assert torch.equal(Adapter.load(tmp_path / "keep", learner).restore(degraded), degraded)
+
+
 def test_adapter_round_trips_through_safetensors_and_rejects_garbage(learner, tmp_path):
     clean = crops(48, 3)
     degraded = blurred(clean, motion_kernel(7, 60.0), 0.005)

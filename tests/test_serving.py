@@ -152,6 +152,43 @@ def test_health_model_info_and_docs(server):
     assert {"/v1/restore", "/v1/adapters", "/v1/adapters/{adapter_id}", "/v1/model", "/healthz"} <= set(paths)
 
 
+def test_blind_requests_say_what_was_found_and_clean_photos_come_back_as_sent(server):
+    """Concurrent blind requests to the told model, each with its own answer: a clean photo comes back pixel
+    for pixel ('none' undone), a JPEG file is found to be JPEG at its quality and undone told; the headers
+    are documented in the OpenAPI schema."""
+    clean = quantised(photo("coffee", 40, 60, 160))
+    buf = io.BytesIO()
+    Image.fromarray((clean[0] * 255).round().byte().permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=25)
+    jpeg = buf.getvalue()
+
+    def send(i: int) -> requests.Response:
+        if i % 2:
+            return requests.post(f"{server.told}/v1/restore", data=jpeg, headers={"Content-Type": "image/jpeg"},
+                                 timeout=120)
+        return restore(server.told, clean)
+
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(send, range(6)))
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        if i % 2:
+            assert response.headers["X-Degradation"].startswith("jpeg (p=1.00, quality 25)"), response.headers
+            assert response.headers["X-Restored-As"].split(",")[0] == "jpeg"
+            assert response.content == responses[1].content  # the same answer whatever else ran beside it
+        else:
+            assert response.headers["X-Degradation"].startswith("clean"), response.headers
+            assert response.headers["X-Restored-As"] == "none"
+            assert torch.equal(decode(response.content), clean)
+    told = requests.post(f"{server.told}/v1/restore?degradation=jpeg", data=jpeg, timeout=120,
+                         headers={"Content-Type": "image/jpeg"})
+    assert "X-Degradation" not in told.headers  # told: nothing estimated
+    if responses[1].headers["X-Restored-As"] == "jpeg":
+        assert told.content == responses[1].content
+    spec = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    headers = spec["paths"]["/v1/restore"]["post"]["responses"]["200"]["headers"]
+    assert {"X-Degradation", "X-Restored-As"} <= set(headers)
+
+
 def test_restore_improves_a_noisy_photo(server):
     clean = quantised(photo("chelsea", 20, 100, 256))
     noisy = degrade("gaussian_noise", clean, 0.7, seed=0)
@@ -184,8 +221,9 @@ def test_restore_reports_where_its_time_went(server, cast_adapter):
         response = restore(server.url, x, adapter=adapter)
         assert response.status_code == 200, response.text
         parts = server_timing(response)
-        steps = ["read", "decode", "queue", "forward", "encode"]
-        assert list(parts) == ["read"] + (["adapter"] if adapter else []) + steps[1:] + ["total"], parts
+        # a blind request also says how long the degradation estimate took (it found the noise: a forward pass)
+        steps = ["decode", "queue"] + ([] if adapter else ["estimate"]) + ["forward", "encode"]
+        assert list(parts) == ["read"] + (["adapter"] if adapter else []) + steps + ["total"], parts
         assert all(v >= 0 for v in parts.values()) and parts["forward"] > 0, parts
         # the parts are consecutive slices of the replica's handling: they add up to its total (0.1 ms rounding)
         assert sum(v for k, v in parts.items() if k != "total") <= parts["total"] + 0.1 * len(parts), parts
@@ -551,6 +589,7 @@ def test_cli_restore_and_adapt(server, tmp_path):
     done = run_cli("restore", str(paths["d0"]), "-o", str(out), "--endpoint", server.url)
     assert done.returncode == 0, done.stderr
     assert Image.open(out).size == (96, 96) and "model version local" in done.stdout
+    assert "found: " in done.stdout, done.stdout  # blind: what the server's estimator found
 
     done = run_cli("adapt", "--degraded", str(paths["d0"]), str(paths["d1"]), "--clean", str(paths["c0"]),
                    str(paths["c1"]), "--endpoint", server.url, "--steps", "3")

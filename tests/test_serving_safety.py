@@ -142,6 +142,11 @@ def test_adapters_are_listed_labelled_and_deleted_from_storage(safe_server):
     bad = requests.post(f"{safe_server.url}/v1/adapters", files=pairs_files(degraded[:1], clean[:1]),
                         data={"label": "x" * 201}, timeout=60)
     assert_error(bad, 400, "invalid_label")
+    for h, w in ((1, 1), (3, 200)):  # too few pixels to fit anything: a 422 that names the minimum, not a 500
+        tiny = requests.post(f"{safe_server.url}/v1/adapters", timeout=60,
+                             files=pairs_files([d[..., :h, :w] for d in degraded[:2]], [c[..., :h, :w] for c in clean[:2]]))
+        assert_error(tiny, 422, "adapter_fit_failed")
+        assert "at least 8x8" in tiny.json()["error"]["message"], tiny.text
 
 
 # image modes ----------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from metarestore import degradations
+from metarestore.estimator import default_estimator
 from metarestore.hub import load_model
-from metarestore.inference import restore_image
+from metarestore.inference import restore_estimated, restore_image
 
 TOKEN = "web-test-token-0123456789"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -148,7 +149,11 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     assert wait_for(driver, "restore") == "done", text(driver, "message")
     got = shown_image(driver, "after")
     x = torch.from_numpy(noisy).permute(2, 0, 1)[None].float() / 255
-    want = as_uint8(restore_image(learner, x, tile=256))
+    # blind: what the estimator found is undone, and the page says what that was
+    restored, steps = restore_estimated(learner, x, default_estimator()(x), tile=256)
+    want = as_uint8(restored)
+    assert steps, "the noise was found"
+    assert text(driver, "found").startswith("found: ") and f"undid {' then '.join(steps)}" in text(driver, "found")
     assert got.shape == want.shape == (250, 190, 3)
     assert np.abs(got - want).max() <= 1, "the page shows the model's output"
     assert np.abs(got - noisy).max() > 10, "and it is not the input"
@@ -193,7 +198,7 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     assert {"psnr_input", "psnr_before", "psnr_after", "expires_at", "path", "scores"} <= set(info)
     assert (info["kind"], info["path"]) == ("film", "film") and info["psnr_after"] == info["scores"]["film"]
     summary = text(driver, "adapter-summary")
-    assert f"path {info['path']}" in summary and f"{info['psnr_before']} → {info['psnr_after']} dB" in summary
+    assert f"path {info['path']}" in summary and f"{info['psnr_input']} → {info['psnr_after']} dB" in summary
     assert driver.execute_script("return document.getElementById('adapter-select').value;") == info["adapter_id"]
 
     driver.find_element(By.ID, "restore-button").click()

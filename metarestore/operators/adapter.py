@@ -203,10 +203,16 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 # fitting ------------------------------------------------------------------------------------------
+MIN_SIDE = 8  # pairs smaller than this a side hold too few pixels to fit a noise level, a kernel or a curve
+
+
 def _check_support(support_x: torch.Tensor, support_y: torch.Tensor) -> None:
     if support_x.ndim != 4 or support_x.shape != support_y.shape or support_x.shape[0] < 1:
         raise AdapterError(f"support pairs must be two (K, C, H, W) batches of one shape, got "
                            f"{tuple(support_x.shape)} and {tuple(support_y.shape)}")
+    if min(support_x.shape[-2:]) < MIN_SIDE:
+        h, w = support_x.shape[-2:]
+        raise AdapterError(f"pairs of {w}x{h} pixels are too small to fit: at least {MIN_SIDE}x{MIN_SIDE}")
     if not (torch.is_floating_point(support_x) and torch.is_floating_point(support_y)):
         raise AdapterError("support images must be float tensors in [0, 1]")
 

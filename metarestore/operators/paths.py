@@ -11,7 +11,8 @@ A model that can be told the degradation (``model.condition: family``) adds one 
 ``told:FAMILY``: the restorer as is, told that family ("these pairs look like JPEG"), and ``told:FAMILY*N``:
 the same restorer applied N times, for pairs more degraded than anything it was trained on (JPEG at
 quality 8 against the training's 10 to 90: one pass under-corrects).
-Every path is named by a short string, e.g. ``deconv@0.01+film``, ``lora``, ``told:jpeg`` or ``told:jpeg*2``.
+Every path is named by a short string, e.g. ``deconv@0.01+film``, ``lora``, ``told:jpeg`` or ``told:jpeg*2``;
+``identity`` leaves the image as it is (the candidate that keeps an adapter from doing harm).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Path:
         if self.told is not None:
             return f"told:{self.told}" + (f"*{self.passes}" if self.passes > 1 else "") + (
                 f"+{self.restorer}" if self.adapted else "")
+        if self.pre == "none" and self.restorer == "none":
+            return "identity"
         pre = "zero_shot" if self.pre == "none" and self.restorer == "net" else self.pre
         if self.pre == "none" and self.adapted:
             return self.restorer
@@ -72,6 +75,8 @@ class Path:
         restorer = "net"
         if name == "zero_shot":
             return cls()
+        if name == "identity":
+            return IDENTITY
         if name.startswith("told:") and len(name) > 5:
             family, _, kind = name[5:].partition("+")
             if kind and kind not in KINDS:
@@ -97,10 +102,15 @@ class Path:
         return cls(pre, float(balance) if balance else 0.0, restorer)
 
 
+IDENTITY = Path(restorer="none")  # "leave the image as it is": no pre-step, no restorer
+
+
 def default_paths(learner=None) -> list[Path]:
     """The candidates an adapter chooses among by held-out validation (with ``learner``: plus ``told:F`` for
-    every family F its model can be told)."""
-    paths = [Path(), Path(restorer="film"), Path(restorer="lora")]
+    every family F its model can be told). ``identity`` comes first: it scores exactly the input's PSNR,
+    so an adapter never chooses a path that does worse than the input on the held-out pairs, and a tie
+    keeps the image as it is."""
+    paths = [IDENTITY, Path(), Path(restorer="film"), Path(restorer="lora")]
     for balance in (0.003, 0.03):
         paths.append(Path("deconv", balance))
     paths += [Path("deconv", 0.01, "film"), Path("hqs", 0.01), Path("tone"), Path("tone", restorer="film"),

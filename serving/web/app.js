@@ -115,6 +115,7 @@ async function restore() {
   document.body.dataset.restore = "working";
   $("restore-button").disabled = true;
   $("restore-state").textContent = "restoring…";
+  $("found").textContent = "";
   const started = performance.now();
   try {
     // an adapter already says what the degradation is: the server takes one or the other
@@ -139,6 +140,11 @@ async function restore() {
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     $("restore-state").textContent = `restored in ${seconds} s (model ${response.headers.get("X-Model-Version") || "?"}` +
       `, adapter ${response.headers.get("X-Adapter") || "none"})`;
+    // a blind restore says what the estimator found and what was undone (nothing: the image as it was)
+    const found = response.headers.get("X-Degradation");
+    const undone = response.headers.get("X-Restored-As");
+    $("found").textContent = found ? `found: ${found}; ${undone === "none" ? "left as it is" : "undid " +
+      undone.split(",").join(" then ")}` : "";
     document.body.dataset.restore = "done";
   } catch (err) {
     $("restore-state").textContent = "";
@@ -278,12 +284,13 @@ async function makeAdapter() {
   }, 250);
   try {
     const info = await (await api("v1/adapters", { method: "POST", body: form })).json();
-    const held = info.psnr_after !== null && info.psnr_before !== null;
-    const gain = held ? (info.psnr_after - info.psnr_before).toFixed(2) : null;
+    // the gain over the input first: an adapter is worth keeping only if it beats leaving the image alone
+    const held = info.psnr_after !== null && info.psnr_input !== null;
+    const gain = held ? (info.psnr_after - info.psnr_input).toFixed(2) : null;
     const signed = held ? `${gain >= 0 ? "+" : ""}${gain} dB` : "not validated";
     const figures = held
-      ? `PSNR on held-out pairs ${info.psnr_before} → ${info.psnr_after} dB (${signed} over zero-shot; ` +
-        `the degraded inputs: ${info.psnr_input} dB)`
+      ? `PSNR on held-out pairs ${info.psnr_input} → ${info.psnr_after} dB (${signed} over the input; ` +
+        `zero-shot: ${info.psnr_before} dB)`
       : "too few pixels to hold any out: not validated";
     $("adapter-summary").textContent = `Adapter ${info.adapter_id}, path ${info.path} (kind ${info.kind}): ` +
       `${figures}, ${info.shots} pairs, ${(info.elapsed_ms / 1000).toFixed(1)} s. Expires ${info.expires_at}.`;

@@ -1,0 +1,80 @@
+"""Does ``kind=auto`` choose well, and never below the input? (issue 39) For each degradation of the unseen
+suite (``evaluation/blind_bench.UNSEEN``: no registry family makes them, no training saw them), an adapter is
+fitted from K pairs as the server fits it (``fit_bounded`` with the server's defaults: 128 px pairs, 2 folds,
+10 steps, 3 validation steps, 1 s budget) with ``kind=auto`` and with each single path forced, and each is
+scored on test crops of other images.
+
+    python benchmarks/bench_adapter_choice.py [--model builtin:base] [--images ../shared/data/test/Kodak24]
+        [--shots 5] [--tests 3] [--out runs/bench-adapter-choice]
+
+Writes summary.md: per degradation the input, auto's choice and score, the best single path and its score,
+and auto's gap to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluation.blind_bench import UNSEEN, center_crop, tensor
+from metarestore.data.images import load_folder
+from metarestore.hub import load_model
+from metarestore.inference import fit_bounded
+from metarestore.meta.losses import psnr
+from metarestore.operators.paths import default_paths
+
+SERVER = {"max_side": 128, "steps": 10, "max_folds": 2, "patch": 32, "validation_steps": 3, "score_side": 64}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:base")
+    parser.add_argument("--images", default="../shared/data/test/Kodak24")
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--tests", type=int, default=3)
+    parser.add_argument("--out", default="runs/bench-adapter-choice")
+    args = parser.parse_args()
+    learner, meta, _ = load_model(args.model)
+    images = [im.permute(1, 2, 0).numpy() for im in load_folder(args.images).images]
+    paths = [p.name for p in default_paths(learner)]
+    lines = [f"model {args.model} (step {meta.get('step')}), {args.images}: {args.shots} pairs of 128 px, "
+             f"{args.tests} test crops of 256 px (other images); server defaults {SERVER}, budget 1 s", "",
+             "| degradation | input | auto: path | auto | best single path | best | auto - best | auto - input |",
+             "|---|---|---|---|---|---|---|---|"]
+    start = time.perf_counter()
+    for name, op in UNSEEN.items():
+        rng = np.random.default_rng(0)
+        support = [center_crop(im, 128) for im in images[:args.shots]]
+        tests = [center_crop(im, 256) for im in images[args.shots:args.shots + args.tests]]
+        sx = torch.cat([tensor(op(c, rng)) for c in support])
+        sy = torch.cat([tensor(c) for c in support])
+        tx = torch.cat([tensor(op(c, rng)) for c in tests])
+        ty = torch.cat([tensor(c) for c in tests])
+        torch.manual_seed(0)
+        auto = fit_bounded(learner, sx, sy, kind="auto", budget_s=1.0, **SERVER)
+        auto_score = psnr(auto.restore(tx), ty)
+        singles = {}
+        for path in paths:
+            torch.manual_seed(0)
+            try:
+                singles[path] = psnr(fit_bounded(learner, sx, sy, kind=path, budget_s=None, **SERVER).restore(tx), ty)
+            except Exception as exc:  # noqa: BLE001 - a path that cannot fit these pairs is not a candidate
+                print(f"{name}: {path} failed: {exc}")
+        best = max(singles, key=singles.get)
+        before = psnr(tx, ty)
+        lines.append(f"| {name} | {before:.2f} | {auto.path.name} | {auto_score:.2f} | {best} | {singles[best]:.2f} | "
+                     f"{auto_score - singles[best]:+.2f} | {auto_score - before:+.2f} |")
+        print(lines[-1], flush=True)
+    lines += ["", f"{time.perf_counter() - start:.0f} s"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The degradation estimator and blind restoration built on it (issue 39): a JPEG file's quality from its
+tables, the noise level, the plan that leaves alone what needs no restoring, the shipped estimator on real
+photos, and restoration that returns a clean photo untouched."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from metarestore import degradations
+from metarestore.data.images import to_chw_uint8
+from metarestore.estimator import LABELS, Estimate, jpeg_quality, load_estimator, noise_sigma, plan
+from metarestore.estimator.estimate import crop_origins
+from metarestore.inference import restore_estimated, restore_image
+
+
+def photo(name: str = "coffee", size: int = 192) -> torch.Tensor:
+    """A real photo (scikit-image's, never in the estimator's training), cropped: float (1, 3, H, W)."""
+    x = to_chw_uint8(getattr(skimage.data, name)())[:, 40:40 + size, 60:60 + size]
+    return x[None].float() / 255
+
+
+def encode(x: torch.Tensor, fmt: str, **kwargs) -> tuple[torch.Tensor, bytes]:
+    buf = io.BytesIO()
+    Image.fromarray((x[0] * 255).round().byte().permute(1, 2, 0).numpy()).save(buf, fmt, **kwargs)
+    data = buf.getvalue()
+    back = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy())
+    return back.permute(2, 0, 1)[None].float() / 255, data
+
+
+@pytest.mark.parametrize("quality", [5, 10, 30, 60, 75, 90, 95])
+def test_a_jpeg_files_quality_is_read_from_its_tables(quality):
+    _, data = encode(photo(), "JPEG", quality=quality)
+    assert jpeg_quality(data) == quality
+
+
+def test_anything_but_a_jpeg_file_has_no_jpeg_quality():
+    _, png = encode(photo(), "PNG")
+    assert jpeg_quality(png) is None
+    assert jpeg_quality(b"not an image") is None and jpeg_quality(None) is None and jpeg_quality(b"") is None
+
+
+def test_noise_level_is_measured_in_8_bit_levels():
+    x = photo("astronaut")
+    gen = torch.Generator().manual_seed(0)
+    for sigma in (5.0, 15.0, 30.0):
+        noisy = (x + sigma / 255 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+        assert abs(noise_sigma(noisy) - sigma) < 0.2 * sigma + 1.5, sigma
+    assert noise_sigma(x) < 3.0
+
+
+def estimate(probs: dict[str, float], **kwargs) -> Estimate:
+    p = dict.fromkeys(LABELS, 0.01) | probs
+    return Estimate(p, dict.fromkeys(LABELS, 0.5), **kwargs)
+
+
+def test_the_plan_undoes_what_was_found_last_applied_first_and_nothing_else():
+    told = [f for f in LABELS if f not in ("haze", "color_cast", "motion_blur")]
+    assert plan(estimate({}), told) == []  # clean: leave it
+    assert plan(estimate({"gaussian_noise": 0.45}), told) == []  # unsure: leave it
+    assert plan(estimate({"gaussian_noise": 0.9, "jpeg": 1.0}), told) == ["jpeg", "gaussian_noise"]
+    # two explanations of the same thing: the likelier only, never both on top of each other
+    assert plan(estimate({"gaussian_noise": 0.7, "poisson_noise": 0.9}), told) == ["poisson_noise"]
+    assert plan(estimate({"gaussian_blur": 0.8, "downsample": 0.6, "jpeg": 0.9}), told) == ["jpeg", "gaussian_blur"]
+    # something the model cannot be told: a guess is what does harm, so nothing at all
+    assert plan(estimate({"haze": 0.9}), told) == []
+    assert plan(estimate({"color_cast": 0.8, "jpeg": 1.0}), told) == []
+    assert estimate({"jpeg": 1.0}, jpeg_quality=30).summary().startswith("jpeg (p=1.00, quality 30)")
+    assert estimate({}).clean and estimate({}).summary().startswith("clean (p=0.96")  # 4 tone labels at 0.01
+
+
+def test_crops_start_on_the_jpeg_block_grid_and_cover_the_image():
+    assert crop_origins(80, 96, 3) == [0]
+    starts = crop_origins(500, 96, 3)
+    assert all(s % 8 == 0 for s in starts) and starts[0] == 0 and 500 - 96 - 8 < starts[-1] <= 500 - 96
+
+
+@pytest.fixture(scope="module")
+def estimator():
+    return load_estimator()
+
+
+def test_the_shipped_estimator_knows_a_clean_photo_from_a_degraded_one(estimator):
+    """Real photos it never trained on: clean ones are clean; JPEG files are JPEG at their quality (the file
+    says so); strong noise and blur are found from the pixels alone."""
+    for name in ("coffee", "astronaut", "chelsea"):
+        found = estimator(photo(name))
+        assert found.clean, (name, found.summary())
+    tiny = estimator(torch.rand(1, 3, 4, 4))  # too small to judge: left as it is, no NaN
+    assert tiny.clean and tiny.noise_sigma is None and "nan" not in tiny.summary()
+    x = photo("astronaut")
+    jpeg, data = encode(x, "JPEG", quality=20)
+    found = estimator(jpeg, data)
+    assert found.present[0] == "jpeg" and found.jpeg_quality == 20
+    gen = torch.Generator().manual_seed(1)
+    noisy = (x + 25 / 255 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+    assert set(estimator(noisy).present) & {"gaussian_noise", "poisson_noise"}
+    blur = degradations.get("gaussian_blur")
+    blurred = blur(x, blur.sample(0.75, torch.Generator().manual_seed(0)))
+    assert set(estimator(blurred).present) & {"gaussian_blur", "downsample"}
+
+
+def test_blind_restoration_returns_a_clean_photo_untouched_and_undoes_a_jpeg(estimator, told_checkpoint):
+    from metarestore.hub import load_learner
+
+    learner, _ = load_learner(told_checkpoint)
+    x = photo("coffee", 128)
+    y, steps = restore_estimated(learner, x, estimator(x))
+    assert steps == [] and y is x  # not a pass of the model: the very image
+    jpeg, data = encode(x, "JPEG", quality=15)
+    y, steps = restore_estimated(learner, jpeg, estimator(jpeg, data))
+    assert steps[0] == "jpeg"
+    expected = jpeg
+    for family in steps:
+        expected = restore_image(learner, expected, family=family)
+    torch.testing.assert_close(y, expected)
+    assert not torch.equal(y, jpeg)
+
+
+def test_the_estimator_trains_and_resumes_where_it_stopped(tmp_path):
+    from metarestore.checkpoint import read_metadata
+    from metarestore.estimator.train import train_estimator
+
+    out = tmp_path / "est"
+    log = io.StringIO()
+    train_estimator("embedded", out, steps=2, batch_size=4, crop=48, checkpoint_every=1, log_every=1, stream=log)
+    assert read_metadata(out)["step"] == 2
+    first = load_estimator(out).net.state_dict()
+    train_estimator("embedded", out, steps=4, batch_size=4, crop=48, checkpoint_every=1, log_every=1, stream=log,
+                    resume=True)
+    assert read_metadata(out)["step"] == 4
+    assert "step 3/4" in log.getvalue() and "step 1/4" not in log.getvalue()  # resumed, not restarted
+    assert any(not torch.equal(v, load_estimator(out).net.state_dict()[k]) for k, v in first.items())
