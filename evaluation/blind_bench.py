@@ -126,7 +126,7 @@ def evaluate_case(learner, estimator, case: Case, clean: torch.Tensor, tile: int
     estimate = estimator(x, case.data)
     y, steps = restore_estimated(learner, x, estimate, tile=tile)
     out = {"case": case.name, "group": case.group, "input": psnr(x, clean), "default": psnr(y, clean),
-           "found": ",".join(str(s) for s in steps) or "-", "summary": estimate.summary()}
+           "found": ",".join(map(str, steps)) or "-", "summary": estimate.summary()}
     out["blind_row"] = psnr(restore_image(learner, x, tile=tile), clean)
     if case.told:
         t = x

@@ -20,6 +20,7 @@ from metarestore.pixels import center_crop
 
 if TYPE_CHECKING:
     from metarestore.estimator import Estimate
+    from metarestore.estimator.plan import Step
     from metarestore.operators.adapter import Adapter
 
 
@@ -109,27 +110,33 @@ def told_families(learner: MetaLearner) -> list[str]:
     return image_families(getattr(learner.model, "hint_families", ()))
 
 
-def blind_plan(learner: MetaLearner, estimate: Estimate) -> list[str | None]:
-    """What blind restoration does with ``estimate``: the families to undo in order (``[]``: leave the image
-    as it is). A model that can be told families undoes each found one told; a model without a family table
-    has only its blind pass (``None``), run when the estimate finds anything at all."""
-    from metarestore.estimator import plan
+def blind_plan(learner: MetaLearner, estimate: Estimate) -> list[Step]:
+    """What blind restoration does with ``estimate``: the steps to undo in order (``[]``: leave the image as
+    it is). A model that can be told families undoes each found one told (``estimator.plan``); a model
+    without a family table has only its blind pass, run when the estimate finds anything at all."""
+    from metarestore.estimator.plan import Step, plan
 
     told = told_families(learner)
     if told:
-        return list(plan(estimate, told))
-    return [None] if estimate.present else []
+        return plan(estimate, told)
+    return [Step(None)] if estimate.present else []
+
+
+def apply_step(learner: MetaLearner, x: torch.Tensor, step: Step, **kwargs) -> torch.Tensor:
+    """One step of a blind plan: the model told ``step.family``, keeping ``step.strength`` of its change."""
+    y = restore_image(learner, x, family=step.family, **kwargs)
+    return y if step.strength >= 1.0 else (x + step.strength * (y - x)).clamp(0, 1)
 
 
 def restore_estimated(learner: MetaLearner, x: torch.Tensor, estimate: Estimate, **kwargs
-                      ) -> tuple[torch.Tensor, list[str | None]]:
+                      ) -> tuple[torch.Tensor, list[Step]]:
     """Blind restoration as every default path does it (CLI, server, showcase, evaluation): undo what the
     estimate found, last applied first, each told to the model; or return ``x`` itself, untouched, when the
     estimate finds nothing, is unsure, or finds what the model cannot undo. ``kwargs``: ``restore_image``'s.
     Returns the output and the plan it followed."""
     steps = blind_plan(learner, estimate)
-    for family in steps:
-        x = restore_image(learner, x, family=family, **kwargs)
+    for step in steps:
+        x = apply_step(learner, x, step, **kwargs)
     return x, steps
 
 

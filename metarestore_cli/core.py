@@ -123,7 +123,7 @@ def restore(
         estimate = load_estimator(device=dev)(x, image.read_bytes())
         typer.echo(f"found: {estimate.summary()}")
         y, steps = restore_estimated(learner, x, estimate, tile=tile, ensemble=ensemble)
-        how = (", blind: undid " + " then ".join(str(s or "blind") for s in steps) if steps
+        how = (", blind: undid " + " then ".join(map(str, steps)) if steps
                else ", blind: nothing to undo, left as it is")
     write_image(output, y, grey=grey)
     version = f" version {ref.version}" if ref.version else ""

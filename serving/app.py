@@ -316,7 +316,8 @@ _RESTORE_HEADERS = {
                       "estimator found, e.g. 'clean (p=0.97)' or 'jpeg (p=1.00, quality 30) + gaussian_noise "
                       "(p=0.91, severity 0.40)'."},
     "X-Restored-As": {"schema": {"type": "string"}, "description": "Blind requests only: the families undone, in "
-                      "order (comma-separated), or 'none' when the image came back as it was sent."},
+                      "order (comma-separated; 'jpeg:0.50' keeps half of the told correction, for mild "
+                      "compression), or 'none' when the image came back as it was sent."},
     "X-Model-Version": {"schema": {"type": "string"}}, "X-Adapter": {"schema": {"type": "string"}}}
 _ADAPTER_BODY = _form_file_body("degraded", "clean")
 _ADAPTER_BODY["requestBody"]["content"][MULTIPART]["schema"]["properties"].update(
@@ -565,11 +566,12 @@ class Restorer:
         estimate_s = time.perf_counter() - start
         batch, forward_s = 0, 0.0
         steps = blind_plan(self.learner, estimate)
-        for family in steps:
-            x, batch, seconds = await self.batcher.submit(_Job(x, None, None, family=family))
+        for step in steps:
+            y, batch, seconds = await self.batcher.submit(_Job(x, None, None, family=step.family))
+            x = y if step.strength >= 1.0 else (x + step.strength * (y - x)).clamp(0, 1)
             forward_s += seconds
         return x, batch, forward_s, estimate_s, {"X-Degradation": estimate.summary(),
-                                     "X-Restored-As": ",".join(str(f or "blind") for f in steps) or "none"}
+                                                 "X-Restored-As": ",".join(map(str, steps)) or "none"}
 
     @app.post("/v1/adapters", response_model=AdapterInfo, openapi_extra=_ADAPTER_BODY)
     async def create_adapter(self, request: Request) -> JSONResponse:

@@ -14,8 +14,9 @@ from PIL import Image
 
 from metarestore import degradations
 from metarestore.data.images import to_chw_uint8
-from metarestore.estimator import LABELS, Estimate, jpeg_quality, load_estimator, noise_sigma, plan
+from metarestore.estimator import LABELS, Estimate, Step, jpeg_quality, load_estimator, noise_sigma, plan
 from metarestore.estimator.estimate import crop_origins
+from metarestore.estimator.plan import jpeg_strength
 from metarestore.inference import restore_estimated, restore_image
 
 
@@ -59,17 +60,36 @@ def estimate(probs: dict[str, float], **kwargs) -> Estimate:
     return Estimate(p, dict.fromkeys(LABELS, 0.5), **kwargs)
 
 
+def families(steps) -> list[str]:
+    return [s.family for s in steps]
+
+
 def test_the_plan_undoes_what_was_found_last_applied_first_and_nothing_else():
     told = [f for f in LABELS if f not in ("haze", "color_cast", "motion_blur")]
     assert plan(estimate({}), told) == []  # clean: leave it
     assert plan(estimate({"gaussian_noise": 0.45}), told) == []  # unsure: leave it
-    assert plan(estimate({"gaussian_noise": 0.9, "jpeg": 1.0}), told) == ["jpeg", "gaussian_noise"]
-    # two explanations of the same thing: the likelier only, never both on top of each other
-    assert plan(estimate({"gaussian_noise": 0.7, "poisson_noise": 0.9}), told) == ["poisson_noise"]
-    assert plan(estimate({"gaussian_blur": 0.8, "downsample": 0.6, "jpeg": 0.9}), told) == ["jpeg", "gaussian_blur"]
+    steps = plan(estimate({"gaussian_noise": 0.9, "jpeg": 1.0}, jpeg_quality=40), told)
+    assert steps == [Step("jpeg"), Step("gaussian_noise")] and [str(s) for s in steps] == ["jpeg", "gaussian_noise"]
+    # two explanations of the same thing: the likelier only, never both on top of each other; their
+    # probabilities count together (0.4 and 0.3 of softness: found, as the likelier)
+    assert families(plan(estimate({"gaussian_noise": 0.7, "poisson_noise": 0.9}), told)) == ["poisson_noise"]
+    assert families(plan(estimate({"gaussian_blur": 0.8, "downsample": 0.6, "jpeg": 0.9}), told)) == \
+        ["jpeg", "gaussian_blur"]
+    assert families(plan(estimate({"gaussian_blur": 0.3, "downsample": 0.4}), told)) == ["downsample"]
     # something the model cannot be told: a guess is what does harm, so nothing at all
     assert plan(estimate({"haze": 0.9}), told) == []
     assert plan(estimate({"color_cast": 0.8, "jpeg": 1.0}), told) == []
+    # a correction of every tone needs a sure estimate
+    assert plan(estimate({"low_light": 0.7}), told) == [] and families(plan(estimate({"low_light": 0.9}), told)) == \
+        ["low_light"]
+
+
+def test_mild_jpeg_keeps_less_of_the_told_correction():
+    told = ["jpeg", "gaussian_noise"]
+    strengths = [plan(estimate({"jpeg": 1.0}, jpeg_quality=q), told) for q in (30, 83, 90, 95, 98)]
+    assert [s[0].strength if s else 0.0 for s in strengths] == [1.0, 1.0, 0.5, 0.14, 0.0]
+    assert str(strengths[2][0]) == "jpeg:0.50"
+    assert jpeg_strength(100) == 0.0 and jpeg_strength(10) == 1.0
     assert estimate({"jpeg": 1.0}, jpeg_quality=30).summary().startswith("jpeg (p=1.00, quality 30)")
     assert estimate({}).clean and estimate({}).summary().startswith("clean (p=0.96")  # 4 tone labels at 0.01
 
@@ -114,10 +134,10 @@ def test_blind_restoration_returns_a_clean_photo_untouched_and_undoes_a_jpeg(est
     assert steps == [] and y is x  # not a pass of the model: the very image
     jpeg, data = encode(x, "JPEG", quality=15)
     y, steps = restore_estimated(learner, jpeg, estimator(jpeg, data))
-    assert steps[0] == "jpeg"
+    assert steps[0] == Step("jpeg")
     expected = jpeg
-    for family in steps:
-        expected = restore_image(learner, expected, family=family)
+    for step in steps:
+        expected = restore_image(learner, expected, family=step.family)
     torch.testing.assert_close(y, expected)
     assert not torch.equal(y, jpeg)
 

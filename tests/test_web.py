@@ -153,7 +153,7 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     restored, steps = restore_estimated(learner, x, default_estimator()(x), tile=256)
     want = as_uint8(restored)
     assert steps, "the noise was found"
-    assert text(driver, "found").startswith("found: ") and f"undid {' then '.join(steps)}" in text(driver, "found")
+    assert text(driver, "found").startswith("found: ") and f"undid {' then '.join(map(str, steps))}" in text(driver, "found")
     assert got.shape == want.shape == (250, 190, 3)
     assert np.abs(got - want).max() <= 1, "the page shows the model's output"
     assert np.abs(got - noisy).max() > 10, "and it is not the input"

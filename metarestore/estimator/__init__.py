@@ -8,7 +8,7 @@ what quality, and a policy (``plan``) turns the estimate into what to undo, or n
 from metarestore.estimator.estimate import Estimate, Estimator, default_estimator, load_estimator
 from metarestore.estimator.evidence import jpeg_quality, noise_sigma
 from metarestore.estimator.labels import LABELS, REALISTIC_CHAINS
-from metarestore.estimator.plan import plan
+from metarestore.estimator.plan import Step, plan
 
-__all__ = ["LABELS", "REALISTIC_CHAINS", "Estimate", "Estimator", "default_estimator", "jpeg_quality", "load_estimator",
-           "noise_sigma", "plan"]
+__all__ = ["LABELS", "REALISTIC_CHAINS", "Estimate", "Estimator", "Step", "default_estimator", "jpeg_quality",
+           "load_estimator", "noise_sigma", "plan"]
