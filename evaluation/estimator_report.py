@@ -80,13 +80,14 @@ def run(estimator: Estimator, images: list[torch.Tensor], crop: int = 256, bins:
         truth.extend(float(f in present) for f in labels)
         return est
 
+    clean_verdicts: list[int] = []  # the clean photos once, counted in every severity's row
     for severity in SEVERITIES:
         m = np.zeros((len(labels) + 1, len(labels) + 1), dtype=int)
         for index, image in enumerate(images):
             x = center_crop(image, crop, crop)[None].float() / 255
-            if severity == SEVERITIES[0]:  # the clean photos once, counted in every severity's row
-                clean_verdict = _verdict(judge(x, set()), labels)
-            m[0, clean_verdict] += 1
+            if severity == SEVERITIES[0]:
+                clean_verdicts.append(_verdict(judge(x, set()), labels))
+            m[0, clean_verdicts[index]] += 1
             for row, family in enumerate(labels, start=1):
                 f = degradations.get(family)
                 y = quantize(f(x, f.sample(severity, cpu_generator(stable_seed(family, severity, index)))))

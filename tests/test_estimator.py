@@ -79,6 +79,10 @@ def test_the_plan_undoes_what_was_found_last_applied_first_and_nothing_else():
     # something the model cannot be told: a guess is what does harm, so nothing at all
     assert plan(estimate({"haze": 0.9}), told) == []
     assert plan(estimate({"color_cast": 0.8, "jpeg": 1.0}), told) == []
+    # a third step needs a surer finding than the first two
+    chain = {"jpeg": 1.0, "gaussian_noise": 0.9, "gaussian_blur": 0.55}
+    assert families(plan(estimate(chain), told)) == ["jpeg", "gaussian_noise"]
+    assert families(plan(estimate(chain | {"gaussian_blur": 0.7}), told)) == ["jpeg", "gaussian_noise", "gaussian_blur"]
     # a correction of every tone needs a sure estimate
     assert plan(estimate({"low_light": 0.7}), told) == [] and families(plan(estimate({"low_light": 0.9}), told)) == \
         ["low_light"]
@@ -156,3 +160,20 @@ def test_the_estimator_trains_and_resumes_where_it_stopped(tmp_path):
     assert read_metadata(out)["step"] == 4
     assert "step 3/4" in log.getvalue() and "step 1/4" not in log.getvalue()  # resumed, not restarted
     assert any(not torch.equal(v, load_estimator(out).net.state_dict()[k]) for k, v in first.items())
+
+
+def test_the_confusion_report_counts_every_image_once_per_row(estimator, tmp_path):
+    from evaluation.estimator_report import plot, run
+    from metarestore.data.images import load_images
+
+    images = load_images("embedded", "val").images[:2]
+    report = run(estimator, images, crop=96)
+    assert list(report.matrices) == [0.25, 0.5, 0.75] and report.rows[0] == "clean"
+    for m in report.matrices.values():
+        assert m.shape == (len(LABELS) + 1,) * 2 and (m.sum(1) == len(images)).all()
+    assert (report.matrices[0.25][0] == report.matrices[0.75][0]).all()  # the clean photos, judged once
+    assert all(total == len(images) for _, total in report.chains.values())
+    assert sum(n for _, _, n in report.calibration) == len(LABELS) * len(images) * (1 + 3 * len(LABELS) + 4)
+    assert 0.0 <= report.expected_calibration_error() <= 1.0
+    plot(report, tmp_path / "confusion.png")
+    assert (tmp_path / "confusion.png").stat().st_size > 10_000

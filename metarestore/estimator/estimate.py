@@ -20,6 +20,7 @@ from metarestore.checkpoint import load_checkpoint
 from metarestore.estimator.evidence import jpeg_quality, noise_sigma
 from metarestore.estimator.labels import ALTERNATIVES, UNDO_ORDER
 from metarestore.estimator.network import EstimatorNet
+from metarestore.pixels import center_crop
 
 BUILTIN = Path(__file__).resolve().parent / "weights"  # the estimator that ships (not a restorer: not builtin:)
 # a family counts as present from this probability on; below it the image is left as it is
@@ -143,7 +144,8 @@ class Estimator:
         quality = jpeg_quality(data)
         if quality is not None and "jpeg" in probabilities:
             probabilities["jpeg"], severities["jpeg"] = 1.0, severity_of_quality(quality)
-        sigma = noise_sigma(image) if min(image.shape[-2:]) >= MIN_SIDE else None
+        # measured on the central 512 px at most: a wavelet transform of a whole 6 MP photo costs 0.3 s
+        sigma = noise_sigma(center_crop(image, 512, 512)) if min(image.shape[-2:]) >= MIN_SIDE else None
         return Estimate(probabilities, severities, quality, sigma, self.threshold)
 
 
