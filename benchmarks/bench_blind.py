@@ -79,7 +79,8 @@ def main() -> None:
             found = ", ".join(f"{k} x{v}" for k, v in sorted(
                 {f: sum(r['found'] == f for r in rs) for f in {r['found'] for r in rs}}.items(), key=lambda t: -t[1]))
             default = "identical" if all(math.isinf(r["default"]) for r in rs) else fmt(mean["default"])
-            lines.append(f"| {set_name} | {name} | {fmt(mean['input'])} | {default} | {fmt(mean['blind_row'])} | "
+            given = "(itself)" if all(math.isinf(r["input"]) for r in rs) else fmt(mean["input"])
+            lines.append(f"| {set_name} | {name} | {given} | {default} | {fmt(mean['blind_row'])} | "
                          f"{fmt(float(np.mean(told))) if told else '-'} | {drop:+.2f} | {found} |")
     lines += ["", f"worst change against the input over every image and case: {worst_overall:+.2f} dB"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

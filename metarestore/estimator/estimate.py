@@ -56,7 +56,8 @@ class Estimate:
     @property
     def present(self) -> list[str]:
         """The families found, in the order they are undone (the last applied first): those whose look is
-        likely at or above the threshold (``likelihood``), each group of alternatives as its likeliest member."""
+        likely at or above the threshold (``likelihood``), each group of alternatives as its likeliest
+        member."""
         found = []
         for f, p in self.probabilities.items():
             group = next((g for g in ALTERNATIVES if f in g), (f,))
@@ -156,7 +157,8 @@ def load_estimator(path: str | Path | None = None, device: str | torch.device = 
     meta = ckpt.metadata
     net = EstimatorNet(meta["labels"], tuple(meta.get("widths", (16, 32, 48, 64, 96))))
     net.load_state_dict(ckpt.model)
-    return Estimator(net.to(device), meta.get("threshold", THRESHOLD), meta.get("crop", 96), meta.get("grid", 3),
+    return Estimator(net.to(device), meta.get("threshold", THRESHOLD), meta.get("crop", 96),
+                     meta.get("grid", 3),
                      meta)
 
 

@@ -19,8 +19,9 @@ REALISTIC_CHAINS: tuple[tuple[str, ...], ...] = (
 
 # the order in which several found degradations are undone: the reverse of the order a capture applies
 # them (tone and optics first, then sensor noise, then the codec), so the last one applied goes first
-UNDO_ORDER: tuple[str, ...] = ("jpeg", "salt_pepper", "gaussian_noise", "poisson_noise", "inpainting", "downsample",
-                               "gaussian_blur", "motion_blur", "haze", "low_light", "contrast", "color_cast")
+UNDO_ORDER: tuple[str, ...] = ("jpeg", "salt_pepper", "gaussian_noise", "poisson_noise", "inpainting",
+                               "downsample", "gaussian_blur", "motion_blur", "haze", "low_light", "contrast",
+                               "color_cast")
 
 # families that explain the same look (two kinds of noise; softness by blur or lost resolution; a tone curve):
 # the estimator's probability is split between them on an image that shows one, so a group counts as present

@@ -50,7 +50,8 @@ def degrade(clean: torch.Tensor, recipe: list[tuple[str, float]], generator: tor
 FULLY_PRESENT = 0.15
 
 
-def targets(recipe: list[tuple[str, float]], labels: tuple[str, ...] = LABELS) -> tuple[torch.Tensor, torch.Tensor]:
+def targets(recipe: list[tuple[str, float]], labels: tuple[str, ...] = LABELS
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(present (L,), severity (L,)) for a recipe; a family named twice keeps its strongest severity."""
     present, sev = torch.zeros(len(labels)), torch.zeros(len(labels))
     for family_name, s in recipe:

@@ -35,7 +35,8 @@ from metarestore.progress import Progress
 def learning_rate(step: int, steps: int, peak: float, warmup: int = 200) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
-    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup)))))
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train_estimator(data: str, out: str | Path, steps: int = 6000, batch_size: int = 32, crop: int = 96,
