@@ -40,11 +40,14 @@ def train(
     lr: Annotated[float, typer.Option(min=0)] = 2e-3,
     seed: int = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from --out's checkpoint.")] = False,
+    spectral_bins: Annotated[int, typer.Option(min=0, help="Rings of the radial power spectrum fed to the head "
+                                               "(0: none, as the shipped estimator).")] = 0,
 ) -> None:
     """Train the estimator on crops of clean photos degraded by the registry: clean, one family, or a chain."""
     from metarestore.estimator.train import train_estimator
 
-    path = train_estimator(data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume)
+    path = train_estimator(data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, resume=resume,
+                           spectral_bins=spectral_bins)
     typer.echo(f"estimator: {path} (publish: python -m metarestore.checkpoint publish {path} "
                "metarestore/estimator/weights)")
 

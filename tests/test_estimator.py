@@ -177,3 +177,22 @@ def test_the_confusion_report_counts_every_image_once_per_row(estimator, tmp_pat
     assert 0.0 <= report.expected_calibration_error() <= 1.0
     plot(report, tmp_path / "confusion.png")
     assert (tmp_path / "confusion.png").stat().st_size > 10_000
+
+
+def test_an_estimator_with_the_spectrum_feature_trains_and_resumes_as_itself(tmp_path):
+    """``spectral_bins``: the radial power spectrum beside the pooled features; a resumed run keeps its own
+    network whatever the call says, and the loaded estimator judges an image."""
+    from metarestore.checkpoint import read_metadata
+    from metarestore.estimator.network import radial_spectrum
+    from metarestore.estimator.train import train_estimator
+
+    x = photo("astronaut", 96)
+    blurred = degradations.get("gaussian_blur")(x, {"sigma_x": 2.0, "sigma_y": 2.0, "angle": 0.0, "seed": 0})
+    sharp, soft = radial_spectrum(x, 8)[0], radial_spectrum(blurred, 8)[0]
+    assert torch.isfinite(sharp).all() and (soft[-3:] < sharp[-3:] - 0.1).all()  # blur empties the high rings
+    out, log = tmp_path / "spectral", io.StringIO()
+    train_estimator("embedded", out, steps=2, batch_size=4, crop=48, checkpoint_every=1, spectral_bins=8, stream=log)
+    train_estimator("embedded", out, steps=3, batch_size=4, crop=48, checkpoint_every=1, resume=True, stream=log)
+    assert read_metadata(out)["spectral_bins"] == 8 and read_metadata(out)["step"] == 3
+    estimator = load_estimator(out)
+    assert estimator.net.spectral_bins == 8 and set(estimator(photo()).probabilities) == set(LABELS)

@@ -155,7 +155,8 @@ def load_estimator(path: str | Path | None = None, device: str | torch.device = 
     safetensors and JSON, nothing unpickled."""
     ckpt = load_checkpoint(path or BUILTIN, device=str(device))
     meta = ckpt.metadata
-    net = EstimatorNet(meta["labels"], tuple(meta.get("widths", (16, 32, 48, 64, 96))))
+    net = EstimatorNet(meta["labels"], tuple(meta.get("widths", (16, 32, 48, 64, 96))),
+                       meta.get("spectral_bins", 0))
     net.load_state_dict(ckpt.model)
     return Estimator(net.to(device), meta.get("threshold", THRESHOLD), meta.get("crop", 96),
                      meta.get("grid", 3),

@@ -20,6 +20,7 @@ from metarestore.checkpoint import (
     load_checkpoint,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    read_metadata,
     save_checkpoint,
 )
 from metarestore.data.episodes import PatchSampler
@@ -41,12 +42,14 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 200) -> floa
 
 def train_estimator(data: str, out: str | Path, steps: int = 6000, batch_size: int = 32, crop: int = 96,
                     lr: float = 2e-3, seed: int = 0, resume: bool = False, checkpoint_every: int = 250,
-                    log_every: int = 50, stream=None) -> Path:
+                    log_every: int = 50, spectral_bins: int = 0, stream=None) -> Path:
     """Train (or, with ``resume``, continue) an estimator on ``data`` (a folder or ``embedded``); returns the
     checkpoint directory ``out``."""
     stream = stream or sys.stdout
     out = Path(out)
-    net = EstimatorNet(LABELS)
+    if resume and out.is_dir():  # the run's own network, whatever this call says
+        spectral_bins = int(read_metadata(out).get("spectral_bins", 0))
+    net = EstimatorNet(LABELS, spectral_bins=spectral_bins)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     start = 0
     if resume and out.is_dir():
@@ -82,6 +85,7 @@ def train_estimator(data: str, out: str | Path, steps: int = 6000, batch_size: i
             save_checkpoint(out, net.state_dict(), {
                 "kind": "estimator", "step": done, "steps": steps, "labels": list(LABELS), "crop": crop,
                 "grid": 3, "threshold": THRESHOLD, "widths": [16, 32, 48, 64, 96], "data": data, "seed": seed,
+                "spectral_bins": spectral_bins,
                 "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                 tensors, {"optimizer": state})
     return out
