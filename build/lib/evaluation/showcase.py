@@ -1,0 +1,84 @@
+"""A quick look at a model: restore held-out images degraded by every family, print PSNR before and
+after (and after few-shot ``adapt()`` for held-out families), save an image grid. ``make demo`` ends here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metarestore.config import from_dict
+from metarestore.data import EMBEDDED, PatchSampler, load_images
+from metarestore.degradations.base import cpu_generator, stable_seed
+from metarestore.engine import validation_images
+from metarestore.fewshot import Task, few_shot
+from metarestore.inference import restore_blind
+from metarestore.meta import MetaLearner
+from metarestore.viz import save_grid
+
+
+def _blind_or_as_told(learner: MetaLearner, x, params, family: str | None = None):
+    """Zero-shot without a family is the default blind path (estimate, then undo what was found, or leave
+    the image as it is); told or adapted, the model itself."""
+    if params is None and family is None:
+        return restore_blind(learner, x, tile=None)
+    return learner.restore(x, params, family=family)
+
+
+def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity: float = 0.5, shots: int = 4,
+             steps: int = 5, size: int = 128, seed: int = 0, data: str = EMBEDDED) -> list[dict]:
+    """``data``: ``embedded`` (always there), ``model`` (the folders the model was trained and validated
+    on, when this machine has them) or a folder. A model that can be told the degradation is told each
+    family it knows (as a client that knows what happened to its images would); the rest is blind."""
+    cfg = from_dict(metadata["config"])
+    trained, held_out = metadata["families"]["train"], metadata["families"]["held_out"]
+    if data == "model":
+        query_images, support_images = validation_images(cfg), load_images(cfg.data.train, "train")
+    elif data == EMBEDDED:
+        query_images, support_images = load_images(EMBEDDED, "val"), load_images(EMBEDDED, "train")
+    else:
+        query_images = support_images = load_images(data, "all")
+    query = PatchSampler(query_images, size, augment=False)
+    support = PatchSampler(support_images, size, augment=False)
+    rows, grid = [], []
+    device = next(learner.parameters()).device
+    told = set(getattr(learner.model, "hint_families", ()))
+    for name in [*trained, *held_out]:
+        task = Task.sample(name, severity, seed, "showcase", name)
+        g = cpu_generator(stable_seed(seed, "showcase", name, "patches"))
+        clean = query.sample(2, g).to(device)
+        degraded = task.degrade(clean)
+        pairs = None
+        if name in held_out:
+            support_y = support.sample(shots, g).to(device)
+            pairs = (task.degrade_support(support_y), support_y)
+        run = few_shot(learner, degraded, pairs, steps=steps, query_y=clean, family=name if name in told else None,
+                       restore=_blind_or_as_told)
+        row = {"family": name, "held_out": name in held_out, "told": name in told, "psnr_input": run.scores["input"],
+               "psnr_restored": run.scores["zero_shot"]}
+        if "adapted" in run.scores:
+            row["psnr_adapted"] = run.scores["adapted"]
+        adapted = None if run.adapted is None else run.adapted[0]
+        grid.append((name + (" (held out)" if name in held_out else ""), [degraded[0], run.zero_shot[0], adapted,
+                                                                          clean[0]]))
+        rows.append(row)
+    out_dir = Path(out_dir)
+    save_grid(grid, ["degraded", "restored", f"adapted ({shots} shots)", "clean"], out_dir / "showcase.png",
+              title=f"{metadata.get('name', '')}: severity {severity}")
+    return rows
+
+
+IMPROVED_DB = 0.5  # a family counts as improved only from this gain on: smaller is within the noise
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'family':<28}{'input':>9}{'restored':>10}{'adapted':>9}{'gain':>8}"]
+    for r in rows:
+        best = r.get("psnr_adapted", r["psnr_restored"])
+        adapted = f"{r['psnr_adapted']:9.2f}" if "psnr_adapted" in r else f"{'-':>9}"
+        label = r["family"] + (" (held out)" if r["held_out"] else "") + (" (told)" if r.get("told") else "")
+        lines.append(f"{label:<28}{r['psnr_input']:9.2f}{r['psnr_restored']:10.2f}{adapted}{best - r['psnr_input']:+8.2f}")
+    gains = {r["family"]: r.get("psnr_adapted", r["psnr_restored"]) - r["psnr_input"] for r in rows}
+    improved = [f for f, gain in gains.items() if gain >= IMPROVED_DB]
+    lines.append(f"improved by >= {IMPROVED_DB} dB: {len(improved)} of {len(rows)} families")
+    worse = [f"{f} ({gain:+.2f} dB)" for f, gain in gains.items() if gain < 0]
+    lines.append(f"worse than the input: {', '.join(worse) if worse else 'none'}")
+    return "\n".join(lines)

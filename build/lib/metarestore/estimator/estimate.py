@@ -1,0 +1,169 @@
+"""From an image (and, when there is one, its file) to an ``Estimate``: which families are present, how
+strongly, or nothing at all.
+
+The network reads up to ``crops`` windows of ``crop`` px spread over the image, at offsets that are
+multiples of 8 (a JPEG file's blocks stay where the network learned them), and its probabilities are
+averaged over the windows. A JPEG file's quantization tables outrank the pixels: the file says it is JPEG
+and at which quality.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metarestore.checkpoint import load_checkpoint
+from metarestore.estimator.evidence import jpeg_quality, noise_sigma
+from metarestore.estimator.labels import ALTERNATIVES, UNDO_ORDER
+from metarestore.estimator.network import EstimatorNet
+from metarestore.pixels import center_crop
+
+BUILTIN = Path(__file__).resolve().parent / "weights"  # the estimator that ships (not a restorer: not builtin:)
+# a family counts as present from this probability on; below it the image is left as it is
+THRESHOLD = 0.5
+MIN_SIDE = 16  # smaller images are too small to judge: they are found clean (left as they are)
+
+
+def severity_of_quality(quality: int) -> float:
+    """The ``jpeg`` family's severity for a quality factor (its spec: quality 90 at 0, 10 at 1)."""
+    return min(1.0, max(0.0, (90 - quality) / 80))
+
+
+@dataclass
+class Estimate:
+    """What happened to an image: per label the probability it is present and its strength (0..1)."""
+
+    probabilities: dict[str, float]
+    severities: dict[str, float]
+    jpeg_quality: int | None = None  # from the file's quantization tables
+    noise_sigma: float | None = None  # measured, 8-bit levels
+    threshold: float = THRESHOLD
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def likelihood(self, family: str) -> float:
+        """How likely ``family``'s look is present: with its alternatives (``ALTERNATIVES``) together, as
+        the chance that at least one of them is (their probabilities split on an image that shows one)."""
+        group = next((g for g in ALTERNATIVES if family in g), (family,))
+        absent = 1.0
+        for f in group:
+            absent *= 1.0 - self.probabilities.get(f, 0.0)
+        return 1.0 - absent
+
+    @property
+    def present(self) -> list[str]:
+        """The families found, in the order they are undone (the last applied first): those whose look is
+        likely at or above the threshold (``likelihood``), each group of alternatives as its likeliest
+        member."""
+        found = []
+        for f, p in self.probabilities.items():
+            group = next((g for g in ALTERNATIVES if f in g), (f,))
+            if self.likelihood(f) >= self.threshold and p == max(self.probabilities.get(g, 0.0) for g in group):
+                found.append(f)
+        return sorted(found, key=lambda f: UNDO_ORDER.index(f) if f in UNDO_ORDER else len(UNDO_ORDER))
+
+    @property
+    def clean(self) -> bool:
+        return not self.present
+
+    def summary(self) -> str:
+        """One line for a console or a response header: ``clean (p=0.97)`` or
+        ``jpeg (p=1.00, quality 30) + gaussian_noise (p=0.91, severity 0.40)``."""
+        if self.clean:
+            return f"clean (p={1 - max(self.likelihood(f) for f in self.probabilities):.2f})"
+        parts = []
+        for f in self.present:
+            detail = (f"quality {self.jpeg_quality}" if f == "jpeg" and self.jpeg_quality is not None
+                      else f"severity {self.severities[f]:.2f}")
+            parts.append(f"{f} (p={self.likelihood(f):.2f}, {detail})")
+        return " + ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"present": self.present, "clean": self.clean, "summary": self.summary(),
+                "probabilities": {k: round(v, 4) for k, v in self.probabilities.items()},
+                "severities": {k: round(v, 4) for k, v in self.severities.items()},
+                "jpeg_quality": self.jpeg_quality,
+                "noise_sigma": None if self.noise_sigma is None else round(self.noise_sigma, 2)}
+
+
+def crop_origins(size: int, crop: int, count: int) -> list[int]:
+    """Up to ``count`` window starts along a side, evenly spread, each a multiple of 8."""
+    if size <= crop:
+        return [0]
+    last = (size - crop) // 8 * 8
+    if count <= 1:
+        return [last // 16 * 8]
+    return sorted({round(last * i / (count - 1) / 8) * 8 for i in range(count)})
+
+
+class Estimator:
+    """A trained ``EstimatorNet`` with how it reads an image: ``estimator(image, data)`` -> Estimate."""
+
+    def __init__(self, net: EstimatorNet, threshold: float = THRESHOLD, crop: int = 96, grid: int = 3,
+                 metadata: dict[str, Any] | None = None):
+        self.net = net.eval()
+        self.threshold, self.crop, self.grid = threshold, crop, grid
+        self.metadata = metadata or {}
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.net.labels
+
+    def windows(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) -> (n, 3, c, c) windows over the image (one, the whole image, when it is small)."""
+        h, w = image.shape[-2:]
+        c = self.crop
+        if min(h, w) < c:
+            return image[None]
+        return torch.stack([image[:, t:t + c, s:s + c] for t in crop_origins(h, c, self.grid)
+                            for s in crop_origins(w, c, self.grid)])
+
+    @torch.no_grad()
+    def probabilities(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, H, W) float in [0, 1] -> (probabilities (L,), severities (L,)) averaged over the windows;
+        a severity is weighted by how sure each window is that its family is there."""
+        device = next(self.net.parameters()).device
+        logits, sev = self.net(self.windows(image.to(device, torch.float32)))
+        p = torch.sigmoid(logits)
+        severity = (p * sev).sum(0) / p.sum(0).clamp_min(1e-6)
+        return p.mean(0).cpu(), severity.cpu()
+
+    def __call__(self, image: torch.Tensor, data: bytes | None = None) -> Estimate:
+        """``image``: (3, H, W) or (1, 3, H, W), float in [0, 1]; ``data``: the file it was read from, if
+        any (its JPEG tables are evidence)."""
+        if image.ndim == 4:
+            image = image[0]
+        if min(image.shape[-2:]) < MIN_SIDE:  # too few pixels to judge: nothing is undone
+            p = sev = torch.zeros(len(self.labels))
+        else:
+            p, sev = (t.nan_to_num(0.0) for t in self.probabilities(image))
+        probabilities = dict(zip(self.labels, p.tolist(), strict=True))
+        severities = dict(zip(self.labels, sev.tolist(), strict=True))
+        quality = jpeg_quality(data)
+        if quality is not None and "jpeg" in probabilities:
+            probabilities["jpeg"], severities["jpeg"] = 1.0, severity_of_quality(quality)
+        # measured on the central 512 px at most: a wavelet transform of a whole 6 MP photo costs 0.3 s
+        sigma = noise_sigma(center_crop(image, 512, 512)) if min(image.shape[-2:]) >= MIN_SIDE else None
+        return Estimate(probabilities, severities, quality, sigma, self.threshold)
+
+
+def load_estimator(path: str | Path | None = None, device: str | torch.device = "cpu") -> Estimator:
+    """An estimator from a checkpoint directory (default: the one that ships, ``weights/estimator``);
+    safetensors and JSON, nothing unpickled."""
+    ckpt = load_checkpoint(path or BUILTIN, device=str(device))
+    meta = ckpt.metadata
+    net = EstimatorNet(meta["labels"], tuple(meta.get("widths", (16, 32, 48, 64, 96))),
+                       meta.get("spectral_bins", 0))
+    net.load_state_dict(ckpt.model)
+    return Estimator(net.to(device), meta.get("threshold", THRESHOLD), meta.get("crop", 96),
+                     meta.get("grid", 3),
+                     meta)
+
+
+@functools.lru_cache(maxsize=1)
+def default_estimator() -> Estimator:
+    """The shipped estimator, loaded once per process (on the CPU: it reads a few small windows)."""
+    return load_estimator()

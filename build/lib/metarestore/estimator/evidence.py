@@ -1,0 +1,61 @@
+"""Evidence a file gives for free: a JPEG file's quantization tables say it is JPEG and at what quality,
+and an image's noise level can be measured."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+# The IJG (libjpeg) luminance table at quality 50, the base every libjpeg-style encoder scales
+_IJG_LUMA = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=np.float64)
+
+
+def ijg_table(quality: int) -> np.ndarray:
+    """The luminance table libjpeg writes at ``quality`` (1..100), baseline (entries 1..255)."""
+    quality = min(100, max(1, int(quality)))
+    scale = 5000 / quality if quality < 50 else 200 - 2 * quality
+    return np.clip(np.floor((_IJG_LUMA * scale + 50) / 100), 1, 255)
+
+
+_SORTED = {q: np.sort(ijg_table(q)) for q in range(1, 101)}
+
+
+def jpeg_quality(data: bytes | None) -> int | None:
+    """The quality (1..100) a JPEG file was saved at, read from its luminance quantization table as the
+    nearest libjpeg quality (the table is compared sorted, so zigzag or natural order does not matter, and
+    an encoder with tables of its own gets the libjpeg quality closest to them); ``None`` for anything that
+    is not a JPEG file."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG":
+                return None
+            tables = getattr(im, "quantization", None) or {}
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+    if not tables:
+        return None
+    luma = np.sort(np.asarray(tables[min(tables)], dtype=np.float64))
+    return min(_SORTED, key=lambda q: (np.abs(_SORTED[q] - luma).sum(), -q))
+
+
+def noise_sigma(image: torch.Tensor) -> float:
+    """The standard deviation of white Gaussian noise in ``image`` ((3, H, W) or (1, 3, H, W), float in
+    [0, 1] or uint8), in 8-bit levels: scikit-image's wavelet estimator (Donoho's median absolute deviation
+    of the finest diagonal detail band), averaged over the channels."""
+    from skimage.restoration import estimate_sigma
+
+    if image.ndim == 4:
+        image = image[0]
+    x = image.detach().to("cpu", torch.float32)
+    if image.dtype == torch.uint8:
+        x = x / 255.0
+    array = x.permute(1, 2, 0).numpy()
+    return float(estimate_sigma(array, channel_axis=-1, average_sigmas=True)) * 255.0

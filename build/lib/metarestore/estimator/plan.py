@@ -1,0 +1,70 @@
+"""From an estimate to what blind restoration does: the families to undo, in order, each at a strength, or
+nothing.
+
+Doing no harm comes first. A clean verdict, an unsure one (nothing at or above the threshold) or a family
+the model cannot be told (it would guess, and a guess is what shifted the tones of clean photos) all mean
+"leave the image as it is". Families that explain the same thing (``labels.ALTERNATIVES``: two kinds of
+noise, kinds of softness, tone curves) are one finding: only the likeliest is undone, never several on top
+of each other. A correction of the whole image's tones (low light, contrast) costs the most when it is
+wrong (an unseen posterised photo read as under-exposed came back 20 dB worse), so it needs a surer
+estimate (``SURE``). And the milder a JPEG file's compression, the less of the told correction is kept
+(``jpeg_strength``): at quality 95 the whole correction loses 0.7 to 0.8 dB, a quarter of it gains 0.2 to
+0.4 (docs/benchmarks.md, "Blind restoration").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from metarestore.estimator.estimate import Estimate
+
+# the probability a global tone correction needs (the others need the estimate's threshold)
+SURE = {"low_light": 0.8, "contrast": 0.8}
+# from the third step of a chain on, each step needs this: the restorer never trained on chains, and every
+# pass works on the previous one's output (a blur undone after the noise, found at p = 0.50 on a noisy
+# JPEG that was not blurred, cost 0.6 dB)
+SURE_FROM_THIRD = 0.6
+
+
+@dataclass(frozen=True)
+class Step:
+    """Undo ``family`` (``None``: the model's blind pass, for a model that cannot be told), keeping
+    ``strength`` of the correction: ``x + strength * (restored - x)``."""
+
+    family: str | None
+    strength: float = 1.0
+
+    def __str__(self) -> str:
+        name = self.family or "blind"
+        return name if self.strength >= 1.0 else f"{name}:{self.strength:.2f}"
+
+
+def jpeg_strength(quality: float) -> float:
+    """How much of the told JPEG correction to keep for a file saved at ``quality``: all of it up to 83,
+    then less and less (half at 90, none from 97 on). Measured on LIVE1 and Kodak24 crops with Pillow's
+    codec: the told row over-corrects mild compression (quality 90: +0.27 dB whole, +0.53 at half)."""
+    return min(1.0, max(0.0, (97.0 - quality) / 14.0))
+
+
+def plan(estimate: Estimate, told: Iterable[str]) -> list[Step]:
+    """The steps, in the estimate's undo order (the last applied first); ``[]``: leave the image as it is.
+    ``told``: the families the model can be told."""
+    present = estimate.present  # one per group of alternatives already (``Estimate.present``)
+    told = set(told)
+    if any(family not in told for family in present):
+        return []
+    steps: list[Step] = []
+    for family in present:
+        if estimate.likelihood(family) < SURE.get(family, 0.0):
+            return []  # unsure of a global correction: nothing at all
+        if len(steps) >= 2 and estimate.likelihood(family) < SURE_FROM_THIRD:
+            break
+        strength = 1.0
+        if family == "jpeg":
+            quality = estimate.jpeg_quality if estimate.jpeg_quality is not None else \
+                90.0 - 80.0 * estimate.severities.get("jpeg", 0.0)  # the family's spec: 90 at 0, 10 at 1
+            strength = jpeg_strength(quality)
+        if strength > 0.0:
+            steps.append(Step(family, round(strength, 2)))
+    return steps

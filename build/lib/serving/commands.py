@@ -1,0 +1,243 @@
+"""CLI commands of the `serving` package, added to `metarestore` by `register(app)`.
+
+Only typer at import time: heavy imports belong inside the command functions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.core import TyperCommand
+
+from metarestore.errors import UserError
+
+APP_NAME = "metarestore"
+
+
+class _ListOptionsCommand(TyperCommand):
+    """Lets ``--degraded a.png b.png`` mean ``--degraded a.png --degraded b.png`` (like argparse's nargs='+')."""
+
+    list_options = ("--degraded", "--clean")
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        expanded: list[str] = []
+        current, has_value = None, True  # the list option being read; whether it has had its first value
+        for i, arg in enumerate(args):
+            if arg == "--":
+                expanded += args[i:]
+                break
+            if arg.startswith("-") and arg != "-":
+                name = arg.split("=", 1)[0]
+                current = name if name in self.list_options else None
+                has_value = "=" in arg
+                expanded.append(arg)
+            elif current is not None and has_value:
+                expanded += [current, arg]  # one more value for the same option
+            else:
+                expanded.append(arg)
+                has_value = True
+        return super().parse_args(ctx, expanded)
+
+
+def _free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _failure(serve, exc: Exception) -> str:
+    """The last line of the failing deployment's message (the replica's exception), else of ``exc``."""
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments.values()
+        text = "\n".join(d.message for d in deployments if d.message)
+    except Exception:  # the status is only a nicer message; never hide the failure itself
+        text = ""
+    lines = [line.strip() for line in (text or str(exc)).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else exc.__class__.__name__
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_command(
+    model: Annotated[str | None, typer.Option("--model", help="builtin:base (the default), a checkpoint directory, "
+                                              "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on: 127.0.0.1 is this machine only; "
+                                      "0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    replicas: Annotated[int | None, typer.Option(min=1, help="Model replicas (Ray Serve deployment replicas; "
+                                                 "default 1).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Restore requests of the same size served by "
+                                                       "one forward pass (dynamic batching; 1 disables it; "
+                                                       "default 8).")] = None,
+    token_env: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer <token>' on every route "
+                                                  "but /healthz; the token is read from this environment "
+                                                  "variable.")] = None,
+    cpus_per_replica: Annotated[float | None, typer.Option(min=0.01, help="CPUs Ray reserves per replica; also "
+                                                           "its torch threads (rounded, at least 1); default "
+                                                           "0.5 CPU, 1 thread.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help="Largest image accepted, in pixels (default "
+                                                   "16,000,000).")] = None,
+    max_body_mb: Annotated[float | None, typer.Option(min=0.01, help="Largest request body, in MiB (default "
+                                                      "64).")] = None,
+    adapter_ttl: Annotated[float | None, typer.Option(min=1, help="Seconds an adapter lives after creation "
+                                                      "(default 3600).")] = None,
+    adapter_dir: Annotated[str | None, typer.Option(help="Where adapters are kept across restarts: a directory "
+                                                    "or an fsspec URI such as s3://bucket/adapters (default "
+                                                    "~/.cache/metarestore/adapters).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to deploy on (auto, HOST:6379); default: "
+                                                "start a local Ray in this process.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: "
+                                                     "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log one line per request (Ray Serve's access "
+                                             "log, in the console and Ray's log directory); off by default: "
+                                             "warnings and errors are shown either way.")] = False,
+    direct_ingress: Annotated[bool, typer.Option("--direct-ingress", help="Clients reach the replica's own HTTP "
+                                                 "server (Ray Serve direct ingress), skipping the proxy's hop; "
+                                                 "its URL is printed at start (a port from 30000-31000, on "
+                                                 "--host); the proxy still answers at --port. One replica, a "
+                                                 "local Ray.")] = False,
+) -> None:
+    """Serve the restorer over HTTP with Ray Serve until Ctrl-C (API docs at /docs)."""
+    import signal
+    import time
+
+    from pydantic import ValidationError
+
+    from metarestore.hub import DEFAULT_MODEL, load_model, portable_uri
+    from metarestore.tracking import resolve_uri
+
+    token = None
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            raise UserError(f"--token-env {token_env}: that environment variable is not set or empty")
+    tracking = resolve_uri(tracking_uri)
+    model = model or DEFAULT_MODEL
+    model = portable_uri(model)
+    # A wrong URI or a corrupt checkpoint fails here, in seconds and before Ray starts (this also fills
+    # the download cache that the replicas on this machine then read).
+    _, _, ref = load_model(model, tracking)
+    _free(host, port)
+
+    from serving.app import AppArgs, build_app, logging_config
+
+    if adapter_dir is not None and "://" not in adapter_dir:
+        adapter_dir = str(Path(adapter_dir).expanduser().resolve())  # replicas run in another directory
+    # Only what the user set: every default lives in AppArgs.
+    given = {"num_replicas": replicas, "num_cpus": cpus_per_replica, "max_batch_size": max_batch_size,
+             "max_pixels": max_pixels, "max_body_mb": max_body_mb, "adapter_ttl_s": adapter_ttl,
+             "adapter_dir": adapter_dir}
+    try:
+        args = AppArgs(model=model, tracking_uri=tracking, token=token,
+                       **{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise UserError(str(exc).splitlines()[-1]) from None
+
+    replicas = args.num_replicas or 1
+    if direct_ingress and address:
+        raise UserError("--direct-ingress needs the local Ray this command starts (a cluster must be started "
+                        "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 instead)")
+    if direct_ingress and replicas > 1:
+        raise UserError("--direct-ingress serves one replica (each replica gets its own port: several need a "
+                        "load balancer in front); drop --replicas or direct ingress")
+    if not address and replicas * args.num_cpus > (os.cpu_count() or 1):
+        raise UserError(f"{replicas} replica(s) x {args.num_cpus:g} CPU need more than this machine's "
+                        f"{os.cpu_count()} CPUs: lower --replicas or --cpus-per-replica")
+
+    import ray
+    from ray import serve
+
+    from cluster.ray_runtime import init_ray
+    from serving.ingress import direct_urls, enable_direct_ingress
+
+    if direct_ingress:
+        enable_direct_ingress()  # before Ray starts: its processes read it when they start
+    # Like train/tune/evaluate: --address joins a cluster (a submitted job passes `auto`), otherwise a new
+    # local Ray; $RAY_ADDRESS alone never redirects a command to someone else's cluster.
+    init_ray(address, include_dashboard=False)
+    # After ray.init (which installs its own SIGTERM handler): `kill PID` stops as cleanly as Ctrl-C, and
+    # Ctrl-C works even where the shell started us with SIGINT ignored (a background job).
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        logs = logging_config(access_log)
+        serve.start(http_options={"host": host, "port": port}, logging_config=logs)
+        try:
+            serve.run(build_app(args), name=APP_NAME, route_prefix="/", logging_config=logs)
+        except RuntimeError as exc:  # a replica could not start: its exception is the end of Serve's message
+            raise UserError(f"the application did not start: {_failure(serve, exc)}") from None
+        what = f"{ref.name} version {ref.version}" if ref.version else str(ref.path)
+        auth = f", bearer token from ${token_env}" if token_env else ""
+        url, via = f"http://{host}:{port}", ""
+        if direct_ingress:
+            urls = direct_urls(APP_NAME, host)
+            if not urls:
+                raise UserError("direct ingress: the replica's HTTP port did not appear in Serve's target groups")
+            url, via = urls[0], f"; through Serve's proxy: http://{host}:{port}"
+        typer.echo(f"serving {what} at {url} ({replicas} replica(s){auth}{via}); "
+                   f"API docs at {url}/docs. Ctrl-C to stop.", err=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("shutting down", err=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
+        if address:
+            serve.delete(APP_NAME)  # a shared cluster keeps Serve for its other applications
+        else:
+            serve.shutdown()
+        ray.shutdown()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def adapt_command(
+    degraded: Annotated[list[Path], typer.Option("--degraded", help="Degraded example images, one or more "
+                                                 "(1 to 16; PNG or JPEG), in the same order as --clean.")],
+    clean: Annotated[list[Path], typer.Option("--clean", help="The clean originals of the --degraded images, "
+                                              "in the same order; each the same size as its pair.")],
+    endpoint: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000.")],
+    steps: Annotated[int | None, typer.Option(min=1, max=50, help="adapt() gradient steps (default: the "
+                                              "server's, 10).")] = None,
+    kind: Annotated[str | None, typer.Option(help="auto (the server picks the path by leave-one-out on the "
+                                             "pairs; the default) or a path: film, deconv@0.01+film, hqs@0.01, "
+                                             "tone, ...")] = None,
+    token: Annotated[str | None, typer.Option(envvar="METARESTORE_TOKEN", help="Bearer token, if the server "
+                                              "requires one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the adapter's JSON instead of its id.")] = False,
+) -> None:
+    """Create an adapter on a server from (degraded, clean) example pairs; prints its id.
+
+    Use it with: metarestore restore IN -o OUT --endpoint URL --adapter ID
+    """
+    import json
+
+    from serving.client import RestorerClient
+
+    info = RestorerClient(endpoint, token=token).create_adapter(degraded, clean, steps=steps, kind=kind)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    typer.echo(info["adapter_id"])
+
+    def db(key: str) -> str:
+        return "?" if info.get(key) is None else f"{info[key]:.2f}"
+
+    typer.echo(f"{info['shots']} pair(s), path {info.get('path', 'film')}, {info['elapsed_ms']:.0f} ms: PSNR on "
+               f"held-out pairs {db('psnr_before')} dB without the adapter, {db('psnr_after')} dB with it "
+               f"(degraded: {db('psnr_input')} dB); expires {info['expires_at']}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's commands to the metarestore CLI."""
+    app.command("serve")(serve_command)
+    app.command("adapt", cls=_ListOptionsCommand)(adapt_command)
