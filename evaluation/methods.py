@@ -25,7 +25,7 @@ from evaluation import baselines as classical
 from evaluation.conditions import Condition, Dataset, clean_image, degrade, support_set, task_params
 from evaluation.metrics import score
 from metarestore.fewshot import few_shot
-from metarestore.inference import restore_blind, restore_image
+from metarestore.inference import restore_as_asked
 from metarestore.meta import MetaLearner
 from metarestore.pixels import to_uint8
 
@@ -120,9 +120,7 @@ def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLea
     last_k, last_s = (max(positive), max(settings.steps)) if positive else (0, 0)
 
     def tiled(learner: MetaLearner, x: torch.Tensor, params, family: str | None = None) -> torch.Tensor:
-        if params is None and family is None:  # blind: the path every default takes (estimate, then undo)
-            return restore_blind(learner, x, tile=settings.tile, ensemble=settings.ensemble)
-        return restore_image(learner, x, params, tile=settings.tile, family=family, ensemble=settings.ensemble)
+        return restore_as_asked(learner, x, params, family, tile=settings.tile, ensemble=settings.ensemble)
 
     for spec, learner in models:
         told = settings.told and cond.family in getattr(learner.model, "hint_families", ())

@@ -3,6 +3,7 @@ after (and after few-shot ``adapt()`` for held-out families), save an image grid
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from metarestore.config import from_dict
@@ -10,17 +11,9 @@ from metarestore.data import EMBEDDED, PatchSampler, load_images
 from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.engine import validation_images
 from metarestore.fewshot import Task, few_shot
-from metarestore.inference import restore_blind
+from metarestore.inference import restore_as_asked
 from metarestore.meta import MetaLearner
 from metarestore.viz import save_grid
-
-
-def _blind_or_as_told(learner: MetaLearner, x, params, family: str | None = None):
-    """Zero-shot without a family is the default blind path (estimate, then undo what was found, or leave
-    the image as it is); told or adapted, the model itself."""
-    if params is None and family is None:
-        return restore_blind(learner, x, tile=None)
-    return learner.restore(x, params, family=family)
 
 
 def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity: float = 0.5, shots: int = 4,
@@ -51,7 +44,7 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
             support_y = support.sample(shots, g).to(device)
             pairs = (task.degrade_support(support_y), support_y)
         run = few_shot(learner, degraded, pairs, steps=steps, query_y=clean, family=name if name in told else None,
-                       restore=_blind_or_as_told)
+                       restore=functools.partial(restore_as_asked, tile=None))
         row = {"family": name, "held_out": name in held_out, "told": name in told, "psnr_input": run.scores["input"],
                "psnr_restored": run.scores["zero_shot"]}
         if "adapted" in run.scores:

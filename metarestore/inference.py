@@ -124,8 +124,7 @@ def blind_plan(learner: MetaLearner, estimate: Estimate) -> list[Step]:
 
 def apply_step(learner: MetaLearner, x: torch.Tensor, step: Step, **kwargs) -> torch.Tensor:
     """One step of a blind plan: the model told ``step.family``, keeping ``step.strength`` of its change."""
-    y = restore_image(learner, x, family=step.family, **kwargs)
-    return y if step.strength >= 1.0 else (x + step.strength * (y - x)).clamp(0, 1)
+    return step.keep(x, restore_image(learner, x, family=step.family, **kwargs))
 
 
 def restore_estimated(learner: MetaLearner, x: torch.Tensor, estimate: Estimate, **kwargs
@@ -138,6 +137,15 @@ def restore_estimated(learner: MetaLearner, x: torch.Tensor, estimate: Estimate,
     for step in steps:
         x = apply_step(learner, x, step, **kwargs)
     return x, steps
+
+
+def restore_as_asked(learner: MetaLearner, x: torch.Tensor, params: Params | None = None,
+                     family: str | None = None, **kwargs) -> torch.Tensor:
+    """The model told ``family`` or with an adapted state ``params``; with neither, the default blind path
+    (``restore_blind``). ``kwargs``: ``restore_image``'s. What ``evaluate`` and ``showcase`` score."""
+    if params is None and family is None:
+        return restore_blind(learner, x, **kwargs)
+    return restore_image(learner, x, params, family=family, **kwargs)
 
 
 def restore_blind(learner: MetaLearner, x: torch.Tensor, estimator=None, **kwargs) -> torch.Tensor:

@@ -20,12 +20,13 @@ def estimate(
                                                   "one).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Every label's probability and severity.")] = False,
 ) -> None:
-    """What happened to an image: the families found (with probability and strength), or clean."""
+    """What happened to an image: the families found (with probability and strength), or clean, and its
+    noise level."""
     from metarestore.data import read_image
     from metarestore.estimator import load_estimator
 
     x = read_image(image)[0].float() / 255
-    found = load_estimator(estimator)(x, image.read_bytes())
+    found = load_estimator(estimator)(x, image.read_bytes(), noise=True)
     typer.echo(json.dumps(found.as_dict(), indent=1) if as_json else f"{image}: {found.summary()}")
 
 

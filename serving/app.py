@@ -568,7 +568,7 @@ class Restorer:
         steps = blind_plan(self.learner, estimate)
         for step in steps:
             y, batch, seconds = await self.batcher.submit(_Job(x, None, None, family=step.family))
-            x = y if step.strength >= 1.0 else (x + step.strength * (y - x)).clamp(0, 1)
+            x = step.keep(x, y)
             forward_s += seconds
         return x, batch, forward_s, estimate_s, {"X-Degradation": estimate.summary(),
                                                  "X-Restored-As": ",".join(map(str, steps)) or "none"}

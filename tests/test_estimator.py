@@ -115,7 +115,8 @@ def test_the_shipped_estimator_knows_a_clean_photo_from_a_degraded_one(estimator
     for name in ("coffee", "astronaut", "chelsea"):
         found = estimator(photo(name))
         assert found.clean, (name, found.summary())
-    tiny = estimator(torch.rand(1, 3, 4, 4))  # too small to judge: left as it is, no NaN
+    assert estimator(photo()).noise_sigma is None and estimator(photo(), noise=True).noise_sigma < 3.0
+    tiny = estimator(torch.rand(1, 3, 4, 4), noise=True)  # too small to judge: left as it is, no NaN
     assert tiny.clean and tiny.noise_sigma is None and "nan" not in tiny.summary()
     x = photo("astronaut")
     jpeg, data = encode(x, "JPEG", quality=20)

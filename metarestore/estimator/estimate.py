@@ -40,7 +40,7 @@ class Estimate:
     probabilities: dict[str, float]
     severities: dict[str, float]
     jpeg_quality: int | None = None  # from the file's quantization tables
-    noise_sigma: float | None = None  # measured, 8-bit levels
+    noise_sigma: float | None = None  # measured, 8-bit levels, when asked for
     threshold: float = THRESHOLD
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,9 +131,10 @@ class Estimator:
         severity = (p * sev).sum(0) / p.sum(0).clamp_min(1e-6)
         return p.mean(0).cpu(), severity.cpu()
 
-    def __call__(self, image: torch.Tensor, data: bytes | None = None) -> Estimate:
+    def __call__(self, image: torch.Tensor, data: bytes | None = None, noise: bool = False) -> Estimate:
         """``image``: (3, H, W) or (1, 3, H, W), float in [0, 1]; ``data``: the file it was read from, if
-        any (its JPEG tables are evidence)."""
+        any (its JPEG tables are evidence); ``noise``: also measure the noise level (a report's figure, which
+        no decision uses: restoring does not pay for it)."""
         if image.ndim == 4:
             image = image[0]
         if min(image.shape[-2:]) < MIN_SIDE:  # too few pixels to judge: nothing is undone
@@ -146,7 +147,7 @@ class Estimator:
         if quality is not None and "jpeg" in probabilities:
             probabilities["jpeg"], severities["jpeg"] = 1.0, severity_of_quality(quality)
         # measured on the central 512 px at most: a wavelet transform of a whole 6 MP photo costs 0.3 s
-        sigma = noise_sigma(center_crop(image, 512, 512)) if min(image.shape[-2:]) >= MIN_SIDE else None
+        sigma = noise_sigma(center_crop(image, 512, 512)) if noise and min(image.shape[-2:]) >= MIN_SIDE else None
         return Estimate(probabilities, severities, quality, sigma, self.threshold)
 
 

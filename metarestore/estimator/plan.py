@@ -35,6 +35,11 @@ class Step:
     family: str | None
     strength: float = 1.0
 
+    def keep(self, x, restored):
+        """The step's output from its input ``x`` and the told model's ``restored``: all of the change, or
+        ``strength`` of it."""
+        return restored if self.strength >= 1.0 else (x + self.strength * (restored - x)).clamp(0, 1)
+
     def __str__(self) -> str:
         name = self.family or "blind"
         return name if self.strength >= 1.0 else f"{name}:{self.strength:.2f}"
