@@ -15,6 +15,7 @@ from PIL import Image
 from metarestore import degradations
 from metarestore.data.images import to_chw_uint8
 from metarestore.estimator import LABELS, Estimate, Step, jpeg_quality, load_estimator, noise_sigma, plan
+from metarestore.estimator.evidence import tone_span
 from metarestore.estimator.estimate import crop_origins
 from metarestore.estimator.plan import jpeg_strength
 from metarestore.inference import restore_estimated, restore_image
@@ -98,6 +99,19 @@ def test_mild_jpeg_keeps_less_of_the_told_correction():
     assert estimate({}).clean and estimate({}).summary().startswith("clean (p=0.96")  # 4 tone labels at 0.01
 
 
+def test_the_tone_span_bounds_a_contrast_reduction():
+    """A contrast reduction by ``f`` leaves the tones at most ``f`` of the way from the mean to black or white,
+    whatever the photo; real photos reach (nearly) the ends."""
+    contrast = degradations.get("contrast")
+    for name in ("coffee", "astronaut", "chelsea", "rocket"):
+        x = photo(name)
+        assert tone_span(x) >= 0.77, name
+        for factor in (0.7, 0.5, 0.3):
+            flat = contrast(x, {"factor": factor, "seed": 0})
+            assert tone_span(flat) <= factor + 1e-4 and tone_span(flat) == pytest.approx(factor * tone_span(x), abs=0.01)
+    assert tone_span(torch.full((3, 8, 8), 0.5)) == 0.0
+
+
 def test_crops_start_on_the_jpeg_block_grid_and_cover_the_image():
     assert crop_origins(80, 96, 3) == [0]
     starts = crop_origins(500, 96, 3)
@@ -128,6 +142,18 @@ def test_the_shipped_estimator_knows_a_clean_photo_from_a_degraded_one(estimator
     blur = degradations.get("gaussian_blur")
     blurred = blur(x, blur.sample(0.75, torch.Generator().manual_seed(0)))
     assert set(estimator(blurred).present) & {"gaussian_blur", "downsample"}
+
+
+def test_flattened_tones_are_found_as_contrast_and_full_ones_never_are(estimator):
+    """The tones are the evidence for ``contrast``: a photo flattened to half its contrast is found as
+    contrast (severity about 0.6) whatever the windows look like; a clean photo never is."""
+    contrast = degradations.get("contrast")
+    for name in ("coffee", "astronaut", "chelsea"):
+        x = photo(name)
+        assert estimator(x).probabilities["contrast"] == 0.0 and estimator(x).tone_span >= 0.77
+        found = estimator(contrast(x, {"factor": 0.5, "seed": 0}))
+        assert found.present == ["contrast"] and found.severities["contrast"] == pytest.approx(0.625, abs=0.05)
+        assert plan(found, ["contrast"]) == [Step("contrast")]
 
 
 def test_blind_restoration_returns_a_clean_photo_untouched_and_undoes_a_jpeg(estimator, told_checkpoint):

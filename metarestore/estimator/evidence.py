@@ -59,3 +59,14 @@ def noise_sigma(image: torch.Tensor) -> float:
         x = x / 255.0
     array = x.permute(1, 2, 0).numpy()
     return float(estimate_sigma(array, channel_axis=-1, average_sigmas=True)) * 255.0
+
+
+def tone_span(image: torch.Tensor) -> float:
+    """How far an image's values reach from their mean towards black and towards white, as a fraction of the
+    way (the larger side): 1.0 when they reach either end. The ``contrast`` family (``m + f * (x - m)``, ``m``
+    the mean) leaves at most its factor ``f``, whatever the photo, while a photo's values nearly always reach
+    an end (the least over 275 clean 256 px crops of CBSD68, Kodak24, LIVE1 and Set14 and 140 whole photos:
+    0.77; docs/benchmarks.md, "Blind restoration"). ``image``: (3, H, W) or (1, 3, H, W), float in [0, 1]."""
+    x = image.detach().float()
+    mean, low, high = float(x.mean()), float(x.amin()), float(x.amax())
+    return max((mean - low) / max(mean, 1e-3), (high - mean) / max(1.0 - mean, 1e-3))

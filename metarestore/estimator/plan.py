@@ -5,9 +5,10 @@ Doing no harm comes first. A clean verdict, an unsure one (nothing at or above t
 the model cannot be told (it would guess, and a guess is what shifted the tones of clean photos) all mean
 "leave the image as it is". Families that explain the same thing (``labels.ALTERNATIVES``: two kinds of
 noise, kinds of softness, tone curves) are one finding: only the likeliest is undone, never several on top
-of each other. A correction of the whole image's tones (low light, contrast) costs the most when it is
-wrong (an unseen posterised photo read as under-exposed came back 20 dB worse), so it needs a surer
-estimate (``SURE``). And the milder a JPEG file's compression, the less of the told correction is kept
+of each other. A correction of the whole image's tones costs the most when it is wrong (an unseen
+posterised photo read as under-exposed came back 20 dB worse), so low light needs a surer estimate
+(``SURE``); contrast is found only when the image's own tones say they were flattened (``Estimator``,
+``FLAT_SPAN``). And the milder a JPEG file's compression, the less of the told correction is kept
 (``jpeg_strength``): at quality 95 the whole correction loses 0.7 to 0.8 dB, a quarter of it gains 0.2 to
 0.4 (docs/benchmarks.md, "Blind restoration").
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from metarestore.estimator.estimate import Estimate
 
 # the probability a global tone correction needs (the others need the estimate's threshold)
-SURE = {"low_light": 0.8, "contrast": 0.8}
+SURE = {"low_light": 0.8}
 # from the third step of a chain on, each step needs this: the restorer never trained on chains, and every
 # pass works on the previous one's output (a blur undone after the noise, found at p = 0.50 on a noisy
 # JPEG that was not blurred, cost 0.6 dB)
