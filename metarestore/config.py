@@ -96,6 +96,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     device: str = "auto"  # auto | cpu | cuda
     init: str | None = None  # a model URI (builtin:base, models:/..., a folder) to fine-tune from
+    # parameter-name prefixes the run trains, the rest frozen (empty: all): ``[condition.]`` teaches a told
+    # model new rows (families or chains) and leaves every other row and the network bit for bit as they were
+    trainable: list[str] = field(default_factory=list)
     # patches (support + query) that go through the network together; a step's tasks run in chunks of
     # this size: past it the activations leave the CPU's caches and each patch costs twice as much
     max_batch_patches: int = 72

@@ -20,7 +20,7 @@ from metarestore.config import Config, from_dict
 from metarestore.data import EMBEDDED, EpisodeSampler, PatchSampler, TaskSpec, load_images
 from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.ema import WeightEMA
-from metarestore.errors import ResumeError
+from metarestore.errors import ResumeError, UserError
 from metarestore.fewshot import Task, few_shot
 from metarestore.meta import MetaLearner, flat_grad, make_learner, set_flat_grad
 from metarestore.model import RestorationNet, count_parameters
@@ -108,7 +108,8 @@ class ValidationResult:
 def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     """``train.init``: the weights to fine-tune from. The network's shape comes from that model, so
     ``cfg.model`` is set to its model section (a fine-tune cannot change the architecture), except that
-    ``model.condition`` may add a conditioning (it starts as a no-op)."""
+    ``model.condition`` may add a conditioning (it starts as a no-op) and ``model.hint_families`` may add
+    told rows after the saved model's (each starts as its blind row: ``load_weights``)."""
     if not cfg.train.init:
         return None
     from metarestore.checkpoint import load_checkpoint
@@ -118,8 +119,26 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     saved = from_dict(ckpt.metadata["config"]).model
     if cfg.model.condition != "none" and saved.condition == "none":  # a conditioning added; a saved one stays
         saved.condition, saved.hint_families = cfg.model.condition, cfg.model.hint_families
+    told = list(saved.hint_families)
+    if saved.condition == cfg.model.condition == "family" and cfg.model.hint_families[:len(told)] == told:
+        saved.hint_families = list(cfg.model.hint_families)  # the saved rows, then new ones
     cfg.model = saved
     return ckpt.model
+
+
+def trainable_parameters(learner: MetaLearner, prefixes: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters a run trains (``train.trainable``: name prefixes, the network's own without ``model.``;
+    empty: all of them). The others stop needing gradients, so the backward pass skips their weight
+    gradients, and the optimizer never holds them."""
+    named = [(n.removeprefix("model."), p) for n, p in learner.named_parameters()]
+    if not prefixes:
+        return [p for _, p in named]
+    unknown = [f for f in prefixes if not any(n.startswith(f) for n, _ in named)]
+    if unknown:
+        raise UserError(f"train.trainable: no parameter starts with {unknown[0]!r} (e.g. {named[0][0]!r})")
+    for n, p in named:
+        p.requires_grad_(any(n.startswith(f) for f in prefixes))
+    return [p for _, p in named if p.requires_grad]
 
 
 class MetaTrainer:
@@ -134,7 +153,7 @@ class MetaTrainer:
         if init is not None:
             load_weights(self.learner.model, {k: v.to(self.device) for k, v in init.items()})
         self.model = self.learner.model
-        self.params = [p for p in self.learner.parameters()]
+        self.params = trainable_parameters(self.learner, cfg.train.trainable)
         self.optimizer = build_optimizer(self.params, cfg)
         self.ema = WeightEMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.sampler = EpisodeSampler(load_images(cfg.data.train, "train"), cfg.data.patch_size,
@@ -260,7 +279,7 @@ class MetaTrainer:
             raise ResumeError(f"the checkpoint's learner state ({', '.join(sorted(saved)) or 'none'}) is not this "
                               f"algorithm's ({', '.join(sorted(own)) or 'none'})")
         self.learner.load_state_dict({**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **saved})
-        names = [n for n, _ in self.learner.named_parameters()]
+        names = [n for n, p in self.learner.named_parameters() if p.requires_grad]
         optimizer_from_tensors(self.optimizer, {k: v.to(self.device) for k, v in ckpt.training_tensors.items()},
                                ckpt.training_state["optimizer"],
                                positions=[i for i, n in enumerate(names) if n not in fresh])

@@ -204,3 +204,30 @@ def test_a_fine_tune_of_a_told_model_keeps_what_it_can_be_told(told_checkpoint, 
         cast = [t for t in plan_step(cfg, 0) if t.family == "color_cast"]
         assert trainer.learner.hints(cast).tolist() == [0]
         trainer.run_step()
+
+
+def test_a_fine_tune_teaches_new_told_rows_alone_and_leaves_the_rest_bit_for_bit(told_checkpoint, tmp_path):
+    """``train.trainable: [condition.]`` with a chain appended to the told families (configs/base-chains.yaml):
+    the chain's row starts as the blind row and learns; the network and every saved row stay as they were,
+    so whatever the model was told before it still restores exactly as before."""
+    from metarestore.checkpoint import load_checkpoint
+    from metarestore.errors import UserError
+
+    told = ["gaussian_noise", "gaussian_blur", "jpeg", "low_light", "awgn"]
+    cfg = smoke_config(tmp_path / "run", f"train.init={told_checkpoint}", "families.train=[gaussian_noise+jpeg]",
+                       f"model.hint_families=[{', '.join(told)}, gaussian_noise+jpeg]", "train.trainable=[condition.]",
+                       "model.condition=family", "meta.algorithm=multitask", "meta.blind_fraction=0")
+    trainer = MetaTrainer(cfg, device="cpu")
+    assert trainer.model.hint_families == (*told, "gaussian_noise+jpeg")
+    source = load_checkpoint(told_checkpoint).model
+    table = trainer.model.state_dict()["condition.table"].clone()
+    torch.testing.assert_close(table[-1], source["condition.table"][0], rtol=0, atol=0)  # starts as the blind row
+    assert [p for p in trainer.params] == [trainer.model.condition.table]
+    for _ in range(2):
+        trainer.run_step()
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in source.items() if k != "condition.table")
+    torch.testing.assert_close(after["condition.table"][:-1], source["condition.table"], rtol=0, atol=0)
+    assert not torch.equal(after["condition.table"][-1], table[-1])
+    with pytest.raises(UserError, match="train.trainable"):
+        MetaTrainer(smoke_config(tmp_path / "bad", "train.trainable=[nothing.]"), device="cpu")

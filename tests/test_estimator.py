@@ -89,6 +89,20 @@ def test_the_plan_undoes_what_was_found_last_applied_first_and_nothing_else():
         ["low_light"]
 
 
+def test_a_chain_the_model_was_taught_is_undone_in_one_told_pass():
+    """A model with a row per realistic chain (configs/base-chains.yaml) is told the whole chain once, the
+    longest that matches; steps it has no chain for, or a mild JPEG kept in part, go one family at a time."""
+    told = ["gaussian_noise", "gaussian_blur", "jpeg", "downsample", "gaussian_noise+jpeg",
+            "gaussian_blur+gaussian_noise+jpeg"]
+    found = plan(estimate({"gaussian_noise": 0.9, "jpeg": 1.0}, jpeg_quality=40), told)
+    assert found == [Step("gaussian_noise+jpeg")] and str(found[0]) == "gaussian_noise+jpeg"
+    three = {"gaussian_noise": 0.9, "jpeg": 1.0, "gaussian_blur": 0.8}
+    assert plan(estimate(three, jpeg_quality=40), told) == [Step("gaussian_blur+gaussian_noise+jpeg")]
+    assert families(plan(estimate({"downsample": 0.9, "jpeg": 1.0}, jpeg_quality=40), told)) == ["jpeg", "downsample"]
+    assert families(plan(estimate({"gaussian_noise": 0.9, "jpeg": 1.0}, jpeg_quality=92), told)) == \
+        ["jpeg", "gaussian_noise"]  # a mild JPEG keeps part of its correction: no chain
+
+
 def test_mild_jpeg_keeps_less_of_the_told_correction():
     told = ["jpeg", "gaussian_noise"]
     strengths = [plan(estimate({"jpeg": 1.0}, jpeg_quality=q), told) for q in (30, 83, 90, 95, 98)]
@@ -154,6 +168,25 @@ def test_flattened_tones_are_found_as_contrast_and_full_ones_never_are(estimator
         found = estimator(contrast(x, {"factor": 0.5, "seed": 0}))
         assert found.present == ["contrast"] and found.severities["contrast"] == pytest.approx(0.625, abs=0.05)
         assert plan(found, ["contrast"]) == [Step("contrast")]
+
+
+def test_an_enlarged_photo_has_periodic_detail_and_a_blurred_one_is_found_as_blur(estimator):
+    """Resampling leaves the detail periodic, a blur does not (``resampling_peak``); so a blurred photo saved
+    in 8 bits, which the windows alone read as lost resolution, is found as blur, and a downsampled one as
+    downsampling."""
+    from metarestore.estimator.evidence import resampling_peak
+
+    blur, down = degradations.get("gaussian_blur"), degradations.get("downsample")
+    for name in ("coffee", "astronaut", "chelsea"):
+        x = photo(name)
+        blurred = to_8_bits(blur(x, {"sigma_x": 2.0, "sigma_y": 2.0, "angle": 0.0, "seed": 0}))
+        enlarged = to_8_bits(down(x, {"scale": 2.5, "seed": 0}))
+        assert resampling_peak(x) < 3.0 and resampling_peak(blurred) < 3.0 < resampling_peak(enlarged), name
+        assert estimator(blurred).present == ["gaussian_blur"] and estimator(enlarged).present == ["downsample"]
+
+
+def to_8_bits(x: torch.Tensor) -> torch.Tensor:
+    return (x.clamp(0, 1) * 255).round() / 255
 
 
 def test_blind_restoration_returns_a_clean_photo_untouched_and_undoes_a_jpeg(estimator, told_checkpoint):

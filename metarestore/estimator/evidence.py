@@ -70,3 +70,27 @@ def tone_span(image: torch.Tensor) -> float:
     x = image.detach().float()
     mean, low, high = float(x.mean()), float(x.amin()), float(x.amax())
     return max((mean - low) / max(mean, 1e-3), (high - mean) / max(1.0 - mean, 1e-3))
+
+
+def resampling_peak(image: torch.Tensor, low: float = 0.2) -> float:
+    """How periodic an image's fine detail is along both axes at once: resampling (a picture enlarged by
+    interpolation, the ``downsample`` family's bicubic way back up included) leaves its pixels' second
+    differences periodic with the scale's period (Gallagher, "Detection of linear and cubic interpolation
+    in JPEG compressed images", 2005; Popescu and Farid, 2005), a blur does not. The mean absolute second
+    difference of each row (column) position is a signal across the image; the peak, from ``low`` cycles
+    per pixel to 0.5 (periods 2 to 5: factors 2 to 5), of the smaller of the two axes' spectra, each
+    against its median. About 1 to 3.6 for photos and blurred photos, 3 to 25 for resampled ones
+    (docs/benchmarks.md, "Blind restoration"). ``image``: (3, H, W) or (1, 3, H, W), float."""
+    gray = image.detach().double().reshape(-1, *image.shape[-2:]).mean(0)
+    if min(gray.shape) < 16:
+        return 0.0
+    n = min(gray.shape)
+    spectra = []
+    for axis in (0, 1):
+        d2 = torch.diff(gray, n=2, dim=axis).abs().mean(dim=1 - axis)[: n - 2]
+        d2 = (d2 - d2.mean()) * torch.hann_window(len(d2), periodic=False, dtype=d2.dtype)
+        spectrum = torch.fft.rfft(d2).abs()
+        spectra.append(spectrum / spectrum[1:].median().clamp_min(1e-12))
+    freq = torch.fft.rfftfreq(n - 2, dtype=torch.float64)
+    band = freq >= low
+    return float(torch.minimum(*spectra)[band].max())

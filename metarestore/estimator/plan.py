@@ -73,4 +73,25 @@ def plan(estimate: Estimate, told: Iterable[str]) -> list[Step]:
             strength = jpeg_strength(quality)
         if strength > 0.0:
             steps.append(Step(family, round(strength, 2)))
-    return steps
+    return joined(steps, told)
+
+
+def joined(steps: list[Step], told: Iterable[str]) -> list[Step]:
+    """``steps`` with every run of whole steps that a told chain undoes at once (``a+b+c``, applied a, then
+    b, then c: the steps c, b, a) replaced by that one step, the longest chain first: a model taught a row
+    per chain (``configs/base-chains.yaml``) was trained on the chain itself, where a pass per family meets
+    an input none of its rows was trained on."""
+    chains = sorted((name.split("+")[::-1] for name in told if "+" in name), key=len, reverse=True)
+    out: list[Step] = []
+    i = 0
+    while i < len(steps):
+        for members in chains:
+            window = steps[i:i + len(members)]
+            if [s.family for s in window] == members and all(s.strength >= 1.0 for s in window):
+                out.append(Step("+".join(members[::-1])))
+                i += len(members)
+                break
+        else:
+            out.append(steps[i])
+            i += 1
+    return out
