@@ -15,8 +15,8 @@ from PIL import Image
 from metarestore import degradations
 from metarestore.data.images import to_chw_uint8
 from metarestore.estimator import LABELS, Estimate, Step, jpeg_quality, load_estimator, noise_sigma, plan
-from metarestore.estimator.evidence import tone_span
 from metarestore.estimator.estimate import crop_origins
+from metarestore.estimator.evidence import tone_span
 from metarestore.estimator.plan import jpeg_strength
 from metarestore.inference import restore_estimated, restore_image
 
