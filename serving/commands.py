@@ -208,9 +208,10 @@ def adapt_command(
     endpoint: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000.")],
     steps: Annotated[int | None, typer.Option(min=1, max=50, help="adapt() gradient steps (default: the "
                                               "server's, 10).")] = None,
-    kind: Annotated[str | None, typer.Option(help="auto (the server picks the path by leave-one-out on the "
-                                             "pairs; the default) or a path: film, deconv@0.01+film, hqs@0.01, "
-                                             "tone, ...")] = None,
+    path: Annotated[str | None, typer.Option("--path", "--kind", help="auto (the server picks the path by "
+                                             "leave-one-out on the pairs; the default) or a path: film, "
+                                             "deconv@0.01+film, hqs@0.01, tone, ... (--kind: its former name, "
+                                             "deprecated)")] = None,
     token: Annotated[str | None, typer.Option(envvar="METARESTORE_TOKEN", help="Bearer token, if the server "
                                               "requires one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the adapter's JSON instead of its id.")] = False,
@@ -223,7 +224,7 @@ def adapt_command(
 
     from serving.client import RestorerClient
 
-    info = RestorerClient(endpoint, token=token).create_adapter(degraded, clean, steps=steps, kind=kind)
+    info = RestorerClient(endpoint, token=token).create_adapter(degraded, clean, steps=steps, path=path)
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         return
@@ -233,7 +234,7 @@ def adapt_command(
         return "?" if info.get(key) is None else f"{info[key]:.2f}"
 
     typer.echo(f"{info['shots']} pair(s), path {info.get('path', 'film')}, {info['elapsed_ms']:.0f} ms: PSNR on "
-               f"held-out pairs {db('psnr_before')} dB without the adapter, {db('psnr_after')} dB with it "
+               f"held-out pairs {db('psnr_zero_shot')} dB without the adapter, {db('psnr_adapted')} dB with it "
                f"(degraded: {db('psnr_input')} dB); expires {info['expires_at']}", err=True)
 
 
