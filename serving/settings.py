@@ -75,7 +75,7 @@ class AppArgs(BaseModel):
                             "about 4x its size).")
     adapt_folds: int = Field(2, ge=1, description="Most leave-one-out folds that choose an adapter's path.")
     adapt_validation_steps: int = Field(3, ge=1, description="Gradient steps of each adapted candidate path in "
-                                        "kind=auto's validation (the chosen path is then fitted with the "
+                                        "path=auto's validation (the chosen path is then fitted with the "
                                         "request's steps): a few steps rank candidates at a fraction of the cost.")
     adapt_budget_s: float | None = Field(1.0, gt=0, description="Wall-clock seconds for an adapter's fit, the "
                                          "chosen path's final fit included: adapted (and hqs) candidates that "
@@ -87,7 +87,7 @@ class AppArgs(BaseModel):
     adapt_patch: int = Field(32, ge=8, description="Each gradient step of an adapter fit sees one random window "
                              "of this side per pair (an adapted FiLM/LoRA state acts alike everywhere in an "
                              "image, so windows give nearly the whole pairs' gradient at a fraction of the cost).")
-    auto_paths: list[str] | None = Field(None, description="The candidate paths of kind=auto (names as "
+    auto_paths: list[str] | None = Field(None, description="The candidate paths of path=auto (names as "
                                          "metarestore.operators.paths.Path.parse reads them; default: the core's "
                                          "default_paths()).")
     adapter_ttl_s: float = Field(3600.0, gt=0, description="Adapters expire this long after creation.")
