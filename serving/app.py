@@ -43,7 +43,7 @@ def _replica(request: Request) -> Replica:
     return request.app.state.replica
 
 
-This = Annotated[Replica, Depends(_replica)]
+ThisReplica = Annotated[Replica, Depends(_replica)]
 
 
 @router.get("/healthz")
@@ -52,7 +52,7 @@ def healthz() -> dict:
 
 
 @router.get("/v1/model", response_model=ModelInfo)
-def model_info(r: This) -> ModelInfo:
+def model_info(r: ThisReplica) -> ModelInfo:
     core, cfg = r.core, r.cfg
     meta, (parameters, adaptable) = core.metadata, core.counts
     return ModelInfo(
@@ -70,7 +70,8 @@ def model_info(r: This) -> ModelInfo:
 @router.post("/v1/restore", response_class=Response, openapi_extra=restore_body(),
              responses={200: {"content": {"image/png": {}}, "description": "The restored image, same size.",
                               "headers": RESTORE_HEADERS}})
-async def restore(r: This, request: Request, adapter: str | None = None, degradation: str | None = None) -> Response:
+async def restore(r: ThisReplica, request: Request, adapter: str | None = None,
+                  degradation: str | None = None) -> Response:
     """Restore one PNG/JPEG (raw body with Content-Type image/png|jpeg, or multipart field ``image``).
     ``degradation`` names what happened to the image (one of ``/v1/model``'s ``degradations``) to a
     model that can be told it. Without it the restore is blind: the degradation estimator reads the image
@@ -108,7 +109,7 @@ async def restore(r: This, request: Request, adapter: str | None = None, degrada
 
 
 @router.post("/v1/adapters", response_model=AdapterInfo, openapi_extra=adapter_body())
-async def create_adapter(r: This, request: Request) -> JSONResponse:
+async def create_adapter(r: ThisReplica, request: Request) -> JSONResponse:
     """Adapt to the degradation shown by K (degraded, clean) pairs; returns the adapter's id and how it
     did on held-out pairs. Form field ``path`` (``kind``: its deprecated alias): auto (default: the path is
     chosen by leave-one-out among zero-shot, FiLM and operator + restorer paths) or one path to use."""
@@ -128,13 +129,13 @@ async def create_adapter(r: This, request: Request) -> JSONResponse:
 
 
 @router.get("/v1/adapters", response_model=AdapterList)
-async def list_adapters(r: This) -> AdapterList:
+async def list_adapters(r: ThisReplica) -> AdapterList:
     """Every adapter that has not expired, oldest first."""
     return AdapterList(adapters=[AdapterInfo(**i) for i in await r.store.infos.remote()])
 
 
 @router.get("/v1/adapters/{adapter_id}", response_model=AdapterInfo)
-async def get_adapter(r: This, adapter_id: str) -> AdapterInfo:
+async def get_adapter(r: ThisReplica, adapter_id: str) -> AdapterInfo:
     info = await r.store.info.remote(adapter_id)
     if info is None:
         raise no_adapter(adapter_id)
@@ -142,7 +143,7 @@ async def get_adapter(r: This, adapter_id: str) -> AdapterInfo:
 
 
 @router.delete("/v1/adapters/{adapter_id}")
-async def delete_adapter(r: This, adapter_id: str) -> dict:
+async def delete_adapter(r: ThisReplica, adapter_id: str) -> dict:
     if not await r.store.delete.remote(adapter_id):
         raise no_adapter(adapter_id)
     return {"adapter_id": adapter_id, "deleted": True}

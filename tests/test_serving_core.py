@@ -66,8 +66,11 @@ def requests_of_every_kind() -> list[tuple]:
     """(kind, argument, image): told restores of three families, blind restores, fits of two pair sets."""
     images = [photo(n, t, left) for n, t, left in (("astronaut", 0, 0), ("coffee", 100, 100), ("chelsea", 50, 50),
                                                    ("rocket", 120, 200))]
-    told = [("told", family, degraded(family, x, i)) for i, x in enumerate(images) for family in FAMILIES[i % 3:][:1]]
-    told += [("told", FAMILIES[(i + 1) % 3], degraded(FAMILIES[(i + 1) % 3], x, 10 + i)) for i, x in enumerate(images)]
+    told = []
+    for i, x in enumerate(images):
+        for j in (0, 1):  # two families per image: same-size requests of several families at once
+            family = FAMILIES[(i + j) % len(FAMILIES)]
+            told.append(("told", family, degraded(family, x, 10 * j + i)))
     blind = [("blind", None, degraded("gaussian_noise", x, 20 + i)) for i, x in enumerate(images[:2])]
     return told + blind + [("fit", k, None) for k in (0, 1)]
 
@@ -78,8 +81,7 @@ def run(core, call, request):
         return call(core.restore_told(x, arg)).image
     if kind == "blind":
         return call(core.restore_blind(x)).image
-    fitted = call(core.fit(*cast_pairs(arg), steps=3, path="auto"))
-    return fitted
+    return call(core.fit(*cast_pairs(arg), steps=3, path="auto"))
 
 
 def alone(core, request):
