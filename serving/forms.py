@@ -14,16 +14,16 @@ from serving.limits import MEDIA_TYPES, MULTIPART, ApiError, media_type, parse_f
 
 async def restore_image_bytes(request: Request, body: bytes) -> bytes:
     """The image of a /v1/restore body: raw PNG/JPEG bytes, or the multipart field ``image``."""
-    kind = media_type(request)
-    if kind == MULTIPART:
+    content_type = media_type(request)
+    if content_type == MULTIPART:
         form = await parse_form(request, body, max_files=1)
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise ApiError(400, "missing_field", "the multipart body needs a file field 'image'")
         return await upload.read()
-    if kind in MEDIA_TYPES:
+    if content_type in MEDIA_TYPES:
         return body
-    raise ApiError(415, "unsupported_media_type", f"Content-Type {kind or '(none)'} is not accepted: send "
+    raise ApiError(415, "unsupported_media_type", f"Content-Type {content_type or '(none)'} is not accepted: send "
                    "image/png or image/jpeg bytes, or multipart/form-data with a file field 'image'")
 
 
