@@ -193,7 +193,7 @@ def adapter_figures(url: str, repeats: int, steps: int, shots: int = 5, size: in
     for info in infos:
         requests.delete(f"{url}/v1/adapters/{info['adapter_id']}", timeout=30)
     return {"client": client, "server": [i["elapsed_ms"] for i in infos],
-            "steps_used": [i["steps_used"] for i in infos], "gain_server": infos[0]["psnr_after"] - infos[0]["psnr_before"],
+            "steps_used": [i["steps_used"] for i in infos], "gain_server": infos[0]["psnr_adapted"] - infos[0]["psnr_zero_shot"],
             "gain_held_out": statistics.mean(gains)}
 
 

@@ -87,9 +87,17 @@ def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None =
             return self_ensemble(lambda t: learner.restore(t, params, kind=kind, **told), inp)
         return learner.restore(inp, params, kind=kind, **told)
 
+    return tiled(run, x, tile, overlap)
+
+
+def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int | None = 256,
+          overlap: int = 32) -> torch.Tensor:
+    """``fn`` (any image-to-image map of the same size) on a (B, C, H, W) batch, in overlapping tiles
+    blended with linear ramps when the image is larger than ``tile``: memory stays bounded whatever the
+    image's size. Images that fit in one tile go through whole (and unclamped)."""
     h, w = x.shape[-2:]
     if tile is None or (h <= tile and w <= tile):
-        return run(x)
+        return fn(x)
     out = torch.zeros_like(x)
     weight = torch.zeros(1, 1, h, w, device=x.device)
     stride = max(1, tile - overlap)
@@ -97,7 +105,7 @@ def restore_image(learner: MetaLearner, x: torch.Tensor, params: Params | None =
         for left in _starts(w, tile, stride):
             patch = x[..., top:top + tile, left:left + tile]
             win = _window(patch.shape[-2], patch.shape[-1], overlap, x.device)
-            out[..., top:top + tile, left:left + tile] += run(patch) * win
+            out[..., top:top + tile, left:left + tile] += fn(patch) * win
             weight[..., top:top + tile, left:left + tile] += win
     return (out / weight).clamp(0, 1)
 

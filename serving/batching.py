@@ -41,6 +41,16 @@ class Batcher(Generic[T, R]):
         await self._queue.put((item, future))
         return await future
 
+    async def aclose(self) -> None:
+        """Stop the workers (requests still queued are cancelled); a later ``submit`` starts new ones."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._queue is not None:
+            while not self._queue.empty():
+                self._queue.get_nowait()[1].cancel()
+        self._queue, self._tasks = None, []
+
     def _take(self, batch: list[tuple[T, asyncio.Future]]) -> None:
         assert self._queue is not None
         while len(batch) < self.max_batch_size and not self._queue.empty():

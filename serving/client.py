@@ -125,9 +125,11 @@ class RestorerClient:
                 "replica": result.replica, "found": result.found, "restored_as": result.restored_as}
 
     def create_adapter(self, degraded: Sequence[str | Path | bytes], clean: Sequence[str | Path | bytes],
-                       steps: int | None = None, kind: str | None = None) -> dict:
+                       steps: int | None = None, path: str | None = None, kind: str | None = None) -> dict:
         """Send K (degraded, clean) pairs, in order; returns the adapter's JSON (``adapter_id``, the ``path``
-        chosen, held-out PSNRs etc.). ``kind``: auto (the server's default) or a path name such as film."""
+        chosen, held-out PSNRs ``psnr_input``, ``psnr_zero_shot``, ``psnr_adapted`` etc.). ``path``: auto (the
+        server's default) or a path name such as film; ``kind``: its former name (deprecated)."""
+        path = path if path is not None else kind
         if len(degraded) != len(clean):
             raise UserError(f"{len(degraded)} degraded but {len(clean)} clean images: give them in pairs")
         files = []
@@ -136,8 +138,8 @@ class RestorerClient:
                 data, content_type = _image_bytes(image)
                 files.append((field, (f"{field}{i}.png", data, content_type)))
         data = {"steps": str(steps)} if steps is not None else {}
-        if kind is not None:
-            data["kind"] = kind
+        if path is not None:
+            data["path"] = path
         return self._call("POST", "/v1/adapters", files=files, data=data or None).json()
 
     def get_adapter(self, adapter_id: str) -> dict:

@@ -68,49 +68,64 @@ def _stop(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def serve_command(
-    model: Annotated[str | None, typer.Option("--model", help="builtin:base (the default), a checkpoint directory, "
-                                              "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH.")] = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on: 127.0.0.1 is this machine only; "
-                                      "0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
-    replicas: Annotated[int | None, typer.Option(min=1, help="Model replicas (Ray Serve deployment replicas; "
-                                                 "default 1).")] = None,
-    max_batch_size: Annotated[int | None, typer.Option(min=1, help="Restore requests of the same size served by "
-                                                       "one forward pass (dynamic batching; 1 disables it; "
-                                                       "default 8).")] = None,
-    token_env: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer <token>' on every route "
-                                                  "but /healthz; the token is read from this environment "
-                                                  "variable.")] = None,
-    cpus_per_replica: Annotated[float | None, typer.Option(min=0.01, help="CPUs Ray reserves per replica; also "
-                                                           "its torch threads (rounded, at least 1); default "
-                                                           "0.5 CPU, 1 thread.")] = None,
-    max_pixels: Annotated[int | None, typer.Option(min=1, help="Largest image accepted, in pixels (default "
-                                                   "16,000,000).")] = None,
-    max_body_mb: Annotated[float | None, typer.Option(min=0.01, help="Largest request body, in MiB (default "
-                                                      "64).")] = None,
-    adapter_ttl: Annotated[float | None, typer.Option(min=1, help="Seconds an adapter lives after creation "
-                                                      "(default 3600).")] = None,
-    adapter_dir: Annotated[str | None, typer.Option(help="Where adapters are kept across restarts: a directory "
-                                                    "or an fsspec URI such as s3://bucket/adapters (default "
-                                                    "~/.cache/metarestore/adapters).")] = None,
-    address: Annotated[str | None, typer.Option(help="Ray cluster to deploy on (auto, HOST:6379); default: "
-                                                "start a local Ray in this process.")] = None,
-    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: "
-                                                     "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")] = None,
-    access_log: Annotated[bool, typer.Option("--access-log", help="Log one line per request (Ray Serve's access "
-                                             "log, in the console and Ray's log directory); off by default: "
-                                             "warnings and errors are shown either way.")] = False,
-    direct_ingress: Annotated[bool, typer.Option("--direct-ingress", help="Clients reach the replica's own HTTP "
-                                                 "server (Ray Serve direct ingress), skipping the proxy's hop; "
-                                                 "its URL is printed at start (a port from 30000-31000, on "
-                                                 "--host); the proxy still answers at --port. One replica, a "
-                                                 "local Ray.")] = False,
-) -> None:
-    """Serve the restorer over HTTP with Ray Serve until Ctrl-C (API docs at /docs)."""
-    import signal
-    import time
+# The options of ``metarestore serve``, one alias each: the command's signature stays readable.
+ModelOption = Annotated[str | None, typer.Option("--model", help="builtin:base (the default), a checkpoint "
+                                                 "directory, models:/NAME@ALIAS, models:/NAME/VERSION or "
+                                                 "runs:/RUN_ID/PATH.")]
+HostOption = Annotated[str, typer.Option(help="Interface to listen on: 127.0.0.1 is this machine only; "
+                                         "0.0.0.0 exposes the server to the network.")]
+PortOption = Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")]
+ReplicasOption = Annotated[int | None, typer.Option(min=1, help="Model replicas (Ray Serve deployment replicas; "
+                                                    "default 1).")]
+BatchOption = Annotated[int | None, typer.Option(min=1, help="Restore requests of the same size served by one "
+                                                 "forward pass (dynamic batching; 1 disables it; default 8).")]
+TokenEnvOption = Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer <token>' on every route "
+                                                    "but /healthz; the token is read from this environment "
+                                                    "variable.")]
+CpusOption = Annotated[float | None, typer.Option(min=0.01, help="CPUs Ray reserves per replica; also its torch "
+                                                  "threads (rounded, at least 1); default 0.5 CPU, 1 thread.")]
+PixelsOption = Annotated[int | None, typer.Option(min=1, help="Largest image accepted, in pixels (default "
+                                                  "16,000,000).")]
+BodyOption = Annotated[float | None, typer.Option(min=0.01, help="Largest request body, in MiB (default 64).")]
+TtlOption = Annotated[float | None, typer.Option(min=1, help="Seconds an adapter lives after creation (default "
+                                                 "3600).")]
+AdapterDirOption = Annotated[str | None, typer.Option(help="Where adapters are kept across restarts: a directory "
+                                                      "or an fsspec URI such as s3://bucket/adapters (default "
+                                                      "~/.cache/metarestore/adapters).")]
+AddressOption = Annotated[str | None, typer.Option(help="Ray cluster to deploy on (auto, HOST:6379); default: "
+                                                   "start a local Ray in this process.")]
+TrackingOption = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: "
+                                                    "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")]
+AccessLogOption = Annotated[bool, typer.Option("--access-log", help="Log one line per request (Ray Serve's "
+                                               "access log, in the console and Ray's log directory); off by "
+                                               "default: warnings and errors are shown either way.")]
+DirectOption = Annotated[bool, typer.Option("--direct-ingress", help="Clients reach the replica's own HTTP server "
+                                            "(Ray Serve direct ingress), skipping the proxy's hop; its URL is "
+                                            "printed at start (a port from 30000-31000, on --host); the proxy "
+                                            "still answers at --port. One replica, a local Ray.")]
 
+
+def serve_command(model: ModelOption = None, host: HostOption = "127.0.0.1", port: PortOption = 8000,
+                  replicas: ReplicasOption = None, max_batch_size: BatchOption = None,
+                  token_env: TokenEnvOption = None, cpus_per_replica: CpusOption = None,
+                  max_pixels: PixelsOption = None, max_body_mb: BodyOption = None, adapter_ttl: TtlOption = None,
+                  adapter_dir: AdapterDirOption = None, address: AddressOption = None,
+                  tracking_uri: TrackingOption = None, access_log: AccessLogOption = False,
+                  direct_ingress: DirectOption = False) -> None:
+    """Serve the restorer over HTTP with Ray Serve until Ctrl-C (API docs at /docs)."""
+    given = {"num_replicas": replicas, "num_cpus": cpus_per_replica, "max_batch_size": max_batch_size,
+             "max_pixels": max_pixels, "max_body_mb": max_body_mb, "adapter_ttl_s": adapter_ttl,
+             "adapter_dir": adapter_dir}
+    args, ref = _app_args(model, tracking_uri, token_env, host, port, given)
+    _check_placement(args, address, direct_ingress)
+    _run(args, ref, host, port, address, token_env, access_log, direct_ingress)
+
+
+def _app_args(model: str | None, tracking_uri: str | None, token_env: str | None, host: str, port: int,
+              given: dict):
+    """The application's settings from the options the user set (every default lives in AppArgs), and the
+    model's reference. A wrong URI or a corrupt checkpoint fails here, in seconds and before Ray starts
+    (this also fills the download cache that the replicas on this machine then read)."""
     from pydantic import ValidationError
 
     from metarestore.hub import DEFAULT_MODEL, load_model, portable_uri
@@ -122,27 +137,24 @@ def serve_command(
         if not token:
             raise UserError(f"--token-env {token_env}: that environment variable is not set or empty")
     tracking = resolve_uri(tracking_uri)
-    model = model or DEFAULT_MODEL
-    model = portable_uri(model)
-    # A wrong URI or a corrupt checkpoint fails here, in seconds and before Ray starts (this also fills
-    # the download cache that the replicas on this machine then read).
+    model = portable_uri(model or DEFAULT_MODEL)
     _, _, ref = load_model(model, tracking)
     _free(host, port)
 
-    from serving.app import AppArgs, build_app, logging_config
+    from serving.app import AppArgs
 
+    adapter_dir = given.get("adapter_dir")
     if adapter_dir is not None and "://" not in adapter_dir:
-        adapter_dir = str(Path(adapter_dir).expanduser().resolve())  # replicas run in another directory
-    # Only what the user set: every default lives in AppArgs.
-    given = {"num_replicas": replicas, "num_cpus": cpus_per_replica, "max_batch_size": max_batch_size,
-             "max_pixels": max_pixels, "max_body_mb": max_body_mb, "adapter_ttl_s": adapter_ttl,
-             "adapter_dir": adapter_dir}
+        given["adapter_dir"] = str(Path(adapter_dir).expanduser().resolve())  # replicas run in another directory
     try:
         args = AppArgs(model=model, tracking_uri=tracking, token=token,
                        **{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise UserError(str(exc).splitlines()[-1]) from None
+    return args, ref
 
+
+def _check_placement(args, address: str | None, direct_ingress: bool) -> None:
     replicas = args.num_replicas or 1
     if direct_ingress and address:
         raise UserError("--direct-ingress needs the local Ray this command starts (a cluster must be started "
@@ -154,11 +166,19 @@ def serve_command(
         raise UserError(f"{replicas} replica(s) x {args.num_cpus:g} CPU need more than this machine's "
                         f"{os.cpu_count()} CPUs: lower --replicas or --cpus-per-replica")
 
+
+def _run(args, ref, host: str, port: int, address: str | None, token_env: str | None, access_log: bool,
+         direct_ingress: bool) -> None:
+    """Start Ray (or join ``address``) and Serve, deploy, say where, and serve until Ctrl-C or SIGTERM."""
+    import signal
+    import time
+
     import ray
     from ray import serve
 
     from cluster.ray_runtime import init_ray
-    from serving.ingress import direct_urls, enable_direct_ingress
+    from serving.app import build_app, logging_config
+    from serving.ingress import enable_direct_ingress
 
     if direct_ingress:
         enable_direct_ingress()  # before Ray starts: its processes read it when they start
@@ -176,16 +196,7 @@ def serve_command(
             serve.run(build_app(args), name=APP_NAME, route_prefix="/", logging_config=logs)
         except RuntimeError as exc:  # a replica could not start: its exception is the end of Serve's message
             raise UserError(f"the application did not start: {_failure(serve, exc)}") from None
-        what = f"{ref.name} version {ref.version}" if ref.version else str(ref.path)
-        auth = f", bearer token from ${token_env}" if token_env else ""
-        url, via = f"http://{host}:{port}", ""
-        if direct_ingress:
-            urls = direct_urls(APP_NAME, host)
-            if not urls:
-                raise UserError("direct ingress: the replica's HTTP port did not appear in Serve's target groups")
-            url, via = urls[0], f"; through Serve's proxy: http://{host}:{port}"
-        typer.echo(f"serving {what} at {url} ({replicas} replica(s){auth}{via}); "
-                   f"API docs at {url}/docs. Ctrl-C to stop.", err=True)
+        _announce(args, ref, host, port, token_env, direct_ingress)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -200,6 +211,21 @@ def serve_command(
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _announce(args, ref, host: str, port: int, token_env: str | None, direct_ingress: bool) -> None:
+    from serving.ingress import direct_urls
+
+    what = f"{ref.name} version {ref.version}" if ref.version else str(ref.path)
+    auth = f", bearer token from ${token_env}" if token_env else ""
+    url, via = f"http://{host}:{port}", ""
+    if direct_ingress:
+        urls = direct_urls(APP_NAME, host)
+        if not urls:
+            raise UserError("direct ingress: the replica's HTTP port did not appear in Serve's target groups")
+        url, via = urls[0], f"; through Serve's proxy: http://{host}:{port}"
+    typer.echo(f"serving {what} at {url} ({args.num_replicas or 1} replica(s){auth}{via}); "
+               f"API docs at {url}/docs. Ctrl-C to stop.", err=True)
+
+
 def adapt_command(
     degraded: Annotated[list[Path], typer.Option("--degraded", help="Degraded example images, one or more "
                                                  "(1 to 16; PNG or JPEG), in the same order as --clean.")],
@@ -208,9 +234,10 @@ def adapt_command(
     endpoint: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000.")],
     steps: Annotated[int | None, typer.Option(min=1, max=50, help="adapt() gradient steps (default: the "
                                               "server's, 10).")] = None,
-    kind: Annotated[str | None, typer.Option(help="auto (the server picks the path by leave-one-out on the "
-                                             "pairs; the default) or a path: film, deconv@0.01+film, hqs@0.01, "
-                                             "tone, ...")] = None,
+    path: Annotated[str | None, typer.Option("--path", "--kind", help="auto (the server picks the path by "
+                                             "leave-one-out on the pairs; the default) or a path: film, "
+                                             "deconv@0.01+film, hqs@0.01, tone, ... (--kind: its former name, "
+                                             "deprecated)")] = None,
     token: Annotated[str | None, typer.Option(envvar="METARESTORE_TOKEN", help="Bearer token, if the server "
                                               "requires one.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the adapter's JSON instead of its id.")] = False,
@@ -223,7 +250,7 @@ def adapt_command(
 
     from serving.client import RestorerClient
 
-    info = RestorerClient(endpoint, token=token).create_adapter(degraded, clean, steps=steps, kind=kind)
+    info = RestorerClient(endpoint, token=token).create_adapter(degraded, clean, steps=steps, path=path)
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         return
@@ -233,7 +260,7 @@ def adapt_command(
         return "?" if info.get(key) is None else f"{info[key]:.2f}"
 
     typer.echo(f"{info['shots']} pair(s), path {info.get('path', 'film')}, {info['elapsed_ms']:.0f} ms: PSNR on "
-               f"held-out pairs {db('psnr_before')} dB without the adapter, {db('psnr_after')} dB with it "
+               f"held-out pairs {db('psnr_zero_shot')} dB without the adapter, {db('psnr_adapted')} dB with it "
                f"(degraded: {db('psnr_input')} dB); expires {info['expires_at']}", err=True)
 
 

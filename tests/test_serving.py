@@ -299,30 +299,33 @@ def test_told_requests_get_their_own_degradations_output_even_when_batched_toget
                          params={"degradation": hints[1], "adapter": "x"}, timeout=120)
     assert_error(both, 400, "degradation_with_adapter")
 
-    # an adapter may be the model told a family it knows (kind told:F, or chosen by auto); its answers are that
-    # row's output, and a family the model cannot be told is not a kind
+    # an adapter may be the model told a family it knows (path told:F, or chosen by auto); its answers are that
+    # row's output, and a family the model cannot be told is not a path
     fields = pairs_files([x], [expected[hints[1]]])
-    made = requests.post(f"{server.told}/v1/adapters", files=fields, data={"kind": f"told:{hints[1]}"}, timeout=300)
+    made = requests.post(f"{server.told}/v1/adapters", files=fields, data={"path": f"told:{hints[1]}"}, timeout=300)
     assert made.status_code == 200, made.text
     assert made.json()["path"] == f"told:{hints[1]}"
     adapted = requests.post(f"{server.told}/v1/restore", data=png(x), headers={"Content-Type": "image/png"},
                             params={"adapter": made.json()["adapter_id"]}, timeout=120)
     assert (decode(adapted.content) - expected[hints[1]]).abs().max() <= 1.5 / 255
-    twice = requests.post(f"{server.told}/v1/adapters", files=fields, data={"kind": f"told:{hints[1]}*2"}, timeout=300)
+    twice = requests.post(f"{server.told}/v1/adapters", files=fields, data={"path": f"told:{hints[1]}*2"}, timeout=300)
     assert twice.status_code == 200, twice.text
     assert twice.json()["path"] == f"told:{hints[1]}*2"
     adapted = requests.post(f"{server.told}/v1/restore", data=png(x), headers={"Content-Type": "image/png"},
                             params={"adapter": twice.json()["adapter_id"]}, timeout=120)
     second_pass = learner.restore(expected[hints[1]], family=hints[1])
     assert (decode(adapted.content) - second_pass).abs().max() <= 1.5 / 255
-    refused = requests.post(f"{server.told}/v1/adapters", files=fields, data={"kind": "told:haze"}, timeout=300)
+    refused = requests.post(f"{server.told}/v1/adapters", files=fields, data={"path": "told:haze"}, timeout=300)
     assert_error(refused, 422, "invalid_kind")
 
 
 def test_adapter_improves_a_held_out_degradation(server, cast_adapter):
     info = cast_adapter.json()
-    assert set(info) >= {"adapter_id", "shots", "steps", "psnr_before", "psnr_after", "elapsed_ms", "expires_at"}
-    assert info["shots"] == 5 and info["steps"] == 20 and info["psnr_after"] > info["psnr_before"]
+    assert set(info) >= {"adapter_id", "shots", "steps", "psnr_input", "psnr_zero_shot", "psnr_adapted",
+                         "elapsed_ms", "expires_at"}
+    assert info["shots"] == 5 and info["steps"] == 20 and info["psnr_adapted"] > info["psnr_zero_shot"]
+    # the former names, kept for one release: the same figures
+    assert (info["psnr_before"], info["psnr_after"]) == (info["psnr_zero_shot"], info["psnr_adapted"])
     assert cast_adapter.headers["X-Adapter"] == info["adapter_id"]
     gains = []
     for i, (name, top, left) in enumerate(HELD_OUT_TEST):
@@ -367,7 +370,7 @@ def test_auto_adapter_fits_an_unseen_blur_and_beats_zero_shot(server):
     assert info["kind"] == "auto" and OPERATOR_OF.get(info["path"].split("@")[0]) == "kernel", info
     assert info["validation"] == "leave-one-out" and info["folds"] >= 2 and info["residuals"]["kernel"] < 0.5
     assert info["ruled_out"] == [], "a blur's fitted kernel is not the identity: no kernel path is ruled out"
-    assert info["psnr_after"] > info["psnr_before"] and info["scores"][info["path"]] == info["psnr_after"]
+    assert info["psnr_adapted"] > info["psnr_zero_shot"] and info["scores"][info["path"]] == info["psnr_adapted"]
     assert info["fit_ms"] > 0 and (info["fit_height"], info["fit_width"]) == (96, 96)
     assert requests.get(f"{server.url}/v1/adapters/{info['adapter_id']}", timeout=30).json() == info
     for name, top, left in BLUR_TEST:  # images the adapter never saw, blurred the same way
@@ -378,28 +381,30 @@ def test_auto_adapter_fits_an_unseen_blur_and_beats_zero_shot(server):
         assert psnr(decode(adapted.content), clean_test) > psnr(decode(plain.content), clean_test) + 1.0, name
 
 
-def test_adapter_kind_forces_the_path_and_unknown_kinds_are_refused(server):
+def test_adapter_path_forces_the_path_and_unknown_paths_are_refused(server):
     clean = [quantised(photo(n, t, left, 64)) for n, t, left in BLUR_SUPPORT[:3]]
     degraded = [blurred(x) for x in clean]
-    forced = create_adapter(server.url, degraded, clean, steps="2", kind="film")
+    forced = create_adapter(server.url, degraded, clean, steps="2", path="film")
     assert forced.status_code == 200, forced.text
     info = forced.json()
     assert (info["kind"], info["path"], info["steps_used"]) == ("film", "film", 2)
-    assert set(info["scores"]) == {"film", "zero_shot"} and info["psnr_after"] == info["scores"]["film"]
+    assert set(info["scores"]) == {"film", "zero_shot"} and info["psnr_adapted"] == info["scores"]["film"]
     image = degraded[0]
     assert restore(server.url, image, adapter=info["adapter_id"]).content != restore(server.url, image).content
-    operator = create_adapter(server.url, degraded, clean, kind="deconv@0.01").json()
+    operator = create_adapter(server.url, degraded, clean, kind="deconv@0.01").json()  # the deprecated alias
     assert (operator["path"], operator["steps_used"]) == ("deconv@0.01", 0)
     for bad in ("lasso", "deconv@x", "deconv@-1", "deconv@nan", "x" * 300):
-        response = create_adapter(server.url, degraded, clean, kind=bad)
+        response = create_adapter(server.url, degraded, clean, path=bad)
         assert_error(response, 422, "invalid_kind")
         assert "auto" in response.json()["error"]["message"] and "film" in response.json()["error"]["message"]
+    both = create_adapter(server.url, degraded, clean, path="film", kind="tone")
+    assert_error(both, 422, "invalid_kind")
 
 
 def test_a_forced_path_the_pairs_do_not_fit_is_a_422(server):
-    """kind=jpeg identifies a JPEG setting from the pairs; blurred pairs have none: a 4xx, not a 500."""
+    """path=jpeg identifies a JPEG setting from the pairs; blurred pairs have none: a 4xx, not a 500."""
     clean = [quantised(photo(n, t, left, 64)) for n, t, left in BLUR_SUPPORT[:3]]
-    response = create_adapter(server.url, [blurred(x) for x in clean], clean, kind="jpeg", steps="2")
+    response = create_adapter(server.url, [blurred(x) for x in clean], clean, path="jpeg", steps="2")
     assert_error(response, 422, "adapter_fit_failed")
     assert "jpeg" in response.json()["error"]["message"]
     assert restore(server.url, clean[0]).status_code == 200  # still serving
@@ -595,10 +600,12 @@ def test_cli_restore_and_adapt(server, tmp_path):
     assert "found: " in done.stdout, done.stdout  # blind: what the server's estimator found
 
     done = run_cli("adapt", "--degraded", str(paths["d0"]), str(paths["d1"]), "--clean", str(paths["c0"]),
-                   str(paths["c1"]), "--endpoint", server.url, "--steps", "3")
+                   str(paths["c1"]), "--endpoint", server.url, "--steps", "3", "--path", "film")
     assert done.returncode == 0, done.stderr
     adapter_id = done.stdout.strip()
-    assert requests.get(f"{server.url}/v1/adapters/{adapter_id}", timeout=30).json()["shots"] == 2
+    made = requests.get(f"{server.url}/v1/adapters/{adapter_id}", timeout=30).json()
+    assert (made["shots"], made["path"]) == (2, "film")
+    assert f"{made['psnr_adapted']:.2f} dB with it" in done.stderr
 
     done = run_cli("restore", str(paths["d1"]), "-o", str(tmp_path / "adapted.jpg"), "--endpoint", server.url,
                    "--adapter", adapter_id)

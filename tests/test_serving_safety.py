@@ -4,6 +4,7 @@ client exactly what it would get alone. Real Ray Serve on 127.0.0.1, real HTTP, 
 from __future__ import annotations
 
 import io
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import requests
 import skimage.data
+import torch
 from PIL import Image
 from test_serving import (
     assert_error,
@@ -105,7 +107,7 @@ def test_concurrent_restores_and_adaptations_equal_sequential(safe_server):
     for k, response in created.items():
         info = response.json()
         assert info["path"] == alone[k]["path"], k
-        for key in ("psnr_before", "psnr_after", "psnr_input"):
+        for key in ("psnr_input", "psnr_zero_shot", "psnr_adapted"):
             assert abs(info[key] - alone[k][key]) <= 0.01, (k, key, info[key], alone[k][key])
         served = decode(restore(url, probe, adapter=info["adapter_id"]).content)
         assert (served - probe_alone[k]).abs().max() <= TOL, k
@@ -262,6 +264,24 @@ def test_schema_fuzz_no_server_errors(safe_server):
 
         check()
     assert len(tried) >= 30 and any(s >= 400 for s in tried)
+    tiny_images_are_a_4xx(safe_server.url)
+
+
+def tiny_images_are_a_4xx(url: str) -> None:
+    """What a schema cannot generate: real images too small to fit an adapter on (1x1; 3x200, a strip) are
+    a 422 that says why; a 1x1 image restores."""
+    def solid(width: int, height: int):
+        return quantised(torch.full((1, 3, height, width), 0.5))
+
+    for width, height in ((1, 1), (3, 200), (200, 3)):
+        pair = solid(width, height)
+        made = requests.post(f"{url}/v1/adapters", files=pairs_files([pair, pair], [pair, pair]), timeout=120)
+        assert made.status_code == 422, (width, height, made.status_code, made.text[:300])
+        assert made.json()["error"]["code"] in ("adapter_fit_failed", "extreme_aspect_ratio"), made.text
+        assert re.search(r"\d+x\d+", made.json()["error"]["message"]), made.text  # names the size it needs
+    one = restore(url, solid(1, 1))
+    assert one.status_code == 200, one.text[:300]
+    assert Image.open(io.BytesIO(one.content)).size == (1, 1)
 
 
 # last: it restarts the store and the application ----------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -108,6 +109,21 @@ def shown_image(driver, element_id: str) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")).astype(int)
 
 
+def broken_images(driver, timeout: float = 10) -> list[str]:
+    """The <img> elements shown without a picture (a browser draws them broken): displayed, and not loaded
+    within ``timeout`` seconds (blob: URLs load at once)."""
+    def shown_unloaded(d) -> list[str]:
+        return d.execute_script("""
+            return [...document.querySelectorAll('img')]
+              .filter((img) => img.offsetParent !== null && !(img.complete && img.naturalWidth > 0))
+              .map((img) => img.id || img.alt);""")
+
+    deadline = time.monotonic() + timeout
+    while (found := shown_unloaded(driver)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
 def wait_for(driver, key: str, timeout: float = 300) -> str:
     """Wait until the page says it finished (document.body.dataset[key] is 'done' or 'error')."""
     from selenium.webdriver.support.ui import WebDriverWait
@@ -180,12 +196,13 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     driver.find_element(By.ID, "sample-pairs").click()
     WebDriverWait(driver, 120).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#pairs .pair")) == 3
                                      and "sample-query.png" in text(d, "restore-state"))
+    assert broken_images(driver) == [], "a new input hides the previous result: nothing shows as broken"
     steps = driver.find_element(By.ID, "steps")
     steps.clear()
     steps.send_keys("5")
-    kind = Select(driver.find_element(By.ID, "kind"))
-    assert kind.first_selected_option.get_attribute("value") == "auto"  # the page's default
-    kind.select_by_value("film")  # FiLM always changes the output, which the checks below rely on
+    path = Select(driver.find_element(By.ID, "path"))
+    assert path.first_selected_option.get_attribute("value") == "auto"  # the page's default
+    path.select_by_value("film")  # FiLM always changes the output, which the checks below rely on
     driver.execute_script("""
         window.sawProgress = false;
         new MutationObserver(() => { if (!document.getElementById('adapt-progress').hidden) window.sawProgress = true; })
@@ -195,11 +212,13 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     assert driver.execute_script("return window.sawProgress;")
     info = json.loads(text(driver, "adapter-info"))
     assert info["shots"] == 3 and info["steps"] == 5 and info["elapsed_ms"] > 0
-    assert {"psnr_input", "psnr_before", "psnr_after", "expires_at", "path", "scores"} <= set(info)
-    assert (info["kind"], info["path"]) == ("film", "film") and info["psnr_after"] == info["scores"]["film"]
+    assert {"psnr_input", "psnr_zero_shot", "psnr_adapted", "expires_at", "path", "scores"} <= set(info)
+    assert (info["kind"], info["path"]) == ("film", "film") and info["psnr_adapted"] == info["scores"]["film"]
     summary = text(driver, "adapter-summary")
-    assert f"path {info['path']}" in summary and f"{info['psnr_input']} → {info['psnr_after']} dB" in summary
+    assert f"path {info['path']}" in summary and f"{info['psnr_input']} → {info['psnr_adapted']} dB" in summary
+    assert f"zero-shot: {info['psnr_zero_shot']} dB" in summary
     assert driver.execute_script("return document.getElementById('adapter-select').value;") == info["adapter_id"]
+    assert broken_images(driver) == [], "no image on the page shows as broken before Restore is pressed again"
 
     driver.find_element(By.ID, "restore-button").click()
     assert wait_for(driver, "restore") == "done", text(driver, "message")
@@ -230,16 +249,15 @@ def test_restore_and_adapt_in_a_browser(browser, server, learner, tmp_path):
     assert "Restoring failed" in message and "HTTP 400, invalid_image" in message, message
 
 
-def test_the_page_is_public_offline_and_the_api_is_not(monkeypatch):
+def test_the_page_is_public_offline_and_the_api_is_not():
     """Without Serve: the FastAPI app with a token set. The page, its assets and samples need no token and
     name nothing outside the server; the API still answers 401."""
     from starlette.testclient import TestClient
 
-    from serving.app import app
+    from serving.app import http_app
     from serving.web import ASSETS
 
-    monkeypatch.setattr(app.state, "token", TOKEN, raising=False)
-    client = TestClient(app)
+    client = TestClient(http_app(None, token=TOKEN))  # no replica: nothing here may reach a route
     for path, kind in [("/", "text/html"), ("/web/app.js", "text/javascript"), ("/web/style.css", "text/css")]:
         response = client.get(path)
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind)

@@ -102,6 +102,7 @@ function setInput(blob, name) {
   state.beforeUrl = URL.createObjectURL(blob);
   $("before").src = state.beforeUrl;
   $("after").removeAttribute("src");
+  $("after").hidden = true;  // no result yet: nothing rather than a broken image
   $("compare").hidden = false;
   $("download").hidden = true;
   $("restore-button").disabled = false;
@@ -133,6 +134,7 @@ async function restore() {
     if (state.afterUrl) URL.revokeObjectURL(state.afterUrl);
     state.afterUrl = URL.createObjectURL(blob);
     $("after").src = state.afterUrl;
+    $("after").hidden = false;
     const link = $("download");
     link.href = state.afterUrl;
     link.download = state.inputName.replace(/\.[^.]*$/, "") + "-restored.png";
@@ -209,6 +211,7 @@ function thumbnail(img, blob) {
   if (img.dataset.url) URL.revokeObjectURL(img.dataset.url);
   img.dataset.url = URL.createObjectURL(blob);
   img.src = img.dataset.url;
+  img.hidden = false;
 }
 
 function addPair(degraded = null, clean = null) {
@@ -224,6 +227,7 @@ function addPair(degraded = null, clean = null) {
     input.className = "pair-" + role;
     const img = document.createElement("img");
     img.alt = role;
+    img.hidden = true;  // shown once there is an image: an <img> without one would show as broken
     if (pair[role]) thumbnail(img, pair[role]);
     input.addEventListener("change", () => {
       if (input.files[0]) { pair[role] = input.files[0]; thumbnail(img, input.files[0]); }
@@ -273,7 +277,7 @@ async function makeAdapter() {
     form.append("clean", pair.clean, `clean-${i}.png`);
   });
   if ($("steps").value) form.append("steps", $("steps").value);
-  form.append("kind", $("kind").value || "auto");
+  form.append("path", $("path").value || "auto");
   document.body.dataset.adapter = "working";
   $("adapt-button").disabled = true;
   $("adapt-progress").hidden = false;
@@ -285,14 +289,14 @@ async function makeAdapter() {
   try {
     const info = await (await api("v1/adapters", { method: "POST", body: form })).json();
     // the gain over the input first: an adapter is worth keeping only if it beats leaving the image alone
-    const held = info.psnr_after !== null && info.psnr_input !== null;
-    const gain = held ? (info.psnr_after - info.psnr_input).toFixed(2) : null;
+    const held = info.psnr_adapted !== null && info.psnr_input !== null;
+    const gain = held ? (info.psnr_adapted - info.psnr_input).toFixed(2) : null;
     const signed = held ? `${gain >= 0 ? "+" : ""}${gain} dB` : "not validated";
     const figures = held
-      ? `PSNR on held-out pairs ${info.psnr_input} → ${info.psnr_after} dB (${signed} over the input; ` +
-        `zero-shot: ${info.psnr_before} dB)`
+      ? `PSNR on held-out pairs ${info.psnr_input} → ${info.psnr_adapted} dB (${signed} over the input; ` +
+        `zero-shot: ${info.psnr_zero_shot} dB)`
       : "too few pixels to hold any out: not validated";
-    $("adapter-summary").textContent = `Adapter ${info.adapter_id}, path ${info.path} (kind ${info.kind}): ` +
+    $("adapter-summary").textContent = `Adapter ${info.adapter_id}, path ${info.path} (asked: ${info.kind}): ` +
       `${figures}, ${info.shots} pairs, ${(info.elapsed_ms / 1000).toFixed(1)} s. Expires ${info.expires_at}.`;
     $("adapter-info").textContent = JSON.stringify(info, null, 1);
     $("adapter-info").hidden = false;
