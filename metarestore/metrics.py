@@ -20,6 +20,5 @@ def psnr_per_image(pred: torch.Tensor, target: torch.Tensor, eps: float = 0.0) -
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Mean PSNR (dB) over the images of a (B, C, H, W) batch (a (C, H, W) tensor is one image), the
     prediction clamped to [0, 1], in float64."""
-    if pred.ndim == 3:
-        pred, target = pred[None], target[None]
+    pred, target = (pred[None] if pred.ndim == 3 else pred), (target[None] if target.ndim == 3 else target)
     return float(psnr_per_image(pred.clamp(0, 1).double(), target.double(), eps=MSE_FLOOR).mean())

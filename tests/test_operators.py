@@ -8,6 +8,7 @@ import skimage.data
 import torch
 
 from metarestore.degradations.blur import motion_kernel
+from metarestore.metrics import psnr
 from metarestore.operators import (
     Adapter,
     AdapterError,
@@ -17,7 +18,6 @@ from metarestore.operators import (
     fit_noise,
     fit_tone,
 )
-from metarestore.operators.adapter import psnr
 from metarestore.operators.fourier import convolve
 from metarestore.operators.paths import Path
 
@@ -64,7 +64,7 @@ def test_tone_fit_undoes_a_curve_and_a_colour_matrix():
     degraded = torch.einsum("ij,bjhw->bihw", matrix, clean).clamp(0, 1) ** 0.6
     fit = fit_tone(clean, degraded)
     assert fit.residual < 0.05
-    assert psnr(fit.invert(degraded), clean) > psnr(degraded, clean) + 15
+    assert psnr(fit.restore(degraded), clean) > psnr(degraded, clean) + 15
     assert fit_tone(clean, degraded, curves=False).residual > 2 * fit.residual  # the curve matters
 
 
@@ -141,7 +141,7 @@ def test_adapter_choice_never_scores_a_pair_it_fitted_on(learner, monkeypatch):
 def test_adapted_paths_build_only_on_a_pre_step_that_helps(learner):
     """On a blur, deconvolution helps by itself and a tone inversion cannot: FiLM is validated on top of
     the first and never fitted on top of the second (its score is null)."""
-    from metarestore.operators.adapter import HELPS_DB
+    from metarestore.operators.selection import HELPS_DB
 
     clean = crops(64, 5)
     degraded = blurred(clean, disc_kernel(3.0), 0.005)
@@ -240,7 +240,7 @@ def test_a_lora_adapter_round_trips_with_identical_restoration(learner):
 
     from safetensors.torch import load, save
 
-    from metarestore.operators.adapter import _metadata
+    from metarestore.operators.storage import metadata as _metadata
 
     clean = crops(48, 3)
     degraded = (clean * torch.tensor([1.0, 0.85, 0.7]).view(1, 3, 1, 1) + 0.04).clamp(0, 1)  # a colour cast
@@ -278,12 +278,13 @@ def test_batched_folds_equal_adapting_each_fold_alone(learner):
     """``MetaLearner.adapt`` with a task dimension (the folds of one candidate at once) gives each task the
     state that adapting it alone, with its own windows (seed + t), gives; and the batched validation
     scores equal restoring each held-out pair with its fold's own state."""
-    from metarestore.operators.adapter import _folds, _validate_adapted
+    from metarestore.operators.folds import make_folds
     from metarestore.operators.paths import Operators
+    from metarestore.operators.scoring import score_adapted
 
     clean = crops(48, 4)
     degraded = (clean * torch.tensor([1.0, 0.85, 0.7]).view(1, 3, 1, 1) + 0.04).clamp(0, 1)
-    folds, _ = _folds(degraded, clean, 3)
+    folds, _ = make_folds(degraded, clean, 3)
     fit_x, fit_y = torch.stack([f[0] for f in folds]), torch.stack([f[1] for f in folds])
     for kind in ("film", "lora"):
         together = learner.adapt(fit_x, fit_y, steps=3, kind=kind, patch=32, seed=5)
@@ -292,7 +293,7 @@ def test_batched_folds_equal_adapting_each_fold_alone(learner):
             for name, value in alone.items():
                 torch.testing.assert_close(together[name][t], value, rtol=1e-4, atol=1e-6)
     none = [Operators() for _ in folds]
-    scores = _validate_adapted(learner, Path(restorer="film"), folds, none, steps=3, patch=32)
+    scores = score_adapted(learner, Path(restorer="film"), folds, none, steps=3, patch=32)
     for t, (fx, fy, hx, hy, _, _) in enumerate(folds):
         alone = learner.adapt(fx, fy, steps=3, kind="film", patch=32, seed=t)
         assert scores[t] == pytest.approx(psnr(learner.restore(hx, alone, kind="film"), hy), abs=1e-3)
@@ -329,7 +330,7 @@ def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeyp
     one timed step, then the previous candidate's cost per step) fit in it: deterministic, no timing."""
     import types
 
-    import metarestore.operators.adapter as adapter_module
+    import metarestore.operators.selection as selection_module
 
     clock = [0.0]
     real_adapt = learner.adapt
@@ -339,7 +340,7 @@ def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeyp
         return real_adapt(x, y, steps, **kw)
 
     monkeypatch.setattr(learner, "adapt", adapt)
-    monkeypatch.setattr(adapter_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(selection_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     clean = crops(48, 4)
     degraded = (clean * torch.tensor([1.25, 1.0, 0.8]).view(1, 3, 1, 1)).clamp(0, 1)
     paths = ["zero_shot", "film", "lora"]
@@ -398,7 +399,7 @@ def test_jpeg_fit_recovers_the_codec_setting_from_five_pairs(quality, subsamplin
 
 
 def test_pair_noise_fit_recovers_signal_dependent_noise_and_rejects_a_blur():
-    from metarestore.operators.synthetic import fit_pair_noise
+    from metarestore.operators.noise import fit_pair_noise
 
     clean = crops(96, 5)
     g = torch.Generator().manual_seed(0)
