@@ -49,7 +49,6 @@ class JpegFit(SyntheticOperator):
     residual: float  # RMS misfit of the re-encoded clean pairs, relative to the degradation's RMS size
 
     pre_steps = ("jpeg",)
-    classical = ("jpeg",)
 
     @classmethod
     def fit(cls, clean: torch.Tensor, degraded: torch.Tensor) -> JpegFit:

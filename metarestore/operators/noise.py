@@ -97,7 +97,6 @@ class PairNoiseFit(SyntheticOperator):
     residual: float  # relative RMS misfit of the variance line over the signal bins
 
     pre_steps = ("noise",)
-    classical = ("noise",)
 
     @classmethod
     def fit(cls, clean: torch.Tensor, degraded: torch.Tensor) -> PairNoiseFit:

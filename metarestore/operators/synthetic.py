@@ -28,10 +28,14 @@ WINDOW = 64  # at most this many px per side per step: a fit's cost does not gro
 class SyntheticOperator(Operator):
     """An operator whose pre-step is the restorer retrained on pairs it synthesises from the clean support
     (kept from ``fit``); subclasses fit themselves, ``apply`` (clean, generator) -> degraded, and name their
-    pre-step in both ``pre_steps`` and ``classical`` (the retrained network is the whole restoration)."""
+    pre-step in ``pre_steps``: it is ``classical`` too (the retrained network is the whole restoration)."""
 
     clean: torch.Tensor | None = None  # the clean support, kept until the network is trained
     trained: dict[str, torch.Tensor] | None = None  # the retrained network (adapter kind ``all``)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.classical = cls.pre_steps
 
     def keep(self, clean: torch.Tensor) -> SyntheticOperator:
         self.clean = clean
