@@ -62,7 +62,7 @@ class Operator:
     def prepare(self, learner) -> None:
         """Do now what restoring would otherwise do on first use (train a network), so it can be stored."""
 
-    # storage: tensor names are the operator's own (prefixed by its name), the header JSON-able
+    # storage: tensor names unique to the operator (``kernel``, ``tone.curves``, ...), the header JSON-able
     def tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
