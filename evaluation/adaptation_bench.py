@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metarestore.metrics import psnr
 from metarestore.operators import fit_adapter
-from metarestore.operators.adapter import psnr
 from metarestore.operators.fourier import convolve
 
 Operator = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

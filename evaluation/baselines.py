@@ -141,33 +141,27 @@ def _kernel(family: str, params: dict) -> np.ndarray:
     return motion_kernel(float(params["length"]), float(params["angle"])).numpy()
 
 
-def _deconvolve(image: np.ndarray, psf: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
-    """Deconvolve each channel of an edge-padded copy (FFT methods assume periodic borders)."""
-    pad = 2 * psf.shape[0]
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-    out = _per_channel(lambda channel: fn(channel, psf), padded)
-    return out[pad:-pad, pad:-pad]
+def _deconvolve(image: np.ndarray, psf: np.ndarray, method: str, balance: float = 0.0) -> np.ndarray:
+    """An HxWxC image deconvolved per channel by ``operators.classical`` (the adapter's wiener and rl)."""
+    from metarestore.operators.classical import deconvolve_per_channel
+
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+    return deconvolve_per_channel(x, psf, method, balance)[0].numpy().transpose(1, 2, 0)
 
 
 def wiener(family: str) -> Baseline:
     def baseline(image: np.ndarray, params: dict) -> np.ndarray:
         """Wiener deconvolution (scikit-image, Laplacian regulariser) with the true kernel; a long motion
         kernel has more spectral zeros, so its regularisation grows with the length."""
-        from skimage.restoration import wiener as sk_wiener
-
         balance = 0.005 if family == "gaussian_blur" else 0.01 * float(params["length"])
-        return _deconvolve(image, _kernel(family, params),
-                           lambda channel, psf: sk_wiener(channel, psf, balance=balance, clip=False))
+        return _deconvolve(image, _kernel(family, params), "wiener", balance)
     return baseline
 
 
 def richardson_lucy(family: str) -> Baseline:
     def baseline(image: np.ndarray, params: dict) -> np.ndarray:
         """Richardson-Lucy deconvolution (scikit-image, 30 iterations) with the true kernel."""
-        from skimage.restoration import richardson_lucy as sk_rl
-
-        return _deconvolve(np.clip(image, 0, 1), _kernel(family, params),
-                           lambda channel, psf: sk_rl(channel, psf, num_iter=30, clip=False))
+        return _deconvolve(image, _kernel(family, params), "rl")
     return baseline
 
 

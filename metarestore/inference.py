@@ -246,17 +246,8 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
             "budget_s": budget_s, "score_side": score_side}
     if kind == "auto":
         adapter = fit_adapter(learner, x, y, paths=paths, **args)
-    elif kind == "zero_shot":
-        adapter = fit_adapter(learner, x, y, paths=[kind], **args)
-    else:  # the asked path first: a tie keeps it; the zero-shot restorer is the reference it is scored against
-        adapter = fit_adapter(learner, x, y, paths=[kind, "zero_shot"], **args)
-        if adapter.path.name != kind:
-            validated = adapter.info
-            adapter = fit_adapter(learner, x, y, paths=[kind], **args)
-            adapter.info.update({n: validated[n] for n in ("validation", "folds", "psnr_before", "psnr_zero_shot",
-                                                            "scores", "skipped")})
-            adapter.info["validation_steps"] = (validation_steps or steps) if validated["scores"].get(kind) is not None else 0
-            adapter.info["psnr_after"] = validated["scores"].get(kind)
+    else:  # the asked path, scored against the zero-shot restorer on the same folds
+        adapter = fit_adapter(learner, x, y, paths=["zero_shot"], force=kind, **args)
     adapter.info.update(kind=kind, fit_height=fit_h, fit_width=fit_w,
                         fit_ms=round((time.perf_counter() - start) * 1000, 1))
     return adapter

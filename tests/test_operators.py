@@ -8,6 +8,7 @@ import skimage.data
 import torch
 
 from metarestore.degradations.blur import motion_kernel
+from metarestore.metrics import psnr
 from metarestore.operators import (
     Adapter,
     AdapterError,
@@ -17,7 +18,6 @@ from metarestore.operators import (
     fit_noise,
     fit_tone,
 )
-from metarestore.operators.adapter import psnr
 from metarestore.operators.fourier import convolve
 from metarestore.operators.paths import Path
 
@@ -64,7 +64,7 @@ def test_tone_fit_undoes_a_curve_and_a_colour_matrix():
     degraded = torch.einsum("ij,bjhw->bihw", matrix, clean).clamp(0, 1) ** 0.6
     fit = fit_tone(clean, degraded)
     assert fit.residual < 0.05
-    assert psnr(fit.invert(degraded), clean) > psnr(degraded, clean) + 15
+    assert psnr(fit.restore(degraded), clean) > psnr(degraded, clean) + 15
     assert fit_tone(clean, degraded, curves=False).residual > 2 * fit.residual  # the curve matters
 
 
@@ -141,7 +141,7 @@ def test_adapter_choice_never_scores_a_pair_it_fitted_on(learner, monkeypatch):
 def test_adapted_paths_build_only_on_a_pre_step_that_helps(learner):
     """On a blur, deconvolution helps by itself and a tone inversion cannot: FiLM is validated on top of
     the first and never fitted on top of the second (its score is null)."""
-    from metarestore.operators.adapter import HELPS_DB
+    from metarestore.operators.selection import HELPS_DB
 
     clean = crops(64, 5)
     degraded = blurred(clean, disc_kernel(3.0), 0.005)
@@ -240,7 +240,7 @@ def test_a_lora_adapter_round_trips_with_identical_restoration(learner):
 
     from safetensors.torch import load, save
 
-    from metarestore.operators.adapter import _metadata
+    from metarestore.operators.storage import metadata as _metadata
 
     clean = crops(48, 3)
     degraded = (clean * torch.tensor([1.0, 0.85, 0.7]).view(1, 3, 1, 1) + 0.04).clamp(0, 1)  # a colour cast
@@ -278,12 +278,13 @@ def test_batched_folds_equal_adapting_each_fold_alone(learner):
     """``MetaLearner.adapt`` with a task dimension (the folds of one candidate at once) gives each task the
     state that adapting it alone, with its own windows (seed + t), gives; and the batched validation
     scores equal restoring each held-out pair with its fold's own state."""
-    from metarestore.operators.adapter import _folds, _validate_adapted
+    from metarestore.operators.folds import make_folds
     from metarestore.operators.paths import Operators
+    from metarestore.operators.scoring import score_adapted
 
     clean = crops(48, 4)
     degraded = (clean * torch.tensor([1.0, 0.85, 0.7]).view(1, 3, 1, 1) + 0.04).clamp(0, 1)
-    folds, _ = _folds(degraded, clean, 3)
+    folds, _ = make_folds(degraded, clean, 3)
     fit_x, fit_y = torch.stack([f[0] for f in folds]), torch.stack([f[1] for f in folds])
     for kind in ("film", "lora"):
         together = learner.adapt(fit_x, fit_y, steps=3, kind=kind, patch=32, seed=5)
@@ -292,7 +293,7 @@ def test_batched_folds_equal_adapting_each_fold_alone(learner):
             for name, value in alone.items():
                 torch.testing.assert_close(together[name][t], value, rtol=1e-4, atol=1e-6)
     none = [Operators() for _ in folds]
-    scores = _validate_adapted(learner, Path(restorer="film"), folds, none, steps=3, patch=32)
+    scores = score_adapted(learner, Path(restorer="film"), folds, none, steps=3, patch=32)
     for t, (fx, fy, hx, hy, _, _) in enumerate(folds):
         alone = learner.adapt(fx, fy, steps=3, kind="film", patch=32, seed=t)
         assert scores[t] == pytest.approx(psnr(learner.restore(hx, alone, kind="film"), hy), abs=1e-3)
@@ -329,7 +330,7 @@ def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeyp
     one timed step, then the previous candidate's cost per step) fit in it: deterministic, no timing."""
     import types
 
-    import metarestore.operators.adapter as adapter_module
+    import metarestore.operators.selection as selection_module
 
     clock = [0.0]
     real_adapt = learner.adapt
@@ -339,7 +340,7 @@ def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeyp
         return real_adapt(x, y, steps, **kw)
 
     monkeypatch.setattr(learner, "adapt", adapt)
-    monkeypatch.setattr(adapter_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(selection_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     clean = crops(48, 4)
     degraded = (clean * torch.tensor([1.25, 1.0, 0.8]).view(1, 3, 1, 1)).clamp(0, 1)
     paths = ["zero_shot", "film", "lora"]
@@ -398,7 +399,7 @@ def test_jpeg_fit_recovers_the_codec_setting_from_five_pairs(quality, subsamplin
 
 
 def test_pair_noise_fit_recovers_signal_dependent_noise_and_rejects_a_blur():
-    from metarestore.operators.synthetic import fit_pair_noise
+    from metarestore.operators.noise import fit_pair_noise
 
     clean = crops(96, 5)
     g = torch.Generator().manual_seed(0)
@@ -489,3 +490,143 @@ def test_pairs_more_degraded_than_the_training_get_more_passes_of_the_told_resto
     for bad in (f"told:jpeg*{MAX_PASSES + 1}", "told:jpeg*1", "told:jpeg*2+film", "told:jpeg*x"):
         with pytest.raises(ValueError, match="told:jpeg"):
             Path.parse(bad)
+
+
+# one interface: every registered operator ---------------------------------------------------------------
+def _haze(clean: torch.Tensor) -> torch.Tensor:
+    depth = torch.linspace(0.2, 1.0, clean.shape[-1])[None, None, None, :]
+    t = torch.exp(-1.2 * depth)
+    return clean * t + (1 - t) * torch.tensor([0.9, 0.8, 0.6])[None, :, None, None]
+
+
+def _shot_noise(clean: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return (clean + (0.01 * clean + 0.02**2).sqrt() * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+
+
+# operator name -> a degradation of that kind: a new operator needs a case here
+OPERATOR_CASES = {
+    "kernel": lambda c: blurred(c, disc_kernel(2.5), 0.002),
+    "tone": lambda c: torch.einsum("ij,bjhw->bihw", torch.tensor([[0.8, 0.1, 0.0], [0.05, 0.9, 0.05], [0.1, 0.0, 0.75]]),
+                                   c).clamp(0, 1) ** 0.7,
+    "haze": _haze,
+    "jpeg": lambda c: jpeg(c, 20, 2),
+    "noise": _shot_noise,
+}
+
+
+@pytest.fixture(scope="module")
+def operator_pairs():
+    clean = crops(64, 5)
+    return clean, {name: degrade(clean) for name, degrade in OPERATOR_CASES.items()}
+
+
+def test_every_registered_operator_has_a_case_and_its_pre_steps_parse():
+    from metarestore.operators import OPERATORS
+    from metarestore.operators.catalog import PRE_STEPS, operator_of
+
+    assert set(OPERATORS) == set(OPERATOR_CASES)
+    for name, op in OPERATORS.items():
+        assert op.name == name and op.pre_steps and set(op.classical) <= set(op.pre_steps)
+        for pre in op.pre_steps:
+            assert pre in PRE_STEPS and operator_of(pre) is op and Path.parse(pre).operator is op
+            assert (Path.parse(pre).restorer == "none") == (pre in op.classical)
+
+
+@pytest.mark.parametrize("name", sorted(OPERATOR_CASES))
+def test_every_operator_round_trips_its_own_tensors_and_undoes_its_degradation(name, operator_pairs):
+    """Fitted on pairs of its kind, an operator's forward model (where it has one) reproduces the degraded
+    images, its restoring pre-step (where it needs no network) brings them closer to the clean ones, and
+    what it stores reads back as the same operator."""
+    from metarestore.operators import OPERATORS
+
+    clean, degraded = operator_pairs[0], operator_pairs[1][name]
+    op = OPERATORS[name]
+    fit = op.fit(clean, degraded)
+    assert isinstance(fit, op) and fit.good and fit.residual < 0.5
+    back = op.read(fit.tensors(), fit.header(), fit.residual, None)
+    assert type(back) is op and back.header() == fit.header() and back.residual == fit.residual
+    assert set(back.tensors()) == set(fit.tensors())
+    assert all(torch.equal(back.tensors()[n], v) for n, v in fit.tensors().items())
+    assert op.read({}, {}, 0.0, None) is None  # an adapter without this operator
+    try:
+        forward = fit.apply(clean, torch.Generator().manual_seed(2))
+    except NotImplementedError:
+        forward = None  # fitted in the restoring direction only (tone, haze)
+    if forward is not None and name != "noise":
+        assert psnr(forward, degraded) > 35, "its forward model reproduces the degradation"
+    if name == "noise":  # a random forward model: what it synthesises fits the same noise
+        again = op.fit(clean, forward)
+        assert abs(again.gain - fit.gain) < 0.2 * fit.gain and abs(again.floor - fit.floor) < 0.5 * fit.floor + 1e-5
+    if not op.classical or name == "kernel":  # synthetic operators restore with a retrained network
+        pre = op.pre_steps[0]
+        restored = fit.restore(degraded, Path.parse(f"{pre}@0.01" if name == "kernel" else pre))
+        assert psnr(restored, clean) > psnr(degraded, clean) + 2, name
+
+
+def test_adapters_written_before_operators_had_one_interface_still_load(learner):
+    """Format version 1 (``haze_omega`` and ``synthetic`` in the header): bytes the previous code wrote
+    (tests/fixtures/adapter-v1-*.safetensors, tone, haze and Wiener paths) load with their operators, and
+    write back as version 2 with the same tensors."""
+    import json
+    from pathlib import Path as FsPath
+
+    from safetensors.torch import load
+
+    from metarestore.operators.adapter import read_adapter
+    from metarestore.operators.storage import VERSION, metadata
+
+    fixtures = FsPath(__file__).parent / "fixtures"
+    for name, path, operator in (("tone", "tone", "tone"), ("haze", "haze", "haze"), ("wiener", "wiener@0.01", "kernel")):
+        data = (fixtures / f"adapter-v1-{name}.safetensors").read_bytes()
+        header = json.loads(metadata(data)["adapter"])
+        assert header["version"] == 1
+        adapter = read_adapter(data, learner)
+        assert adapter.path.name == path and list(adapter.operators.fits) == [operator]
+        assert adapter.operators.residuals == header["residuals"] and adapter.info == header["info"]
+        if name == "haze":
+            assert adapter.operators.haze.omega == header["haze_omega"] != 0.95
+        again = adapter.to_bytes()
+        assert json.loads(metadata(again)["adapter"])["version"] == VERSION
+        old, new = load(data), load(again)
+        assert set(old) == set(new) and all(torch.equal(old[n], new[n]) for n in old)
+        x = crops(32, 2)
+        assert torch.equal(read_adapter(again, learner).restore(x), adapter.restore(x))
+
+
+def test_forcing_a_path_is_one_fit_that_reports_its_held_out_score(learner):
+    """``force``: the path is used whatever its score, validated beside the others in the same fit, so its
+    info is that fit's (``fit_bounded``'s asked kind); a forced path that does not apply is refused."""
+    from metarestore.inference import fit_bounded
+
+    clean = crops(48, 4)
+    cast = (clean * torch.tensor([1.25, 1.0, 0.8]).view(1, 3, 1, 1)).clamp(0, 1)
+    free = fit_adapter(learner, cast, clean, paths=["deconv@0.01", "zero_shot", "tone"])
+    forced = fit_adapter(learner, cast, clean, paths=["zero_shot", "tone"], force="deconv@0.01")
+    assert free.path.name != "deconv@0.01" and forced.path.name == "deconv@0.01"
+    assert forced.info["validation"] == "leave-one-out" and forced.info["ruled_out"] == ["deconv@0.01"]
+    assert forced.info["psnr_after"] is None and forced.info["scores"]["tone"] == free.info["scores"]["tone"]
+    bounded = fit_bounded(learner, cast, clean, kind="tone", steps=1)
+    assert bounded.path.name == "tone" and bounded.info["psnr_after"] == bounded.info["scores"]["tone"] is not None
+    assert set(bounded.info["scores"]) == {"tone", "zero_shot"} and bounded.info["kind"] == "tone"
+    with pytest.raises(AdapterError, match="haze"):
+        fit_adapter(learner, cast[:, :1], clean[:, :1], paths=["zero_shot"], force="haze")
+
+
+def test_adapter_scores_are_the_evaluation_psnr():
+    """One PSNR: the mean over images of each image's PSNR (torchmetrics' definition), which the loss, the
+    adapter's held-out scores and evaluation share."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from metarestore.meta.losses import psnr as evaluation_psnr
+    from metarestore.meta.losses import psnr_loss
+    from metarestore.operators.scoring import psnr as adapter_psnr
+
+    clean = crops(32, 3)
+    degraded = (clean + 0.05 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    degraded[0] = clean[0] * 0.98  # images of very different quality: pooling the MSE would differ
+    reference = float(peak_signal_noise_ratio(degraded, clean, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean())
+    assert adapter_psnr is evaluation_psnr
+    assert evaluation_psnr(degraded, clean) == pytest.approx(reference, abs=1e-4)
+    assert float(-psnr_loss(degraded, clean, eps=0.0)) == pytest.approx(reference, abs=1e-3)
+    assert evaluation_psnr(clean, clean) == pytest.approx(120.0)  # identical images: bounded, not infinite

@@ -1,11 +1,16 @@
-"""Training losses and image-quality metrics (PSNR/SSIM from torchmetrics, not hand-rolled)."""
+"""Training losses and image-quality metrics (SSIM from torchmetrics; PSNR, defined once, from
+``metarestore.metrics``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from metarestore.metrics import psnr, psnr_per_image
+
+__all__ = ["LOSSES", "charbonnier", "get_loss", "l1", "psnr", "psnr_capped_loss", "psnr_loss", "ssim"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -21,8 +26,7 @@ def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> 
 def psnr_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Negative PSNR (NAFNet's PSNRLoss): the gradient is scaled by 1/MSE, so families whose inputs are
     already good (mild JPEG, blur) weigh as much as the badly damaged ones instead of being drowned out."""
-    mse = (pred - target).pow(2).flatten(1).mean(1)
-    return (10.0 * torch.log10(mse + eps)).mean()
+    return -psnr_per_image(pred, target, eps).mean()
 
 
 def psnr_capped_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -38,14 +42,6 @@ LOSSES: dict[str, LossFn] = {"l1": l1, "charbonnier": charbonnier, "psnr": psnr_
 
 def get_loss(name: str) -> LossFn:
     return LOSSES[name]
-
-
-@torch.no_grad()
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean PSNR (dB) over the batch, images in [0, 1]."""
-    value = peak_signal_noise_ratio(pred.clamp(0, 1), target, data_range=1.0, reduction="none",
-                                    dim=(1, 2, 3))
-    return float(value.mean())
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ the clean pairs, and the one whose output is closest to the degraded pairs wins.
 distance of the best re-encoding from the degraded pairs, relative to the degradation's own RMS size)
 says whether the pairs are JPEG at all: 0 for the same encoder, small for another libjpeg-like one, near
 1 for something else. A good fit can re-encode any clean image the same way, which is what
-``synthetic.train_on_synthetic`` needs to make many training pairs from a few.
+``synthetic.train_on_synthetic`` needs to make many training pairs from a few: the fit is the ``jpeg``
+operator, whose path ``jpeg`` restores with the network retrained on such pairs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from metarestore.operators.base import register_operator
+from metarestore.operators.synthetic import SyntheticOperator
 from metarestore.pixels import to_uint8
 
 QUALITIES = tuple(range(1, 101))
@@ -38,21 +41,43 @@ def encode_decode(x: torch.Tensor, quality: int, subsampling: int) -> torch.Tens
     return torch.stack(out).to(x.dtype)
 
 
+@register_operator("jpeg")
 @dataclass
-class JpegFit:
+class JpegFit(SyntheticOperator):
     quality: int
     subsampling: int
     residual: float  # RMS misfit of the re-encoded clean pairs, relative to the degradation's RMS size
+
+    pre_steps = ("jpeg",)
+
+    @classmethod
+    def fit(cls, clean: torch.Tensor, degraded: torch.Tensor) -> JpegFit:
+        return fit_jpeg(clean, degraded).keep(clean)
 
     @property
     def good(self) -> bool:
         return self.residual < GOOD_FIT
 
-    def apply(self, clean: torch.Tensor) -> torch.Tensor:
+    def apply(self, clean: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return encode_decode(clean, self.quality, self.subsampling)
+
+    def predict(self, clean: torch.Tensor) -> torch.Tensor:
+        return self.apply(clean)
 
     def as_dict(self) -> dict:
         return {"quality": self.quality, "subsampling": self.subsampling, "residual": self.residual}
+
+    @classmethod
+    def read(cls, tensors: dict[str, torch.Tensor], header: dict, residual: float, learner) -> JpegFit | None:
+        if not header:
+            return None
+        try:
+            fit = cls(int(header["quality"]), int(header["subsampling"]), float(header["residual"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad synthetic operator header: {exc}") from None
+        if not (1 <= fit.quality <= 100 and fit.subsampling in (0, 1, 2)):
+            raise ValueError("bad synthetic operator header: bad JPEG setting")
+        return fit.read_network(tensors, learner)
 
 
 def fit_jpeg(clean: torch.Tensor, degraded: torch.Tensor) -> JpegFit:

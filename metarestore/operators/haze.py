@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from metarestore.operators.base import Operator, register_operator, stored
+
 PATCH = 7
 T_MIN = 0.1
 
@@ -49,14 +51,37 @@ def dehaze(x: torch.Tensor, airlight: torch.Tensor | None = None, omega: float =
     return ((x - a) / t + a).clamp(0, 1)
 
 
+@register_operator("haze")
 @dataclass
-class HazeFit:
+class HazeFit(Operator):
+    """The ``haze`` operator (path ``haze``): colour images only; no forward model (the transmission of a
+    new image is the prior's estimate, known only when restoring)."""
+
     airlight: torch.Tensor  # (C,)
     omega: float
     residual: float  # relative RMS distance of the pairs' change vectors from the airlight model
 
-    def restore(self, x: torch.Tensor) -> torch.Tensor:
+    pre_steps = ("haze",)
+    channels = 3
+
+    @classmethod
+    def fit(cls, clean: torch.Tensor, degraded: torch.Tensor) -> HazeFit:
+        return fit_haze(clean, degraded)
+
+    def restore(self, x: torch.Tensor, path=None, learner=None) -> torch.Tensor:
         return dehaze(x, self.airlight, self.omega)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"haze.airlight": stored(self.airlight)}
+
+    def header(self) -> dict:
+        return {"omega": self.omega}
+
+    @classmethod
+    def read(cls, tensors: dict[str, torch.Tensor], header: dict, residual: float, learner) -> HazeFit | None:
+        if "haze.airlight" not in tensors:
+            return None
+        return cls(tensors["haze.airlight"], float(header.get("omega") or 0.95), residual)
 
 
 def fit_haze(clean: torch.Tensor, degraded: torch.Tensor) -> HazeFit:

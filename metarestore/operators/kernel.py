@@ -7,6 +7,10 @@ periodic plane. To make that plane a good model of images with borders, both ima
 means removed and are multiplied by the same edge taper (flat interior, cosine ramps a kernel wide); the
 kernel is then cropped to its support, clipped at zero (blur and optics kernels are non-negative) and
 normalised to unit sum (a global gain belongs to the tone model).
+
+The fitted kernel is the ``kernel`` operator: the paths ``deconv`` (Tikhonov, closed form), ``hqs`` (that
+deconvolution refined with the restorer as the prior), ``wiener`` and ``rl`` (the classical ones, with no
+restorer after) undo it.
 """
 
 from __future__ import annotations
@@ -16,24 +20,46 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from metarestore.operators.fourier import convolve, otf_to_kernel, taper
+from metarestore.operators.base import Operator, register_operator, stored
+from metarestore.operators.classical import deconvolve_per_channel
+from metarestore.operators.fourier import convolve, deconvolve, otf_to_kernel, taper
 
 MAX_KERNEL = 31
 LAMBDAS = (1e-4, 1e-3, 1e-2)
 IDENTITY_TAP = 0.9  # a unit-sum kernel with at least this much weight on its centre tap blurs nothing
 
 
+@register_operator("kernel")
 @dataclass
-class KernelFit:
+class KernelFit(Operator):
     kernel: torch.Tensor  # (k, k) shared, or (C, k, k) per channel; float64, unit sum per channel
     residual: float  # relative RMS misfit |k * c - d| / |d - mean d| on the interior of the support pairs
+
+    pre_steps = ("deconv", "hqs", "wiener", "rl")
+    classical = ("wiener", "rl")
+    refines = {"hqs": "deconv", "rl": "deconv"}
+
+    @classmethod
+    def fit(cls, clean: torch.Tensor, degraded: torch.Tensor) -> KernelFit:
+        return fit_kernel(clean, degraded)
 
     @property
     def size(self) -> int:
         return int(self.kernel.shape[-1])
 
-    def apply(self, clean: torch.Tensor) -> torch.Tensor:
+    def apply(self, clean: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return convolve(clean, self.kernel)
+
+    def predict(self, clean: torch.Tensor) -> torch.Tensor:
+        return self.apply(clean)
+
+    def restore(self, x: torch.Tensor, path=None, learner=None) -> torch.Tensor:
+        pre, balance = (path.pre, path.balance) if path is not None else ("deconv", 0.01)
+        if pre == "hqs":
+            return hqs(x, self.kernel, learner, balance)
+        if pre in self.classical:
+            return deconvolve_per_channel(x, self.kernel, pre, balance)
+        return deconvolve(x, self.kernel, balance)
 
     @property
     def identity(self) -> bool:
@@ -42,6 +68,34 @@ class KernelFit:
         r = self.size // 2
         centre = self.kernel[..., r, r] / self.kernel.sum(dim=(-2, -1)).clamp(min=1e-12)
         return bool((centre >= IDENTITY_TAP).all())
+
+    @property
+    def cannot_help(self) -> bool:
+        return self.identity
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"kernel": stored(self.kernel)}
+
+    @classmethod
+    def read(cls, tensors: dict[str, torch.Tensor], header: dict, residual: float, learner) -> KernelFit | None:
+        if "kernel" not in tensors:
+            return None
+        k = tensors["kernel"].double()
+        if k.ndim not in (2, 3) or k.shape[-1] != k.shape[-2] or k.shape[-1] % 2 == 0 or k.shape[-1] > MAX_KERNEL:
+            raise ValueError(f"bad kernel shape {tuple(k.shape)}")
+        return cls(k, residual)
+
+
+def hqs(y: torch.Tensor, kernel: torch.Tensor, learner, balance: float, iters: int = 4) -> torch.Tensor:
+    """Half-quadratic splitting, ``min_x |k * x - y|^2 + prior(x)``: alternate the closed-form Fourier
+    data step ``argmin |k * x - y|^2 + mu |x - z|^2`` and ``z = restorer(x)``. The restorer is blind (no
+    noise-level input), so the coupling mu grows geometrically (0.03 -> 1) instead of following a noise
+    schedule; the start is the Tikhonov deconvolution."""
+    x = deconvolve(y, kernel, balance).clamp(0, 1)
+    for mu in np.geomspace(0.03, 1.0, iters):
+        z = learner.restore(x)
+        x = deconvolve(y, kernel, balance * 0.1, prior=z, weight=float(mu)).clamp(0, 1)
+    return x
 
 
 def _check_pairs(clean: torch.Tensor, degraded: torch.Tensor) -> None:

@@ -5,74 +5,77 @@ differently; random flip and quarter turn; fresh noise), and the restorer's weig
 ``all``) take an Adam step on them. Five pairs then teach what five fixed pairs cannot: at JPEG quality 8
 the base model gains about 1 dB on unseen images where plain gradient steps on the pairs gain nothing.
 
-Also here: the signal-dependent noise model fitted from pairs (``fit_pair_noise``), with the clean image
-known (``noise.fit_noise`` works from an operator's prediction instead).
+``SyntheticOperator`` is the base of such operators (``codec.JpegFit``, ``noise.PairNoiseFit``): its one
+pre-step restores with the retrained network, which it trains on first use and stores as its tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from metarestore.meta.adapt import forward_with
 from metarestore.model.kinds import get_kind
+from metarestore.operators.base import Operator, stored
 
 KIND = "all"
 STEPS = 30
 LR = 1e-3
 WINDOW = 64  # at most this many px per side per step: a fit's cost does not grow with the images
-WHITE = 0.2  # |correlation of horizontal neighbours| of a residual below this: it is noise
 
 
-@dataclass
-class PairNoiseFit:
-    gain: float  # variance per unit signal
-    floor: float  # variance at zero signal
-    correlation: float  # of horizontal neighbours of the residual: ~0 for white noise
-    residual: float  # relative RMS misfit of the variance line over the signal bins
+class SyntheticOperator(Operator):
+    """An operator whose pre-step is the restorer retrained on pairs it synthesises from the clean support
+    (kept from ``fit``); subclasses fit themselves, ``apply`` (clean, generator) -> degraded, and name their
+    pre-step in ``pre_steps``: it is ``classical`` too (the retrained network is the whole restoration)."""
 
-    @property
-    def good(self) -> bool:
-        return abs(self.correlation) < WHITE and self.gain + self.floor > 1e-6 and self.residual < 0.5
+    clean: torch.Tensor | None = None  # the clean support, kept until the network is trained
+    trained: dict[str, torch.Tensor] | None = None  # the retrained network (adapter kind ``all``)
 
-    def apply(self, clean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        std = (self.gain * clean.double().clamp(0, 1) + self.floor).clamp(min=0).sqrt()
-        noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64)
-        return (clean.double() + std * noise).clamp(0, 1).to(clean.dtype)
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.classical = cls.pre_steps
+
+    def keep(self, clean: torch.Tensor) -> SyntheticOperator:
+        self.clean = clean
+        return self
+
+    def retrained(self, learner) -> dict[str, torch.Tensor]:
+        """The network state, trained on first use; ``ValueError`` when the pairs do not fit this operator
+        (its fit is not ``good``): training would only learn a wrong degradation."""
+        if self.trained is None:
+            if not self.good:
+                raise ValueError(f"the support pairs do not fit the {self.name} model")
+            if self.clean is None:
+                raise ValueError(f"the {self.name} path needs the clean support pairs")
+            self.trained = train_on_synthetic(learner, self.clean, self.apply)
+        return self.trained
+
+    def prepare(self, learner) -> None:
+        self.retrained(learner)
+
+    def restore(self, x: torch.Tensor, path=None, learner=None) -> torch.Tensor:
+        return learner.restore(x, self.retrained(learner), kind=KIND)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"synthetic.{self.name}.{n}": stored(v) for n, v in (self.trained or {}).items()}
+
+    def header(self) -> dict:
+        return self.as_dict()
 
     def as_dict(self) -> dict:
-        return {"gain": self.gain, "floor": self.floor, "correlation": self.correlation, "residual": self.residual}
+        raise NotImplementedError
 
-
-def fit_pair_noise(clean: torch.Tensor, degraded: torch.Tensor, bins: int = 12) -> PairNoiseFit:
-    """``variance = gain * clean + floor`` by a weighted line fit over bins of the clean value; pixels whose
-    degraded value is clipped at 0 or 1 are left out (their spread is not the noise's)."""
-    c, d = clean.double().reshape(-1), degraded.double().reshape(-1)
-    r = (degraded.double() - clean.double())
-    a, b = r[..., :, 1:].reshape(-1), r[..., :, :-1].reshape(-1)
-    correlation = float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()).clamp(min=1e-12))
-    keep = (d > 0) & (d < 1)
-    c, res = c[keep], (d - c)[keep]
-    xs, vs, ws = [], [], []
-    if c.numel() >= 100:
-        edges = torch.quantile(c[:: max(1, c.numel() // 200_000)], torch.linspace(0, 1, bins + 1, dtype=torch.float64))
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-            inside = (c >= lo) & (c <= hi)
-            if int(inside.sum()) >= 50:
-                xs.append(float(c[inside].mean()))
-                vs.append(float(res[inside].var()))
-                ws.append(float(inside.sum()))
-    if len(xs) < 2:
-        var = float(res.var()) if res.numel() > 1 else 0.0
-        return PairNoiseFit(0.0, var, correlation, 1.0)
-    x, v, w = (torch.tensor(t, dtype=torch.float64) for t in (xs, vs, ws))
-    design = torch.stack([x, torch.ones_like(x)], dim=1) * w.sqrt()[:, None]
-    gain, floor = torch.linalg.lstsq(design, (v * w.sqrt())[:, None]).solution[:, 0].tolist()
-    gain, floor = max(gain, 0.0), max(floor, 0.0)
-    misfit = float(((gain * x + floor - v).square() * w).sum() / (v.square() * w).sum().clamp(min=1e-24))
-    return PairNoiseFit(gain, floor, correlation, misfit**0.5)
+    def read_network(self, tensors: dict[str, torch.Tensor], learner) -> SyntheticOperator:
+        """Its stored network (if any) back from ``tensors``, checked against ``learner``'s model."""
+        prefix = f"synthetic.{self.name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if state:
+            get_kind(KIND).check(learner.model, state)
+            own = next(learner.model.parameters())
+            self.trained = {n: v.to(own.device, own.dtype) for n, v in state.items()}
+        return self
 
 
 Synthesise = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

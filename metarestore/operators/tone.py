@@ -5,7 +5,8 @@ A tone curve and a colour matrix are invertible when the curve is monotone and t
 fitting the inverse map directly gives the restoration without a numerically fragile inversion; the
 residual of that fit says how well the pairs obey such a model at all. The fit alternates: the matrix and
 offset by least squares given the curves, then each curve by isotonic regression (pool adjacent
-violators, numpy) of what the matrix needs to see, stored as a lookup table on a fixed grid.
+violators, numpy) of what the matrix needs to see, stored as a lookup table on a fixed grid. The fit is
+the ``tone`` operator (path ``tone``); having no forward model, it only restores.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from metarestore.operators.base import Operator, register_operator, stored
 
 KNOTS = 65
 
@@ -67,19 +70,39 @@ def apply_curves(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+@register_operator("tone")
 @dataclass
-class ToneFit:
+class ToneFit(Operator):
     curves: torch.Tensor  # (C, KNOTS) monotone lookup tables, degraded value -> linearised value
     matrix: torch.Tensor  # (C, C)
     offset: torch.Tensor  # (C,)
     residual: float  # relative RMS misfit of the restoring map on the support pairs
 
-    def invert(self, degraded: torch.Tensor) -> torch.Tensor:
+    pre_steps = ("tone",)
+
+    @classmethod
+    def fit(cls, clean: torch.Tensor, degraded: torch.Tensor) -> ToneFit:
+        return fit_tone(clean, degraded)
+
+    def restore(self, degraded: torch.Tensor, path=None, learner=None) -> torch.Tensor:
         """The clean image the tone model predicts from a degraded one (B, C, H, W)."""
         u = apply_curves(degraded, self.curves).to(torch.float64)
         out = torch.einsum("ij,bjhw->bihw", self.matrix.to(u.device, torch.float64), u)
         out = out + self.offset.to(u.device, torch.float64)[None, :, None, None]
         return out.to(degraded.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"tone.{n}": stored(getattr(self, n)) for n in ("curves", "matrix", "offset")}
+
+    @classmethod
+    def read(cls, tensors: dict[str, torch.Tensor], header: dict, residual: float, learner) -> ToneFit | None:
+        if "tone.curves" not in tensors:
+            return None
+        curves, matrix, offset = (tensors.get(f"tone.{n}") for n in ("curves", "matrix", "offset"))
+        if matrix is None or offset is None or curves.shape[-1] != KNOTS or \
+                matrix.shape != (curves.shape[0], curves.shape[0]) or offset.shape != (curves.shape[0],):
+            raise ValueError("bad tone model tensors")
+        return cls(curves.double(), matrix.double(), offset.double(), residual)
 
 
 def _affine_fit(u: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
