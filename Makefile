@@ -41,7 +41,7 @@ lint: setup
 # there is one). base-snapshot copies the newest checkpoint to checkpoints/$(BASE)-training (commit it); for the
 # shipped run it also publishes the weights to metarestore/weights/base (builtin:base). ARGS: more options for
 # train, e.g. ARGS="--set data.train=data/CBSD432" where ../shared/data is not there.
-SHIPPED := base-wide
+SHIPPED := base-chains
 BASE ?= $(SHIPPED)
 ARGS ?=
 base-train: setup

@@ -272,6 +272,14 @@ def test_paths_name_every_registered_adapter_kind():
         assert Path.parse(f"deconv@0.01+{kind}") == Path("deconv", 0.01, kind)
     with pytest.raises(ValueError, match="unknown adapter kind 'prompt'"):
         Path.parse("deconv@0.01+prompt")
+    # a told chain (a model's row for noise then JPEG) parses as one family, with or without a kind after it
+    for name, told, restorer, passes in (("told:gaussian_noise+jpeg", "gaussian_noise+jpeg", "net", 1),
+                                         ("told:gaussian_noise+jpeg+film", "gaussian_noise+jpeg", "film", 1),
+                                         ("told:gaussian_noise+jpeg*2", "gaussian_noise+jpeg", "net", 2)):
+        path = Path.parse(name)
+        assert (path.told, path.restorer, path.passes) == (told, restorer, passes) and path.name == name
+    with pytest.raises(ValueError, match="unknown adapter kind 'prompt'"):
+        Path.parse("told:jpeg+prompt")
 
 
 def test_batched_folds_equal_adapting_each_fold_alone(learner):

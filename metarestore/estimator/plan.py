@@ -76,12 +76,18 @@ def plan(estimate: Estimate, told: Iterable[str]) -> list[Step]:
     return joined(steps, told)
 
 
+# the chains whose told row beats a told pass per family (configs/base-chains.yaml's A/B on LIVE1 and Kodak24
+# crops made with Pillow and numpy: noise 15 + JPEG 75 +1.11 / +2.12 dB; a dark, noisy JPEG +3.4 dB; blur + noise
+# + JPEG -0.34 / +0.12 and downsampling + JPEG -0.35 / -0.33 stay a pass per family; docs/benchmarks.md)
+JOINED = ("gaussian_noise+jpeg", "low_light+gaussian_noise+jpeg")
+
+
 def joined(steps: list[Step], told: Iterable[str]) -> list[Step]:
-    """``steps`` with every run of whole steps that a told chain undoes at once (``a+b+c``, applied a, then
-    b, then c: the steps c, b, a) replaced by that one step, the longest chain first: a model taught a row
-    per chain (``configs/base-chains.yaml``) was trained on the chain itself, where a pass per family meets
-    an input none of its rows was trained on."""
-    chains = sorted((name.split("+")[::-1] for name in told if "+" in name), key=len, reverse=True)
+    """``steps`` with every run of whole steps that a told chain of ``JOINED`` undoes at once (``a+b+c``,
+    applied a, then b, then c: the steps c, b, a) replaced by that one step, the longest chain first: a model
+    taught a row per chain (``configs/base-chains.yaml``) was trained on the chain itself, where a pass per
+    family meets an input none of its rows was trained on."""
+    chains = sorted((name.split("+")[::-1] for name in told if name in JOINED), key=len, reverse=True)
     out: list[Step] = []
     i = 0
     while i < len(steps):

@@ -70,9 +70,12 @@ class Path:
         if name == "identity":
             return IDENTITY
         if name.startswith("told:") and len(name) > 5:
-            family, _, kind = name[5:].partition("+")
-            if kind and kind not in KINDS:
-                raise ValueError(f"unknown adapter kind {kind!r} in an adaptation path (known: {', '.join(KINDS)})")
+            parts = name[5:].split("+")  # a family, or a chain of them (a+b), then an adapter kind or none
+            kind = parts.pop() if len(parts) > 1 and parts[-1] in KINDS else ""
+            if not kind and len(parts) > 1 and parts[-1].partition("*")[0] not in names():
+                raise ValueError(f"unknown adapter kind {parts[-1]!r} in an adaptation path "
+                                 f"(known: {', '.join(KINDS)})")
+            family = "+".join(parts)
             family, star, passes = family.partition("*")
             if star and (kind or passes not in [str(n) for n in range(2, MAX_PASSES + 1)]):
                 raise ValueError(f"told:{family}*N takes N from 2 to {MAX_PASSES}, without an adapter kind")
@@ -110,8 +113,8 @@ def default_paths(learner=None) -> list[Path]:
     # ``jpeg`` and ``noise`` are there to be asked for (kind=jpeg), not validated by default: the codec's
     # grid search alone costs ~0.7 s of the 1 s an automatic adapter has (issue 16), and on Poisson-Gaussian
     # noise the base model retrained on synthesised pairs gained nothing (+0.0 dB, 5 pairs, 30 steps)
-    if learner is not None:
-        paths += [Path(told=f) for f in image_families(getattr(learner.model, "hint_families", ()))]
+    if learner is not None:  # single families: a chain's row (a+b) is there to be asked for
+        paths += [Path(told=f) for f in image_families(getattr(learner.model, "hint_families", ())) if "+" not in f]
     return paths
 
 
