@@ -24,11 +24,20 @@ from metarestore.data.images import load_folder
 from metarestore.estimator import load_estimator
 from metarestore.hub import load_model
 from metarestore.inference import told_families
+from metarestore.metrics import MSE_FLOOR
 from metarestore.progress import Progress
 
 
+# what ``psnr`` gives two identical images (its MSE floor): an image returned as it came
+IDENTICAL_DB = -10 * math.log10(MSE_FLOOR)
+
+
+def identical(v: float) -> bool:
+    return v >= IDENTICAL_DB - 1e-6
+
+
 def fmt(v: float) -> str:
-    return "identical" if math.isinf(v) else f"{v:.2f}"
+    return "identical" if identical(v) else f"{v:.2f}"
 
 
 def main() -> None:
@@ -78,8 +87,8 @@ def main() -> None:
             worst_overall = min(worst_overall, drop)
             found = ", ".join(f"{k} x{v}" for k, v in sorted(
                 {f: sum(r['found'] == f for r in rs) for f in {r['found'] for r in rs}}.items(), key=lambda t: -t[1]))
-            default = "identical" if all(math.isinf(r["default"]) for r in rs) else fmt(mean["default"])
-            given = "(itself)" if all(math.isinf(r["input"]) for r in rs) else fmt(mean["input"])
+            default = "identical" if all(identical(r["default"]) for r in rs) else fmt(mean["default"])
+            given = "(itself)" if all(identical(r["input"]) for r in rs) else fmt(mean["input"])
             lines.append(f"| {set_name} | {name} | {given} | {default} | {fmt(mean['blind_row'])} | "
                          f"{fmt(float(np.mean(told))) if told else '-'} | {drop:+.2f} | {found} |")
     lines += ["", f"worst change against the input over every image and case: {worst_overall:+.2f} dB"]
