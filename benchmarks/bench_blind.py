@@ -27,7 +27,6 @@ from metarestore.inference import told_families
 from metarestore.metrics import MSE_FLOOR
 from metarestore.progress import Progress
 
-
 # what ``psnr`` gives two identical images (its MSE floor): an image returned as it came
 IDENTICAL_DB = -10 * math.log10(MSE_FLOOR)
 
