@@ -85,6 +85,10 @@ def test_the_plan_undoes_what_was_found_last_applied_first_and_nothing_else():
     assert families(plan(estimate(chain), told)) == ["jpeg", "gaussian_noise"]
     assert families(plan(estimate(chain | {"gaussian_blur": 0.7}), told)) == ["jpeg", "gaussian_noise", "gaussian_blur"]
     # a correction of every tone needs a sure estimate
+    # unsure of low light, unless the highlights are dark (an under-exposed photo's stay at its exposure)
+    assert plan(estimate({"low_light": 0.7}, highlights=0.9), told) == []
+    assert families(plan(estimate({"low_light": 0.7}, highlights=0.6), told)) == ["low_light"]
+    assert plan(estimate({"low_light": 0.45}, highlights=0.6), told) == []
     assert plan(estimate({"low_light": 0.7}), told) == [] and families(plan(estimate({"low_light": 0.9}), told)) == \
         ["low_light"]
 
@@ -189,6 +193,19 @@ def test_an_enlarged_photo_has_periodic_detail_and_a_blurred_one_is_found_as_blu
 
 def to_8_bits(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round() / 255
+
+
+def test_an_under_exposed_photo_has_dark_highlights():
+    """``highlights``: a photo's brightest pixels reach near white, an under-exposed one's stay at its
+    exposure; a 24 MP image is measured too (a histogram, not torch.quantile's 2^24-value limit)."""
+    from metarestore.estimator.evidence import highlights
+
+    low_light = degradations.get("low_light")
+    for name in ("coffee", "astronaut", "chelsea"):
+        x = photo(name)
+        dark = to_8_bits(low_light(x, low_light.sample(0.5, torch.Generator().manual_seed(0))))
+        assert highlights(x) > 0.75 and highlights(dark) <= 0.7, name
+    assert highlights(torch.full((1, 3, 4000, 6000), 0.5)) == pytest.approx(0.5, abs=1 / 512)
 
 
 def test_blind_restoration_returns_a_clean_photo_untouched_and_undoes_a_jpeg(estimator, told_checkpoint):

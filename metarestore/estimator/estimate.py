@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from metarestore.checkpoint import load_checkpoint
-from metarestore.estimator.evidence import jpeg_quality, noise_sigma, resampling_peak, tone_span
+from metarestore.estimator.evidence import highlights, jpeg_quality, noise_sigma, resampling_peak, tone_span
 from metarestore.estimator.labels import ALTERNATIVES, UNDO_ORDER
 from metarestore.estimator.network import EstimatorNet
 from metarestore.pixels import center_crop
@@ -58,6 +58,7 @@ class Estimate:
     jpeg_quality: int | None = None  # from the file's quantization tables
     tone_span: float | None = None  # how far the tones reach from their mean (``evidence.tone_span``)
     resampling_peak: float | None = None  # how periodic the fine detail is (``evidence.resampling_peak``)
+    highlights: float | None = None  # how bright the brightest pixels are (``evidence.highlights``)
     noise_sigma: float | None = None  # measured, 8-bit levels, when asked for
     threshold: float = THRESHOLD
     extra: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +107,7 @@ class Estimate:
                 "jpeg_quality": self.jpeg_quality,
                 "tone_span": None if self.tone_span is None else round(self.tone_span, 4),
                 "resampling_peak": None if self.resampling_peak is None else round(self.resampling_peak, 2),
+                "highlights": None if self.highlights is None else round(self.highlights, 3),
                 "noise_sigma": None if self.noise_sigma is None else round(self.noise_sigma, 2)}
 
 
@@ -177,7 +179,8 @@ class Estimator:
             soft(probabilities, peak)
         # measured on the central 512 px at most: a wavelet transform of a whole 6 MP photo costs 0.3 s
         sigma = noise_sigma(center_crop(image, 512, 512)) if noise and min(image.shape[-2:]) >= MIN_SIDE else None
-        return Estimate(probabilities, severities, quality, span, peak, sigma, self.threshold)
+        bright = None if span is None else highlights(image)
+        return Estimate(probabilities, severities, quality, span, peak, bright, sigma, self.threshold)
 
 
 def _tone_is_the_story(probabilities: dict[str, float], threshold: float) -> bool:
