@@ -120,7 +120,7 @@ def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLea
         return restore_as_asked(learner, x, params, family, tile=settings.tile, ensemble=settings.ensemble)
 
     for spec, learner in models:
-        told = settings.told and cond.family in getattr(learner.model, "hint_families", ())
+        told = settings.told and cond.family in learner.hint_families
         family, label = (cond.family, f"{spec.label} (told)") if told else (None, spec.label)
         label += " x8" if settings.ensemble else ""
         if spec.zero_shot:

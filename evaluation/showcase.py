@@ -37,7 +37,7 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
     support = PatchSampler(support_images, size, augment=False)
     rows, grid = [], []
     device = next(learner.parameters()).device
-    told = set(getattr(learner.model, "hint_families", ()))
+    told = set(learner.hint_families)
     for name in [*trained, *held_out]:
         task = Task.sample(name, severity, seed, "showcase", name)
         g = cpu_generator(stable_seed(seed, "showcase", name, "patches"))

@@ -115,7 +115,7 @@ def told_families(learner: MetaLearner) -> list[str]:
     family table)."""
     from metarestore.degradations import image_families
 
-    return image_families(getattr(learner.model, "hint_families", ()))
+    return image_families(learner.hint_families)
 
 
 def blind_plan(learner: MetaLearner, estimate: Estimate) -> list[Step]:
