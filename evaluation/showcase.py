@@ -38,7 +38,10 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
     rows, grid = [], []
     device = next(learner.parameters()).device
     told = set(learner.hint_families)
-    for name in [*trained, *held_out]:
+    # every family the model knows: its last run's trained ones and those it can be told (a fine-tune of the
+    # told table alone trains fewer than the model restores), then the held-out ones
+    known = [f for f in dict.fromkeys([*learner.hint_families, *trained]) if f not in held_out]
+    for name in [*known, *held_out]:
         task = Task.sample(name, severity, seed, "showcase", name)
         g = cpu_generator(stable_seed(seed, "showcase", name, "patches"))
         clean = query.sample(2, g).to(device)
@@ -54,8 +57,8 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
             adapted = adapter.restore(degraded).to(device)
             row.update(psnr_adapted=psnr(adapted, clean), path=adapter.path.name)
             adapted = adapted[0]
-        grid.append((name + (" (held out)" if name in held_out else ""), [degraded[0], run.zero_shot[0], adapted,
-                                                                          clean[0]]))
+        label = name + (f" (held out: {row['path']})" if name in held_out else "")
+        grid.append((label, [degraded[0], run.zero_shot[0], adapted, clean[0]]))
         rows.append(row)
     out_dir = Path(out_dir)
     save_grid(grid, ["degraded", "restored", f"adapted ({shots} shots)", "clean"], out_dir / "showcase.png",
@@ -67,13 +70,13 @@ IMPROVED_DB = 0.5  # a family counts as improved only from this gain on: smaller
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'family':<36}{'input':>9}{'restored':>10}{'adapted':>9}{'gain':>8}"]
+    lines = [f"{'family':<44}{'input':>9}{'restored':>10}{'adapted':>9}{'gain':>8}"]
     for r in rows:
         best = r.get("psnr_adapted", r["psnr_restored"])
         adapted = f"{r['psnr_adapted']:9.2f}" if "psnr_adapted" in r else f"{'-':>9}"
         label = r["family"] + (" (held out)" if r["held_out"] else "") + (" (told)" if r.get("told") else "")
         label += f" [{r['path']}]" if "path" in r else ""
-        lines.append(f"{label:<36}{r['psnr_input']:9.2f}{r['psnr_restored']:10.2f}{adapted}{best - r['psnr_input']:+8.2f}")
+        lines.append(f"{label:<44}{r['psnr_input']:9.2f}{r['psnr_restored']:10.2f}{adapted}{best - r['psnr_input']:+8.2f}")
     gains = {r["family"]: r.get("psnr_adapted", r["psnr_restored"]) - r["psnr_input"] for r in rows}
     improved = [f for f, gain in gains.items() if gain >= IMPROVED_DB]
     lines.append(f"improved by >= {IMPROVED_DB} dB: {len(improved)} of {len(rows)} families")
