@@ -14,17 +14,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The shipped model restores and adapts at once; then a short Ray Train fine-tune of it (2 workers) on the
-# embedded images, registered in MLflow, and the same showcase again.
+# A short Ray Train fine-tune of the shipped model (2 workers) on the embedded images, registered in MLflow;
+# then the shipped model's showcase and the fine-tuned one's, side by side in runs/demo (after the training:
+# a fresh run puts an existing runs/demo aside, grids included).
 demo: setup
-	$(BIN)/metarestore showcase --out runs/demo/shipped
 	$(BIN)/metarestore train --config configs/demo.yaml --workers 2
+	$(BIN)/metarestore showcase --out runs/demo/shipped
 	$(BIN)/metarestore showcase --model runs/demo/final --out runs/demo
 
 # The same job in one process, without Ray.
 demo-local: setup
-	$(BIN)/metarestore showcase --out runs/demo/shipped
 	$(BIN)/metarestore train --local --config configs/demo.yaml
+	$(BIN)/metarestore showcase --out runs/demo/shipped
 	$(BIN)/metarestore showcase --model runs/demo/final --out runs/demo
 
 test: setup

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=256)
     args = parser.parse_args()
     learner, _, _ = load_model(args.model)
-    told = set(learner.model.hint_families)
+    told = set(learner.hint_families)
     print("| set | chain | input | a pass per family | the chain's row |\n|---|---|---|---|---|")
     for set_name in args.sets.split(","):
         images = load_folder(Path(args.data) / set_name).images[:args.images]

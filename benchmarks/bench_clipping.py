@@ -35,7 +35,7 @@ def main() -> None:
     print("| model | input | restored, unclipped noise | restored, clipped noise |\n|---|---|---|---|")
     for uri in args.models:
         learner, _, _ = load_model(uri)
-        known = learner.model.hint_families
+        known = learner.hint_families
         told = {kind: next((f for f in wanted if f in known), None)
                 for kind, wanted in (("unclipped", ("awgn", "gaussian_noise")), ("clipped", ("gaussian_noise",)))}
         scores = {"input": [], "unclipped": [], "clipped": []}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from metarestore.metrics import psnr
 from metarestore.operators import fit_adapter
 from metarestore.operators.fourier import convolve
+from metarestore.registry import Registry
 
 Operator = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -134,7 +135,7 @@ def _vignette(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x * (1 - 0.45 * (xx**2 + yy**2) / 2)[None, None]
 
 
-DEGRADATIONS: dict[str, Operator] = {
+DEGRADATIONS: Registry[Operator] = Registry("unseen degradation", {
     "defocus_disc": lambda x, g: _noise(convolve(x, disc(3.0)), g, 0.005),
     "camera_shake": lambda x, g: _noise(convolve(x, shake()), g, 0.005),
     "blur_resample_x2": _resample,
@@ -145,7 +146,7 @@ DEGRADATIONS: dict[str, Operator] = {
     "raw_camera": _raw_camera,
     "coloured_haze": _haze,
     "vignetting": _vignette,
-}
+})
 KERNEL_LIKE = {"defocus_disc", "camera_shake", "blur_resample_x2", "varying_blur"}
 # Rows kept as controls, not unseen degradations: what a registry chain already makes (camera_noise is
 # poisson_noise at peak 1/0.012 ~ 83 then gaussian_noise at sigma 0.02 = 5.1/255, both inside the training

@@ -23,14 +23,15 @@ import numpy as np
 import torch
 
 from metarestore.errors import UserError
+from metarestore.registry import Registry
 
 Baseline = Callable[[np.ndarray, dict], np.ndarray]
 
-REGISTRY: dict[str, dict[str, Baseline]] = {}  # family -> {baseline name: function}
-
-
 class UnknownBaselineError(UserError, KeyError):
     """A --baselines name no family registers."""
+
+
+REGISTRY: Registry[Registry[Baseline]] = Registry("family with baselines")  # family -> its baselines by name
 
 
 class MissingExtraError(UserError, ImportError):
@@ -56,8 +57,9 @@ def missing(name: str) -> str | None:
 
 def register(family: str, name: str) -> Callable[[Baseline], Baseline]:
     def decorate(fn: Baseline) -> Baseline:
-        REGISTRY.setdefault(family, {})[name] = fn
-        return fn
+        if family not in REGISTRY:
+            REGISTRY.add(family, Registry(f"baseline of {family}", error=UnknownBaselineError))
+        return REGISTRY[family].add(name, fn)
     return decorate
 
 

@@ -22,6 +22,7 @@ from metarestore import degradations
 from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.inference import restore_estimated, restore_image
 from metarestore.meta.losses import psnr
+from metarestore.registry import Registry
 
 TRAINED_SEVERITIES = (0.25, 0.5, 0.75)
 
@@ -73,13 +74,13 @@ def _speckle(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # degradations no family of the registry makes and no training sees
-UNSEEN: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+UNSEEN: Registry[Callable[[np.ndarray, np.random.Generator], np.ndarray]] = Registry("unseen degradation", {
     "pixelate x4 (nearest)": lambda a, rng: _pixelate(a),
     "vignette": lambda a, rng: _vignette(a),
     "oversharpen (unsharp 200%)": lambda a, rng: _pil(a, lambda im: im.filter(ImageFilter.UnsharpMask(2, 200, 0))),
     "posterize 4 bits": lambda a, rng: _pil(a, lambda im: ImageOps.posterize(im, 4)),
     "speckle 12%": _speckle,
-}
+})
 
 
 def cases(clean: np.ndarray, index: int, told: list[str], trained: bool = True) -> Iterator[Case]:

@@ -34,7 +34,8 @@ def showcase(
     out: Annotated[Path, typer.Option(help="Folder for showcase.png.")] = Path("runs/showcase"),
     severity: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
     shots: Annotated[int, typer.Option(min=1, max=16, help="Support pairs for held-out families.")] = 4,
-    steps: Annotated[int, typer.Option(min=0, max=50, help="adapt() steps for held-out families.")] = 5,
+    steps: Annotated[int, typer.Option(min=0, max=50, help="Gradient steps of a held-out family's adapter, if "
+                                       "its path adapts the restorer (a server's default: 10).")] = 10,
     data: Annotated[str, typer.Option(help="Images: 'embedded' (scikit-image's samples; the validation split "
                                       "restored, the training split as support pairs), 'model' (the model's "
                                       "own validation and training folders) or a folder (both from it).")] = "embedded",
@@ -97,9 +98,10 @@ def register(app: typer.Typer) -> None:
         cpus_per_task: Annotated[float, typer.Option(min=0.1, help="CPUs per Ray task.")] = 1.0,
         gpus_per_task: Annotated[float, typer.Option(min=0.0, help="GPUs per Ray task (0: CPU).")] = 0.0,
         examples: Annotated[int, typer.Option(min=0, help="Images per dataset shown in the example grids.")] = 1,
-        adapter: Annotated[str, typer.Option(help="How the adapted rows adapt: film (adapt(), FiLM steps) or auto "
-                                             "(the path a server's kind=auto adapter chooses: operator fits, "
-                                             "FiLM, LoRA).")] = "film",
+        adapter: Annotated[str, typer.Option(help="How the adapted rows adapt: own (adapt() with the learner's "
+                                             "own adapter kind: FiLM or LoRA; 'film' is an accepted alias) or "
+                                             "auto (the adapter a server with default settings fits for "
+                                             "path=auto: operator fits, FiLM, LoRA).")] = "own",
         told: Annotated[bool, typer.Option("--told/--blind", help="Name each condition's family to a model that "
                                            "can be told the degradation (rows 'model (told)'); others stay "
                                            "blind: estimated, then what was found undone, as `restore` does "

@@ -45,7 +45,7 @@ class Settings:
     threads: int = 1
     use_gpu: bool = False
     told: bool = False  # name each condition's family to a model that can be told it (model.condition: family)
-    adapter: str = "film"  # film: learner.adapt (FiLM); auto: operators.fit_adapter, the server's automatic choice
+    adapter: str = "own"  # own: learner.adapt (the learner's own kind, FiLM or LoRA); auto: fit_as_served
     ensemble: bool = False  # restore with the x8 self-ensemble (inference.self_ensemble): rows "model x8"
 
 
@@ -72,16 +72,13 @@ def adapted_label(label: str, shots: int, steps: int) -> str:
 
 def auto_adapted(learner: MetaLearner, x: torch.Tensor, support_x: torch.Tensor, support_y: torch.Tensor,
                  steps: int) -> torch.Tensor:
-    """What a client of ``POST /v1/adapters`` (kind auto) gets: the path chosen by leave-one-out among
-    zero-shot, FiLM and the operator + restorer paths, fitted with ``steps`` steps (0: only the paths
-    without gradient steps: their restorer is the model as it is), then the image restored with it (whole:
-    an adapter's pre-step sees the whole image, as a server's does)."""
-    from metarestore.operators import fit_adapter
-    from metarestore.operators.paths import default_paths
+    """What a client of ``POST /v1/adapters`` (path auto) gets from a server with default settings: the same
+    fit (``fit_as_served``: the path chosen by leave-one-out among zero-shot, FiLM/LoRA and the operator +
+    restorer paths) with ``steps`` steps (0: only the paths without gradient steps), then the image restored
+    with it (whole: an adapter's pre-step sees the whole image, as a server's does)."""
+    from metarestore.inference import fit_as_served
 
-    paths = None if steps > 0 else [p for p in default_paths(learner) if not p.adapted]
-    adapter = fit_adapter(learner, support_x, support_y, steps=max(steps, 1), paths=paths)
-    return adapter.restore(x)
+    return fit_as_served(learner, support_x, support_y, steps=steps).restore(x)
 
 
 def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLearner]], settings: Settings,
@@ -123,7 +120,7 @@ def run_unit(unit: Unit, dataset: Dataset, models: list[tuple[ModelSpec, MetaLea
         return restore_as_asked(learner, x, params, family, tile=settings.tile, ensemble=settings.ensemble)
 
     for spec, learner in models:
-        told = settings.told and cond.family in getattr(learner.model, "hint_families", ())
+        told = settings.told and cond.family in learner.hint_families
         family, label = (cond.family, f"{spec.label} (told)") if told else (None, spec.label)
         label += " x8" if settings.ensemble else ""
         if spec.zero_shot:

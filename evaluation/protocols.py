@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from evaluation.conditions import Condition, dataset_name
 from metarestore.errors import UserError
+from metarestore.registry import Registry
 
 
 class ProtocolError(UserError, ValueError):
@@ -68,7 +69,7 @@ def _awgn(dataset: str) -> Protocol:
                               "PromptIR 31.31 dB" if dataset == "CBSD68" else "")
 
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
+PROTOCOLS: Registry[Protocol] = Registry("protocol", {p.name: p for p in (
     _awgn("CBSD68"),
     _awgn("Kodak24"),
     Protocol("live1-classic5-jpeg", "JPEG artefact removal, quality 10-40, Y channel", ("LIVE1", "classic5"),
@@ -77,10 +78,8 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("set5-set14-sr", "x2 and x4 bicubic super-resolution, Y channel, border shaved", ("Set5", "Set14"),
              "downsample", tuple((f"x{s}", {"scale": float(s)}) for s in (2, 4)), y_channel=True,
              shave_scale=True, reference="SRCNN / VDSR tables (Y channel, shave = scale)"),
-)}
+)}, error=ProtocolError)
 
 
 def get(name: str) -> Protocol:
-    if name not in PROTOCOLS:
-        raise ProtocolError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    return PROTOCOLS[name]  # unknown: a ProtocolError that lists the known

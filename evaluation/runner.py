@@ -35,6 +35,7 @@ from metarestore.data import EMBEDDED, DataError
 from metarestore.errors import UserError
 
 DEFAULT_CROP = 256
+ADAPTER_ALIASES = {"film": "own"}  # the old name of own: the learner's own kind, which may be LoRA
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Request:
     examples: int = 1
     tile: int = 512
     told: bool = False  # name each condition's family to a model that can be told it
-    adapter: str = "film"  # film: the rows adapt with learner.adapt; auto: with operators.fit_adapter
+    adapter: str = "own"  # own (alias film): learner.adapt, the learner's own kind; auto: as a server fits
     ensemble: bool = False  # the model's rows restore with the x8 self-ensemble
     progress: bool = True
     command: str = ""
@@ -127,10 +128,11 @@ def load_datasets(specs: list[str], crop: int, limit: int | None) -> list[Datase
 def evaluate(req: Request) -> Evaluation:
     """Run the evaluation described by ``req``; outputs go to ``req.out`` (and MLflow when tracking)."""
     _check_lists(req)
-    if req.adapter not in ("film", "auto"):
-        raise UserError(f"--adapter must be film or auto, got {req.adapter!r}")
+    req.adapter = ADAPTER_ALIASES.get(req.adapter, req.adapter)
+    if req.adapter not in ("own", "auto"):
+        raise UserError(f"--adapter must be own (alias film) or auto, got {req.adapter!r}")
     if req.ensemble and req.adapter == "auto" and any(k > 0 for k in req.shots):
-        raise UserError("--ensemble restores through the model (zero-shot and film rows), not an --adapter auto "
+        raise UserError("--ensemble restores through the model (zero-shot and own-adapter rows), not an --adapter auto "
                         "adapter: drop one of them")
     protocol = protocols.get(req.protocol) if req.protocol else None
     if protocol is not None:
@@ -167,9 +169,10 @@ def evaluate(req: Request) -> Evaluation:
     if adapting:
         notes.append(f"adaptation: K support patches ({req.support_size} px) from the dataset's other images, "
                      "degraded with the query's task parameters and fresh noise; "
-                     + ("steps 0 equals zero-shot" if req.adapter == "film" else
-                        "adapter auto: the path fit_adapter chooses by leave-one-out on the K pairs (a server's "
-                        "kind=auto; steps 0: only paths without gradient steps)"))
+                     + ("steps 0 equals zero-shot" if req.adapter == "own" else
+                        "adapter auto: the adapter a server with default settings fits for path=auto "
+                        "(fit_as_served: the path chosen by leave-one-out on the K pairs; steps 0: only paths "
+                        "without gradient steps)"))
     if protocol is not None:
         notes.append(f"protocol {protocol.name}: {protocol.description}"
                      + (f"; published: {protocol.reference}" if protocol.reference else ""))

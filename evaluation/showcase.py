@@ -1,5 +1,6 @@
 """A quick look at a model: restore held-out images degraded by every family, print PSNR before and
-after (and after few-shot ``adapt()`` for held-out families), save an image grid. ``make demo`` ends here."""
+after (and, for held-out families, after the adapter a server fits from a few pairs), save an image grid.
+``make demo`` ends here."""
 
 from __future__ import annotations
 
@@ -11,16 +12,19 @@ from metarestore.data import EMBEDDED, PatchSampler, load_images
 from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.engine import validation_images
 from metarestore.fewshot import Task, few_shot
-from metarestore.inference import restore_as_asked
+from metarestore.inference import SERVED_STEPS, fit_as_served, restore_as_asked
 from metarestore.meta import MetaLearner
+from metarestore.metrics import psnr
 from metarestore.viz import save_grid
 
 
 def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity: float = 0.5, shots: int = 4,
-             steps: int = 5, size: int = 128, seed: int = 0, data: str = EMBEDDED) -> list[dict]:
+             steps: int = SERVED_STEPS, size: int = 128, seed: int = 0, data: str = EMBEDDED) -> list[dict]:
     """``data``: ``embedded`` (always there), ``model`` (the folders the model was trained and validated
     on, when this machine has them) or a folder. A model that can be told the degradation is told each
-    family it knows (as a client that knows what happened to its images would); the rest is blind."""
+    family it knows (as a client that knows what happened to its images would); the rest is blind. A
+    held-out family is also restored by the adapter a server with default settings fits from ``shots``
+    pairs (``fit_as_served``, path auto, ``steps`` gradient steps for an adapted path): the product's answer."""
     cfg = from_dict(metadata["config"])
     trained, held_out = metadata["families"]["train"], metadata["families"]["held_out"]
     if data == "model":
@@ -33,25 +37,28 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
     support = PatchSampler(support_images, size, augment=False)
     rows, grid = [], []
     device = next(learner.parameters()).device
-    told = set(getattr(learner.model, "hint_families", ()))
-    for name in [*trained, *held_out]:
+    told = set(learner.hint_families)
+    # every family the model knows: its last run's trained ones and those it can be told (a fine-tune of the
+    # told table alone trains fewer than the model restores), then the held-out ones
+    known = [f for f in dict.fromkeys([*learner.hint_families, *trained]) if f not in held_out]
+    for name in [*known, *held_out]:
         task = Task.sample(name, severity, seed, "showcase", name)
         g = cpu_generator(stable_seed(seed, "showcase", name, "patches"))
         clean = query.sample(2, g).to(device)
         degraded = task.degrade(clean)
-        pairs = None
-        if name in held_out:
-            support_y = support.sample(shots, g).to(device)
-            pairs = (task.degrade_support(support_y), support_y)
-        run = few_shot(learner, degraded, pairs, steps=steps, query_y=clean, family=name if name in told else None,
+        run = few_shot(learner, degraded, query_y=clean, family=name if name in told else None,
                        restore=functools.partial(restore_as_asked, tile=None))
         row = {"family": name, "held_out": name in held_out, "told": name in told, "psnr_input": run.scores["input"],
                "psnr_restored": run.scores["zero_shot"]}
-        if "adapted" in run.scores:
-            row["psnr_adapted"] = run.scores["adapted"]
-        adapted = None if run.adapted is None else run.adapted[0]
-        grid.append((name + (" (held out)" if name in held_out else ""), [degraded[0], run.zero_shot[0], adapted,
-                                                                          clean[0]]))
+        adapted = None
+        if name in held_out:
+            support_y = support.sample(shots, g).to(device)
+            adapter = fit_as_served(learner, task.degrade_support(support_y), support_y, steps=steps)
+            adapted = adapter.restore(degraded).to(device)
+            row.update(psnr_adapted=psnr(adapted, clean), path=adapter.path.name)
+            adapted = adapted[0]
+        label = name + (f" (held out: {row['path']})" if name in held_out else "")
+        grid.append((label, [degraded[0], run.zero_shot[0], adapted, clean[0]]))
         rows.append(row)
     out_dir = Path(out_dir)
     save_grid(grid, ["degraded", "restored", f"adapted ({shots} shots)", "clean"], out_dir / "showcase.png",
@@ -63,12 +70,13 @@ IMPROVED_DB = 0.5  # a family counts as improved only from this gain on: smaller
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'family':<28}{'input':>9}{'restored':>10}{'adapted':>9}{'gain':>8}"]
+    lines = [f"{'family':<44}{'input':>9}{'restored':>10}{'adapted':>9}{'gain':>8}"]
     for r in rows:
         best = r.get("psnr_adapted", r["psnr_restored"])
         adapted = f"{r['psnr_adapted']:9.2f}" if "psnr_adapted" in r else f"{'-':>9}"
         label = r["family"] + (" (held out)" if r["held_out"] else "") + (" (told)" if r.get("told") else "")
-        lines.append(f"{label:<28}{r['psnr_input']:9.2f}{r['psnr_restored']:10.2f}{adapted}{best - r['psnr_input']:+8.2f}")
+        label += f" [{r['path']}]" if "path" in r else ""
+        lines.append(f"{label:<44}{r['psnr_input']:9.2f}{r['psnr_restored']:10.2f}{adapted}{best - r['psnr_input']:+8.2f}")
     gains = {r["family"]: r.get("psnr_adapted", r["psnr_restored"]) - r["psnr_input"] for r in rows}
     improved = [f for f, gain in gains.items() if gain >= IMPROVED_DB]
     lines.append(f"improved by >= {IMPROVED_DB} dB: {len(improved)} of {len(rows)} families")

@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 
 from metarestore.errors import UserError
+from metarestore.param_groups import INNER_LR_GROUPS
 
 OPTIMIZERS = ("adamw", "sgd")
-INNER_LR_GROUPS = ("default", "intro", "encoder", "middle", "decoder", "ending", "condition")
 
 
 class ConfigError(UserError, ValueError):

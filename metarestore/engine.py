@@ -22,8 +22,8 @@ from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.ema import WeightEMA
 from metarestore.errors import ResumeError, UserError
 from metarestore.fewshot import Task, few_shot
-from metarestore.meta import MetaLearner, flat_grad, make_learner, set_flat_grad
-from metarestore.model import RestorationNet, count_parameters
+from metarestore.meta import MetaLearner, build_learner, flat_grad, set_flat_grad
+from metarestore.model import count_parameters
 from metarestore.model.network import load_weights
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -89,12 +89,6 @@ def outer_lr_at(cfg: Config, step: int) -> float:
     return t.outer_lr
 
 
-def build_learner(cfg: Config, device: torch.device | str = "cpu") -> MetaLearner:
-    torch.manual_seed(cfg.seed)  # identical initial weights in every worker
-    model = RestorationNet.from_config(cfg.model)
-    return make_learner(model, cfg.meta).to(device)
-
-
 def validation_images(cfg: Config):
     return load_images(cfg.data.val, "val" if cfg.data.val == EMBEDDED else "all")
 
@@ -149,7 +143,7 @@ class MetaTrainer:
         self.device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         init = initial_weights(cfg)
-        self.learner = build_learner(cfg, self.device)
+        self.learner = build_learner(cfg, self.device, seed=cfg.seed)  # identical initial weights in every worker
         if init is not None:
             load_weights(self.learner.model, {k: v.to(self.device) for k, v in init.items()})
         self.model = self.learner.model

@@ -16,8 +16,7 @@ import torch
 from metarestore.checkpoint import METADATA_FILE, CheckpointError, load_checkpoint, read_metadata
 from metarestore.config import from_dict
 from metarestore.errors import UserError
-from metarestore.meta import MetaLearner, make_learner
-from metarestore.model import RestorationNet
+from metarestore.meta import MetaLearner, build_learner
 
 CACHE = Path(os.environ.get("METARESTORE_CACHE", Path.home() / ".cache" / "metarestore"))
 BUILTIN = Path(__file__).resolve().parent / "weights"  # shipped models, one folder each (with MODEL_CARD.md)
@@ -130,11 +129,8 @@ def _download(source: str, target: Path) -> None:
 
 
 def learner_from_metadata(metadata: dict, device: torch.device | str = "cpu") -> MetaLearner:
-    cfg = from_dict(metadata["config"])
-    model = RestorationNet.from_config(cfg.model)
-    learner = make_learner(model, cfg.meta)
-    learner.set_inner_lrs(metadata["inner_lr"])  # Meta-SGD's learned rates, or the configured ones
-    return learner.to(device)
+    """A saved model's learner, weights not yet loaded (``build_learner`` with its config and inner rates)."""
+    return build_learner(from_dict(metadata["config"]), device, inner_lrs=metadata["inner_lr"])
 
 
 def load_learner(path: str | Path, device: torch.device | str = "cpu") -> tuple[MetaLearner, dict]:

@@ -115,7 +115,7 @@ def told_families(learner: MetaLearner) -> list[str]:
     family table)."""
     from metarestore.degradations import image_families
 
-    return image_families(getattr(learner.model, "hint_families", ()))
+    return image_families(learner.hint_families)
 
 
 def blind_plan(learner: MetaLearner, estimate: Estimate) -> list[Step]:
@@ -211,7 +211,7 @@ def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
     hooks = [m.register_forward_hook(count) for m in learner.model.modules()]
     try:
         with torch.no_grad():
-            learner.model(torch.zeros(1, 3, probe, probe))
+            learner.model(torch.zeros(1, 3, probe, probe, device=learner.device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -251,3 +251,26 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
     adapter.info.update(kind=kind, fit_height=fit_h, fit_width=fit_w,
                         fit_ms=round((time.perf_counter() - start) * 1000, 1))
     return adapter
+
+
+# What a server with default settings fits (``serving/settings.py``'s ``adapt_*`` defaults; a test holds them
+# equal), so that the showcase and ``evaluate --adapter auto`` show what a client of ``POST /v1/adapters`` gets.
+SERVED_STEPS = 10
+SERVED_MEMORY_MB = 2048.0
+SERVED_FIT = {"max_side": 128, "max_folds": 2, "validation_steps": 3, "budget_s": 1.0, "score_side": 64,
+              "patch": 32}
+
+
+def fit_as_served(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *,
+                  steps: int = SERVED_STEPS, kind: str = "auto", paths: Iterable[str] | None = None) -> Adapter:
+    """``fit_bounded`` as a server with default settings calls it (the same crop, folds, budget and memory
+    bound), for whoever must show what the product does with these pairs. ``steps=0``: only the paths without
+    gradient steps are candidates (their restorer is the model as it is)."""
+    from metarestore.operators.paths import default_paths
+
+    if steps == 0 and paths is None:
+        paths = [p.name for p in default_paths(learner) if not p.adapted]
+    max_pixels = max(256, int(SERVED_MEMORY_MB * 2**20) // adapt_bytes_per_pixel(learner))
+    return fit_bounded(learner, support_x, support_y, kind=kind, paths=paths, steps=max(steps, 1),
+                       max_pixels=max_pixels, **SERVED_FIT)
+

@@ -142,8 +142,9 @@ def finalize(cfg: Config, checkpoint_dir: Path, logger: RunLogger | None, regist
 
 def run_params(cfg: Config, workers: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """MLflow params: the flattened config, every task weight and inner learning rate, workers, commit."""
-    from metarestore.config import INNER_LR_GROUPS, flatten
+    from metarestore.config import flatten
     from metarestore.meta.adapt import group_lr
+    from metarestore.param_groups import INNER_LR_GROUPS
     from metarestore.tracking import git_commit
 
     params = flatten(cfg.to_dict())

@@ -31,12 +31,12 @@ def save_grid(rows: list[tuple[str, list[torch.Tensor | None]]], columns: list[s
         reference = images[-1]
         for c, image in enumerate(images):
             ax = axes[r][c]
+            if r == 0:  # the column's title even over an empty first cell
+                ax.set_title(columns[c], fontsize=10)
             if image is None:
                 ax.axis("off")
                 continue
             _show(ax, image)
-            if r == 0:
-                ax.set_title(columns[c], fontsize=10)
             if c < len(images) - 1:
                 ax.set_xlabel(f"{psnr(image[None], reference[None]):.2f} dB", fontsize=9)
             if c == 0:

@@ -59,7 +59,7 @@ def model_info(r: ThisReplica) -> ModelInfo:
         name=core.ref.name or meta.get("name", "metarestore"), version=core.version, source=core.ref.uri,
         device=str(core.device), algorithm=meta["algorithm"], adapt=meta.get("adapt", ""),
         families=meta.get("families", {}), inner_steps=core.learner.inner_steps, parameters=parameters,
-        adaptable_parameters=adaptable, degradations=image_families(getattr(core.learner.model, "hint_families", ())),
+        adaptable_parameters=adaptable, degradations=image_families(core.learner.hint_families),
         limits={"max_pixels": cfg.max_pixels, "max_body_mb": cfg.max_body_mb, "max_shots": cfg.max_shots,
                 "max_steps": cfg.max_steps, "adapt_steps": cfg.adapt_steps, "adapter_ttl_s": cfg.adapter_ttl_s,
                 "max_batch_size": cfg.max_batch_size, "tile": cfg.tile, "max_aspect": cfg.max_aspect,

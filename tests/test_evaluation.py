@@ -174,7 +174,7 @@ def test_bad_input_gives_one_error_line(workdir, capsys):
         "unknown degradation family 'fog'": ["--model", model, "--families", "gaussian_noise,fog"],
         "unknown protocol 'bsd1000'": ["--model", model, "--protocol", "bsd1000"],
         "protocol cbsd68-awgn needs --data": ["--model", model, "--protocol", "cbsd68-awgn"],
-        "--adapter must be film or auto": ["--model", model, "--adapter", "lora"],
+        "--adapter must be own (alias film) or auto": ["--model", model, "--adapter", "lora"],
         "--ensemble restores through the model": ["--model", model, "--adapter", "auto", "--shots", "0,3",
                                                   "--ensemble"],
         "model not found": ["--model", model],

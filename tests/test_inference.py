@@ -118,3 +118,17 @@ def test_the_ensemble_restoration_is_rotation_equivariant_and_not_the_single_pas
     single = restore_image(learner, x, tile=None)
     assert not torch.allclose(ensembled, single, atol=1e-4)
     assert restore_image(learner, x, tile=16, overlap=4, ensemble=True).shape == x.shape  # per tile
+
+
+def test_the_served_fit_is_the_servers_default_fit():
+    """The showcase and ``evaluate --adapter auto`` fit held-out families with ``fit_as_served``: the same
+    ``fit_bounded`` arguments a server with default settings passes (``serving/core.py``), so they show the
+    product; a changed server default must change them too."""
+    from metarestore.inference import SERVED_FIT, SERVED_MEMORY_MB, SERVED_STEPS
+    from serving.settings import AppArgs
+
+    args = AppArgs()
+    assert SERVED_FIT == {"max_side": args.adapt_side, "max_folds": args.adapt_folds,
+                          "validation_steps": args.adapt_validation_steps, "budget_s": args.adapt_budget_s,
+                          "score_side": args.adapt_score_side, "patch": args.adapt_patch}
+    assert (SERVED_STEPS, SERVED_MEMORY_MB, args.auto_paths) == (args.adapt_steps, args.adapt_memory_mb, None)

@@ -47,3 +47,18 @@ def test_no_package_reaches_above_its_layer(package, forbidden):
     assert modules, package
     crossings = [c for path in modules for c in reaches(path, forbidden)]
     assert not crossings, "\n".join(crossings)
+
+
+def test_the_config_and_the_parameter_groups_are_leaves_without_torch():
+    """Reading a config file names no network: ``metarestore.config`` and ``metarestore.param_groups`` import
+    no torch, and the model and learner name the config's types for type checkers only (no import cycle)."""
+    import subprocess
+    import sys
+
+    code = "import sys, metarestore.config, metarestore.param_groups; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    for module in ("metarestore/model/network.py", "metarestore/meta/learner.py"):
+        tree = ast.parse((REPO / module).read_text())
+        top = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "metarestore.config"]
+        assert not top, f"{module} imports metarestore.config at run time"

@@ -11,19 +11,18 @@ import torch
 
 from metarestore.degradations.base import Degradation, Params
 from metarestore.errors import UserError
-
-REGISTRY: dict[str, Degradation] = {}
+from metarestore.registry import Registry
 
 
 class UnknownFamilyError(UserError, KeyError):
     """A family name that is not registered."""
 
 
+REGISTRY: Registry[Degradation] = Registry("degradation family", error=UnknownFamilyError)
+
+
 def register(family: Degradation) -> Degradation:
-    if family.name in REGISTRY:
-        raise ValueError(f"degradation family {family.name!r} is registered twice")
-    REGISTRY[family.name] = family
-    return family
+    return REGISTRY.add(family.name, family)
 
 
 class Chain(Degradation):
@@ -54,14 +53,8 @@ def names() -> list[str]:
 
 def get(name: str) -> Degradation:
     """A family by name, or a chain for ``a+b+...``; unknown names raise a one-line error."""
-    parts = [part.strip() for part in name.split("+")]
-    unknown = [part for part in parts if part not in REGISTRY]
-    if unknown:
-        raise UnknownFamilyError(
-            f"unknown degradation family {unknown[0]!r}; known: {', '.join(names())}")
-    if len(parts) == 1:
-        return REGISTRY[parts[0]]
-    return Chain([REGISTRY[part] for part in parts])
+    members = [REGISTRY[part.strip()] for part in name.split("+")]  # unknown: UnknownFamilyError
+    return members[0] if len(members) == 1 else Chain(members)
 
 
 def image_families(family_names: list[str] | tuple[str, ...]) -> list[str]:

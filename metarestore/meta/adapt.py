@@ -26,8 +26,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from metarestore.meta.losses import LossFn, l1
-from metarestore.model import param_group
 from metarestore.model.kinds import AdapterKind, Params, kind_of
+from metarestore.param_groups import param_group
 
 Kind = str | AdapterKind | None
 LearningRates = Mapping[str, float | torch.Tensor]

@@ -24,11 +24,11 @@ time with plain autograd, the reference the tests compare the batched path again
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from metarestore.config import MetaConfig
 from metarestore.data import Episode, EpisodeBatch, TaskSpec
 from metarestore.meta.adapt import (
     Params,
@@ -41,18 +41,35 @@ from metarestore.meta.adapt import (
     task_losses,
 )
 from metarestore.meta.losses import get_loss
-from metarestore.model import adaptable_names, kind_of, param_group
+from metarestore.model import RestorationNet, adaptable_names, kind_of
+from metarestore.param_groups import param_group
 from metarestore.pixels import random_crops
-from metarestore.registry import registrar
+from metarestore.registry import Registry
 
-ALGORITHMS: dict[str, type[MetaLearner]] = {}
+if TYPE_CHECKING:
+    from metarestore.config import Config, MetaConfig
 
-register = registrar(ALGORITHMS)
+ALGORITHMS: Registry[type[MetaLearner]] = Registry("meta-learning algorithm")
+
+register = ALGORITHMS.register
 
 
 def make_learner(model: nn.Module, cfg: MetaConfig) -> MetaLearner:
     """The learner of ``cfg.algorithm`` around ``model``."""
     return ALGORITHMS[cfg.algorithm](model, cfg)
+
+
+def build_learner(cfg: Config, device: torch.device | str = "cpu", *, seed: int | None = None,
+                  inner_lrs: dict[str, float] | None = None) -> MetaLearner:
+    """The one way to build the learner a config describes, for training (``seed``: the same initial weights
+    in every worker) and for loading (``inner_lrs``: the rates a checkpoint recorded, Meta-SGD's learned
+    ones or the configured; the weights are loaded after)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    learner = make_learner(RestorationNet.from_config(cfg.model), cfg.meta)
+    if inner_lrs is not None:
+        learner.set_inner_lrs(inner_lrs)
+    return learner.to(device)
 
 
 class MetaLearner(nn.Module):
@@ -75,6 +92,12 @@ class MetaLearner(nn.Module):
     def device(self) -> torch.device:
         """Where the model lives: ``adapt`` and ``restore`` take inputs anywhere and move them here."""
         return next(self.model.parameters()).device
+
+    @property
+    def hint_families(self) -> tuple[str, ...]:
+        """The families its model can be told (``hint``, ``restore(family=...)``); empty for a blind model,
+        and for a network without a family table at all."""
+        return tuple(getattr(self.model, "hint_families", ()))
 
     @property
     def algorithm(self) -> str:
@@ -140,8 +163,7 @@ class MetaLearner(nn.Module):
         Naming a family to a model that cannot be told it is a ``ValueError`` that says what it knows."""
         if family is None:
             return None
-        known = getattr(self.model, "hint_families", ())
-        if not known:
+        if not self.hint_families:
             raise ValueError("this model is not told the degradation (it was trained blind)")
         return torch.tensor(self.model.condition.index(family), device=self.device)
 
@@ -162,7 +184,7 @@ class MetaLearner(nn.Module):
         ``blind_fraction`` of tasks drawn from each task's seed (so every worker and the per-task reference
         agree) and for a family the model cannot be told. ``None`` for a model that takes no hint."""
         condition = getattr(self.model, "condition", None)
-        if not getattr(self.model, "hint_families", ()):
+        if not self.hint_families:
             return None
         named = [t.family if t.family in condition.families
                  and float(torch.rand((), generator=torch.Generator().manual_seed(t.seed))) >= self.blind_fraction

@@ -9,6 +9,7 @@ import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from metarestore.metrics import psnr, psnr_per_image
+from metarestore.registry import Registry
 
 __all__ = ["LOSSES", "charbonnier", "get_loss", "l1", "psnr", "psnr_capped_loss", "psnr_loss", "ssim"]
 
@@ -36,8 +37,8 @@ def psnr_capped_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return psnr_loss(pred, target, eps=1e-4)
 
 
-LOSSES: dict[str, LossFn] = {"l1": l1, "charbonnier": charbonnier, "psnr": psnr_loss,
-                             "psnr_capped": psnr_capped_loss}
+LOSSES: Registry[LossFn] = Registry("loss", {"l1": l1, "charbonnier": charbonnier, "psnr": psnr_loss,
+                                               "psnr_capped": psnr_capped_loss})
 
 
 def get_loss(name: str) -> LossFn:

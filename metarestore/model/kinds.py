@@ -19,23 +19,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarestore.model.network import param_group
-from metarestore.registry import registrar
+from metarestore.param_groups import param_group
+from metarestore.registry import Registry
 
 Params = dict[str, torch.Tensor]
 
-KINDS: dict[str, type[AdapterKind]] = {}
+KINDS: Registry[type[AdapterKind]] = Registry("adapter kind", error=ValueError)
 
-register = registrar(KINDS)
+register = KINDS.register
 
 
 def get_kind(kind: str | AdapterKind) -> AdapterKind:
     """The kind named ``kind`` (an instance passes through)."""
     if isinstance(kind, AdapterKind):
         return kind
-    if kind not in KINDS:
-        raise ValueError(f"unknown adapter kind {kind!r} (known: {', '.join(KINDS)})")
-    return KINDS[kind]()
+    return KINDS[kind]()  # an unknown name: a ValueError that lists the known
 
 
 def kind_of(model: nn.Module, kind: str | AdapterKind | None = None) -> AdapterKind:

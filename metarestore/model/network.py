@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarestore.config import ModelConfig
 from metarestore.model.blocks import NAFBlock, plain_eager
 from metarestore.model.condition import CONDITIONS, PREFIX, DegradationCondition, FamilyCondition
+from metarestore.model.kinds import kind_of
 
-STAGES = ("intro", "encoder", "middle", "decoder", "ending")
+if TYPE_CHECKING:
+    from metarestore.config import ModelConfig
 
 
 class RestorationNet(nn.Module):
@@ -193,14 +196,6 @@ def _more_rows(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> 
     return {**state, key: torch.cat([table, table[:1].expand(wanted.shape[0] - table.shape[0], -1)])}
 
 
-def param_group(name: str) -> str:
-    """The inner-loop learning-rate group of a parameter: the U-Net stage it lives in."""
-    head = name.split(".", 1)[0]
-    return {"downs": "encoder", "encoders": "encoder", "ups": "decoder", "decoders": "decoder"}.get(head, head)
-
-
 def count_parameters(model: nn.Module, kind: str | None = None) -> tuple[int, int]:
     """(all parameters, adapted numbers per task for ``kind``, default the model's own)."""
-    from metarestore.model.kinds import kind_of  # kinds builds on this module (param_group)
-
     return sum(p.numel() for p in model.parameters()), kind_of(model, kind).count(model)

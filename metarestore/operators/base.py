@@ -14,10 +14,10 @@ from typing import ClassVar
 
 import torch
 
-from metarestore.registry import registrar
+from metarestore.registry import Registry
 
-OPERATORS: dict[str, type[Operator]] = {}  # operator name -> class, filled by ``register_operator``
-register_operator = registrar(OPERATORS)
+OPERATORS: Registry[type[Operator]] = Registry("operator")  # name -> class, filled by ``register_operator``
+register_operator = OPERATORS.register
 
 
 class Operator:

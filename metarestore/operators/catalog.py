@@ -12,9 +12,11 @@ import metarestore.operators.haze  # noqa: F401  haze
 import metarestore.operators.codec  # noqa: F401  jpeg
 import metarestore.operators.noise  # noqa: F401  noise
 from metarestore.operators.base import OPERATORS, Operator
+from metarestore.registry import Registry
 
 # pre-step -> the operator it undoes, for every registered operator ("none" undoes nothing)
-BY_PRE_STEP: dict[str, type[Operator]] = {p: op for op in OPERATORS.values() for p in op.pre_steps}
+BY_PRE_STEP: Registry[type[Operator]] = Registry("pre-step", ((p, op) for op in OPERATORS.values()
+                                                               for p in op.pre_steps))
 PRE_STEPS: tuple[str, ...] = ("none", *BY_PRE_STEP)
 CLASSICAL: frozenset[str] = frozenset(p for op in OPERATORS.values() for p in op.classical)  # no restorer after
 REFINES: dict[str, str] = {p: base for op in OPERATORS.values() for p, base in op.refines.items()}

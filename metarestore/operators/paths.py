@@ -114,7 +114,7 @@ def default_paths(learner=None) -> list[Path]:
     # grid search alone costs ~0.7 s of the 1 s an automatic adapter has (issue 16), and on Poisson-Gaussian
     # noise the base model retrained on synthesised pairs gained nothing (+0.0 dB, 5 pairs, 30 steps)
     if learner is not None:  # single families: a chain's row (a+b) is there to be asked for
-        paths += [Path(told=f) for f in image_families(getattr(learner.model, "hint_families", ())) if "+" not in f]
+        paths += [Path(told=f) for f in image_families(learner.hint_families) if "+" not in f]
     return paths
 
 
