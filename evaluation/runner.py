@@ -33,6 +33,7 @@ from evaluation.metrics import lpips_status
 from metarestore import degradations
 from metarestore.data import EMBEDDED, DataError
 from metarestore.errors import UserError
+from metarestore.hub import model_families
 
 DEFAULT_CROP = 256
 ADAPTER_ALIASES = {"film": "own"}  # the old name of own: the learner's own kind, which may be LoRA
@@ -160,7 +161,7 @@ def evaluate(req: Request) -> Evaluation:
     if req.baselines.strip() == "all":
         notes += [f"{reason}; skipped" for name in classical.names() if (reason := classical.missing(name))]
     main = networks[0]
-    trained, held_out = list(main.metadata["families"]["train"]), list(main.metadata["families"]["held_out"])
+    trained, held_out = model_families(main.metadata)
     conditions = protocol.conditions() if protocol else grid_conditions(req.families or trained + held_out,
                                                                          req.severities)
     families = list(dict.fromkeys(c.family for c in conditions))

@@ -12,6 +12,7 @@ from metarestore.data import EMBEDDED, PatchSampler, load_images
 from metarestore.degradations.base import cpu_generator, stable_seed
 from metarestore.engine import validation_images
 from metarestore.fewshot import Task, few_shot
+from metarestore.hub import model_families
 from metarestore.inference import SERVED_STEPS, fit_as_served, restore_as_asked
 from metarestore.meta import MetaLearner
 from metarestore.metrics import psnr
@@ -26,7 +27,7 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
     held-out family is also restored by the adapter a server with default settings fits from ``shots``
     pairs (``fit_as_served``, path auto, ``steps`` gradient steps for an adapted path): the product's answer."""
     cfg = from_dict(metadata["config"])
-    trained, held_out = metadata["families"]["train"], metadata["families"]["held_out"]
+    known, held_out = model_families(metadata)
     if data == "model":
         query_images, support_images = validation_images(cfg), load_images(cfg.data.train, "train")
     elif data == EMBEDDED:
@@ -38,9 +39,6 @@ def showcase(learner: MetaLearner, metadata: dict, out_dir: str | Path, severity
     rows, grid = [], []
     device = next(learner.parameters()).device
     told = set(learner.hint_families)
-    # every family the model knows: its last run's trained ones and those it can be told (a fine-tune of the
-    # told table alone trains fewer than the model restores), then the held-out ones
-    known = [f for f in dict.fromkeys([*learner.hint_families, *trained]) if f not in held_out]
     for name in [*known, *held_out]:
         task = Task.sample(name, severity, seed, "showcase", name)
         g = cpu_generator(stable_seed(seed, "showcase", name, "patches"))

@@ -128,6 +128,16 @@ def _download(source: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_families(metadata: dict) -> tuple[list[str], list[str]]:
+    """(restored, held out): the families a model restores, those its last run trained and the rows it can
+    be told from earlier runs (a fine-tune of the told table alone, ``configs/base-chains.yaml``, trains
+    fewer than the model restores), told rows first; and the families it never trained on."""
+    held_out = list(metadata["families"]["held_out"])
+    told = metadata.get("config", {}).get("model", {}).get("hint_families") or []
+    restored = [f for f in dict.fromkeys([*told, *metadata["families"]["train"]]) if f not in held_out]
+    return restored, held_out
+
+
 def learner_from_metadata(metadata: dict, device: torch.device | str = "cpu") -> MetaLearner:
     """A saved model's learner, weights not yet loaded (``build_learner`` with its config and inner rates)."""
     return build_learner(from_dict(metadata["config"]), device, inner_lrs=metadata["inner_lr"])
