@@ -22,7 +22,8 @@ class AppArgs(BaseModel):
     token_env: str | None = Field(None, description="Read the token from this environment variable of the "
                                   "replicas instead (for serve deploy; keeps it out of the YAML).")
     num_replicas: int | None = Field(None, ge=1, description="Restorer replicas (default: the deployment's).")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica (``metarestore "
+                            "serve`` with one local replica: every CPU of its Ray, ``whole_machine``).")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where the replica's model "
                         "runs: auto (cuda when the replica sees a GPU: ray_actor_options num_gpus >= 1), cpu or "
                         "cuda. Images are decoded and encoded on the CPU; forward passes and adaptation run here.")
@@ -97,6 +98,10 @@ class AppArgs(BaseModel):
                                     "(~/.cache/metarestore/adapters) on the store's node.")
 
 
+    def torch_threads(self) -> int:
+        """The OpenMP threads of each compute thread: ``threads``, else the reserved CPUs (rounded, >= 1)."""
+        return self.threads or max(1, round(self.num_cpus))
+
     def bearer_token(self) -> str | None:
         """The token every route but /healthz requires: ``token``, or ``token_env`` read in the replica's
         environment (never serving open when a token was asked for), or None."""
@@ -108,3 +113,13 @@ class AppArgs(BaseModel):
                 raise RuntimeError(f"token_env {self.token_env} is not set in the replica's environment")
             return value
         return None
+
+
+def whole_machine(cfg: AppArgs, cpus: float) -> AppArgs:
+    """``cfg`` for a lone replica that has the machine (``metarestore serve`` without --replicas, --address or
+    --cpus-per-replica): it reserves all ``cpus`` of the local Ray (Serve's proxy, controller and the adapter
+    store reserve none, so it can be placed) and its one compute thread runs every forward pass on that many
+    OpenMP threads. A lone request then gets the machine's speed; concurrent ones share passes in the batcher
+    (compute_slots 1: two OpenMP teams on the same cores slow each other ~2x). ``threads`` if set is kept."""
+    cpus = max(1, int(cpus))
+    return cfg.model_copy(update={"num_cpus": float(cpus), "threads": cfg.threads or cpus})
