@@ -78,10 +78,13 @@ class AppArgs(BaseModel):
     adapt_validation_steps: int = Field(3, ge=1, description="Gradient steps of each adapted candidate path in "
                                         "path=auto's validation (the chosen path is then fitted with the "
                                         "request's steps): a few steps rank candidates at a fraction of the cost.")
-    adapt_budget_s: float | None = Field(1.0, gt=0, description="Wall-clock seconds for an adapter's fit, the "
+    adapt_budget_s: float | None = Field(0.6, gt=0, description="Wall-clock seconds for an adapter's fit, the "
                                          "chosen path's final fit included: adapted (and hqs) candidates that "
                                          "would pass it (with the final fit they predict) are skipped (never "
-                                         "chosen, listed in the adapter's skipped). None: no budget.")
+                                         "chosen, listed in the adapter's skipped). None: no budget. 0.6: what "
+                                         "it does not bound (the plain candidates, the timing probe, the request "
+                                         "around the fit) stays within a 1 s request on 2 cores, where no "
+                                         "adapted candidate fits 1 s either (tone+film: 1.7 s).")
     adapt_score_side: int | None = Field(64, ge=8, description="Candidate paths are scored on the central window "
                                          "of this side of each held-out pair (the same pixels for all; 4x fewer "
                                          "pixels to pre-step and restore than 128 px pairs). None: whole pairs.")
