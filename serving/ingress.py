@@ -8,8 +8,8 @@ keeps answering at the usual port. The same FastAPI app (middleware, error handl
 
 ``metarestore serve`` turns it on by default for one local replica and gives that replica the command's
 ``--port`` (``enable_direct_ingress(port=...)``: Ray's port range narrowed to that one port, its quarantine
-of released ports off, so a replica that crashed and restarts binds the same port again); the proxy then
-listens on a free port of its own. The trade-offs: one replica is one URL (several replicas need a load
+of released ports off, so that a replacement replica may bind the same port); the proxy then listens on a
+free port of its own. The trade-offs: one replica is one URL (several replicas need a load
 balancer in front of their ports: Ray's HAProxy mode, which binds every interface and is not a default
 here), and the URL answers only while the replica runs (a replica being replaced while its predecessor
 still holds the port cannot bind it: Ray then blocks the port, and only the proxy's URL answers until the
