@@ -430,11 +430,13 @@ def targets(args, forward, rows, rates, raw_rate, adapters, threads) -> None:
         print(f"| {target} | {measured} | {'met' if met else '**not met**'} |")
 
     for size, fwd, (http, parts) in rows[:-1]:  # the 256x256 rows
-        blind = " + the estimate" if "blind" in size else ""
-        estimate = p50([p.get("estimate", 0.0) for p in parts])
-        bound = p50(fwd) + 10 + (estimate if blind else 0.0)
-        row(f"1 client, {size}: p50 <= N-thread forward{blind} + 10 ms", f"{p50(http):.1f} ms against "
-            f"{p50(fwd):.1f}{f' + {estimate:.1f}' if blind else ''} + 10", p50(http) <= bound)
+        if "blind" in size:  # the plan runs a told pass per family found: the replica's passes, and the estimate
+            passes = p50([p["forward"] + p.get("estimate", 0.0) for p in parts])
+            row(f"1 client, {size}: p50 <= the replica's passes + the estimate + 10 ms", f"{p50(http):.1f} ms "
+                f"against {passes:.1f} + 10", p50(http) <= passes + 10)
+        else:
+            row(f"1 client, {size}: p50 <= N-thread forward + 10 ms", f"{p50(http):.1f} ms against "
+                f"{p50(fwd):.1f} + 10", p50(http) <= p50(fwd) + 10)
         row(f"1 client, {size}: p99 <= 2x p50", f"{p99(http):.1f} ms against {2 * p50(http):.1f}",
             p99(http) <= 2 * p50(http))
     rate = rates[8][0]
