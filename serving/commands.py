@@ -83,7 +83,10 @@ TokenEnvOption = Annotated[str | None, typer.Option(help="Require 'Authorization
                                                     "but /healthz; the token is read from this environment "
                                                     "variable.")]
 CpusOption = Annotated[float | None, typer.Option(min=0.01, help="CPUs Ray reserves per replica; also its torch "
-                                                  "threads (rounded, at least 1); default 0.5 CPU, 1 thread.")]
+                                                  "threads (rounded, at least 1). Default: one local replica "
+                                                  "takes every CPU of the local Ray (a lone request runs on all "
+                                                  "cores, concurrent ones share batched passes); with --replicas "
+                                                  "N or --address, 0.5 CPU and 1 thread each.")]
 PixelsOption = Annotated[int | None, typer.Option(min=1, help="Largest image accepted, in pixels (default "
                                                   "16,000,000).")]
 BodyOption = Annotated[float | None, typer.Option(min=0.01, help="Largest request body, in MiB (default 64).")]
@@ -99,10 +102,16 @@ TrackingOption = Annotated[str | None, typer.Option("--tracking-uri", help="MLfl
 AccessLogOption = Annotated[bool, typer.Option("--access-log", help="Log one line per request (Ray Serve's "
                                                "access log, in the console and Ray's log directory); off by "
                                                "default: warnings and errors are shown either way.")]
-DirectOption = Annotated[bool, typer.Option("--direct-ingress", help="Clients reach the replica's own HTTP server "
-                                            "(Ray Serve direct ingress), skipping the proxy's hop; its URL is "
-                                            "printed at start (a port from 30000-31000, on --host); the proxy "
-                                            "still answers at --port. One replica, a local Ray.")]
+DirectOption = Annotated[bool | None, typer.Option("--direct-ingress/--proxy", help="Direct ingress (the "
+                                                   "default for one replica on a local Ray): clients reach the "
+                                                   "replica's own HTTP server at --port, skipping the hop "
+                                                   "through Serve's proxy (~10-30 ms a request); the proxy "
+                                                   "listens on another port, printed at start. What it gives "
+                                                   "up: several replicas behind one port (each replica has its "
+                                                   "own; --replicas N and --address use the proxy), and a "
+                                                   "replica replaced while the old one still holds the port "
+                                                   "answers only through the proxy. --proxy: every request "
+                                                   "through Serve's proxy at --port, as on a cluster.")]
 
 
 def serve_command(model: ModelOption = None, host: HostOption = "127.0.0.1", port: PortOption = 8000,
@@ -111,14 +120,16 @@ def serve_command(model: ModelOption = None, host: HostOption = "127.0.0.1", por
                   max_pixels: PixelsOption = None, max_body_mb: BodyOption = None, adapter_ttl: TtlOption = None,
                   adapter_dir: AdapterDirOption = None, address: AddressOption = None,
                   tracking_uri: TrackingOption = None, access_log: AccessLogOption = False,
-                  direct_ingress: DirectOption = False) -> None:
+                  direct_ingress: DirectOption = None) -> None:
     """Serve the restorer over HTTP with Ray Serve until Ctrl-C (API docs at /docs)."""
     given = {"num_replicas": replicas, "num_cpus": cpus_per_replica, "max_batch_size": max_batch_size,
              "max_pixels": max_pixels, "max_body_mb": max_body_mb, "adapter_ttl_s": adapter_ttl,
              "adapter_dir": adapter_dir}
     args, ref = _app_args(model, tracking_uri, token_env, host, port, given)
-    _check_placement(args, address, direct_ingress)
-    _run(args, ref, host, port, address, token_env, access_log, direct_ingress)
+    direct = _direct_ingress(direct_ingress, address, args.num_replicas or 1)
+    _check_placement(args, address)
+    whole = cpus_per_replica is None and not address and (args.num_replicas or 1) == 1
+    _run(args, ref, host, port, address, token_env, access_log, direct, whole)
 
 
 def _app_args(model: str | None, tracking_uri: str | None, token_env: str | None, host: str, port: int,
@@ -154,49 +165,62 @@ def _app_args(model: str | None, tracking_uri: str | None, token_env: str | None
     return args, ref
 
 
-def _check_placement(args, address: str | None, direct_ingress: bool) -> None:
-    replicas = args.num_replicas or 1
-    if direct_ingress and address:
+def _direct_ingress(asked: bool | None, address: str | None, replicas: int) -> bool:
+    """Whether clients reach the replica directly: as asked, else where it applies (one replica, local Ray)."""
+    if asked is None:
+        return not address and replicas == 1
+    if asked and address:
         raise UserError("--direct-ingress needs the local Ray this command starts (a cluster must be started "
                         "with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 instead)")
-    if direct_ingress and replicas > 1:
+    if asked and replicas > 1:
         raise UserError("--direct-ingress serves one replica (each replica gets its own port: several need a "
                         "load balancer in front); drop --replicas or direct ingress")
+    return asked
+
+
+def _check_placement(args, address: str | None) -> None:
+    replicas = args.num_replicas or 1
     if not address and replicas * args.num_cpus > (os.cpu_count() or 1):
         raise UserError(f"{replicas} replica(s) x {args.num_cpus:g} CPU need more than this machine's "
                         f"{os.cpu_count()} CPUs: lower --replicas or --cpus-per-replica")
 
 
 def _run(args, ref, host: str, port: int, address: str | None, token_env: str | None, access_log: bool,
-         direct_ingress: bool) -> None:
-    """Start Ray (or join ``address``) and Serve, deploy, say where, and serve until Ctrl-C or SIGTERM."""
+         direct_ingress: bool, whole_machine: bool) -> None:
+    """Start Ray (or join ``address``) and Serve, deploy, say where, and serve until Ctrl-C or SIGTERM.
+    ``whole_machine``: the one replica takes every CPU of the local Ray (``settings.whole_machine``)."""
     import signal
     import time
 
     import ray
     from ray import serve
 
-    from cluster.ray_runtime import init_ray
+    from cluster.ray_runtime import free_port, init_ray
     from serving.app import build_app, logging_config
     from serving.ingress import enable_direct_ingress
+    from serving.settings import whole_machine as take_machine
 
-    if direct_ingress:
-        enable_direct_ingress()  # before Ray starts: its processes read it when they start
+    proxy_port = port
+    if direct_ingress:  # the replica answers at --port, the proxy on a port of its own
+        enable_direct_ingress(port=port)  # before Ray starts: its processes read it when they start
+        proxy_port = free_port()
     # Like train/tune/evaluate: --address joins a cluster (a submitted job passes `auto`), otherwise a new
     # local Ray; $RAY_ADDRESS alone never redirects a command to someone else's cluster.
     init_ray(address, include_dashboard=False)
+    if whole_machine:  # Ray's own count of the CPUs (a container's quota, not the host's cores)
+        args = take_machine(args, ray.cluster_resources().get("CPU", 1))
     # After ray.init (which installs its own SIGTERM handler): `kill PID` stops as cleanly as Ctrl-C, and
     # Ctrl-C works even where the shell started us with SIGINT ignored (a background job).
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
         logs = logging_config(access_log)
-        serve.start(http_options={"host": host, "port": port}, logging_config=logs)
+        serve.start(http_options={"host": host, "port": proxy_port}, logging_config=logs)
         try:
             serve.run(build_app(args), name=APP_NAME, route_prefix="/", logging_config=logs)
         except RuntimeError as exc:  # a replica could not start: its exception is the end of Serve's message
             raise UserError(f"the application did not start: {_failure(serve, exc)}") from None
-        _announce(args, ref, host, port, token_env, direct_ingress)
+        _announce(args, ref, host, port, token_env, proxy_port if direct_ingress else None)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -211,19 +235,21 @@ def _run(args, ref, host: str, port: int, address: str | None, token_env: str | 
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _announce(args, ref, host: str, port: int, token_env: str | None, direct_ingress: bool) -> None:
+def _announce(args, ref, host: str, port: int, token_env: str | None, proxy_port: int | None) -> None:
+    """Where to send requests: --port (the replica's own server under direct ingress, else the proxy)."""
     from serving.ingress import direct_urls
 
     what = f"{ref.name} version {ref.version}" if ref.version else str(ref.path)
     auth = f", bearer token from ${token_env}" if token_env else ""
     url, via = f"http://{host}:{port}", ""
-    if direct_ingress:
+    if proxy_port is not None:
         urls = direct_urls(APP_NAME, host)
         if not urls:
             raise UserError("direct ingress: the replica's HTTP port did not appear in Serve's target groups")
-        url, via = urls[0], f"; through Serve's proxy: http://{host}:{port}"
-    typer.echo(f"serving {what} at {url} ({args.num_replicas or 1} replica(s){auth}{via}); "
-               f"API docs at {url}/docs. Ctrl-C to stop.", err=True)
+        url, via = urls[0], f"; direct ingress, through Serve's proxy: http://{host}:{proxy_port}"
+    threads = args.torch_threads()
+    typer.echo(f"serving {what} at {url} ({args.num_replicas or 1} replica(s) x {args.num_cpus:g} CPU, "
+               f"{threads} torch thread(s){auth}{via}); API docs at {url}/docs. Ctrl-C to stop.", err=True)
 
 
 def adapt_command(

@@ -86,7 +86,7 @@ class RestorerCore:
         from metarestore.model.network import count_parameters
 
         self.cfg = cfg
-        self.threads = cfg.threads or max(1, round(cfg.num_cpus))
+        self.threads = cfg.torch_threads()
         # torch's work runs on compute_slots threads (``threads`` OpenMP threads each), decoding and
         # encoding on single-threaded ones: more OpenMP threads than cores slow every forward pass ~2x.
         self.compute = ThreadPoolExecutor(cfg.compute_slots, thread_name_prefix="restorer-compute",

@@ -6,10 +6,14 @@ the replica then calls back into the proxy to read the body (~4.5 ms). With dire
 server on a port Ray picks from 30000-31000, bound to ``http_options.host`` (127.0.0.1 here); the proxy
 keeps answering at the usual port. The same FastAPI app (middleware, error handlers, forms) serves both.
 
-The trade-off: one replica is one URL, and that URL is known only once the replica runs (a replica that
-restarts gets another port). Several replicas need a load balancer in front of their ports (Ray's HAProxy
-mode, which binds every interface: not a default here), so ``metarestore serve --direct-ingress`` takes
-one replica. The environment must be set before Ray starts: every Serve process reads it at import.
+``metarestore serve`` turns it on by default for one local replica and gives that replica the command's
+``--port`` (``enable_direct_ingress(port=...)``: Ray's port range narrowed to that one port, its quarantine
+of released ports off, so that a replacement replica may bind the same port); the proxy then listens on a
+free port of its own. The trade-offs: one replica is one URL (several replicas need a load
+balancer in front of their ports: Ray's HAProxy mode, which binds every interface and is not a default
+here), and the URL answers only while the replica runs (a replica being replaced while its predecessor
+still holds the port cannot bind it: Ray then blocks the port, and only the proxy's URL answers until the
+command restarts). The environment must be set before Ray starts: every Serve process reads it at import.
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ ENABLE = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 # makes every shutdown wait 30 s). With no load balancer in front, a short drain is enough.
 DRAINING = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 DEFAULT_DRAINING_S = "2"
+# The replicas' HTTP ports: range(MIN, MAX) (Ray's default 30000-31000), and how long a released port stays
+# out of that range (Ray's default: HAProxy's hard stop + 30 s; there is no HAProxy here).
+MIN_PORT, MAX_PORT = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
+QUARANTINE = "RAY_SERVE_PORT_QUARANTINE_S"
 
 
-def enable_direct_ingress(env: MutableMapping[str, str] = os.environ) -> None:
-    """Turn direct ingress on for the Ray started after this call (its processes inherit ``env``)."""
+def enable_direct_ingress(env: MutableMapping[str, str] = os.environ, port: int | None = None) -> None:
+    """Turn direct ingress on for the Ray started after this call (its processes inherit ``env``); with
+    ``port``, the one replica's server listens there (and nowhere else)."""
     env[ENABLE] = "1"
     env.setdefault(DRAINING, DEFAULT_DRAINING_S)
+    if port is not None:
+        env[MIN_PORT], env[MAX_PORT], env[QUARANTINE] = str(port), str(port + 1), "0"
 
 
 def replica_ports(app_name: str, timeout_s: float = 30.0) -> list[int]:

@@ -22,7 +22,8 @@ class AppArgs(BaseModel):
     token_env: str | None = Field(None, description="Read the token from this environment variable of the "
                                   "replicas instead (for serve deploy; keeps it out of the YAML).")
     num_replicas: int | None = Field(None, ge=1, description="Restorer replicas (default: the deployment's).")
-    num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs Ray reserves per Restorer replica (``metarestore "
+                            "serve`` with one local replica: every CPU of its Ray, ``whole_machine``).")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where the replica's model "
                         "runs: auto (cuda when the replica sees a GPU: ray_actor_options num_gpus >= 1), cpu or "
                         "cuda. Images are decoded and encoded on the CPU; forward passes and adaptation run here.")
@@ -77,10 +78,13 @@ class AppArgs(BaseModel):
     adapt_validation_steps: int = Field(3, ge=1, description="Gradient steps of each adapted candidate path in "
                                         "path=auto's validation (the chosen path is then fitted with the "
                                         "request's steps): a few steps rank candidates at a fraction of the cost.")
-    adapt_budget_s: float | None = Field(1.0, gt=0, description="Wall-clock seconds for an adapter's fit, the "
+    adapt_budget_s: float | None = Field(0.6, gt=0, description="Wall-clock seconds for an adapter's fit, the "
                                          "chosen path's final fit included: adapted (and hqs) candidates that "
                                          "would pass it (with the final fit they predict) are skipped (never "
-                                         "chosen, listed in the adapter's skipped). None: no budget.")
+                                         "chosen, listed in the adapter's skipped). None: no budget. 0.6: what "
+                                         "it does not bound (the plain candidates, the timing probe, the request "
+                                         "around the fit) stays within a 1 s request on 2 cores, where no "
+                                         "adapted candidate fits 1 s either (tone+film: 1.7 s).")
     adapt_score_side: int | None = Field(64, ge=8, description="Candidate paths are scored on the central window "
                                          "of this side of each held-out pair (the same pixels for all; 4x fewer "
                                          "pixels to pre-step and restore than 128 px pairs). None: whole pairs.")
@@ -97,6 +101,10 @@ class AppArgs(BaseModel):
                                     "(~/.cache/metarestore/adapters) on the store's node.")
 
 
+    def torch_threads(self) -> int:
+        """The OpenMP threads of each compute thread: ``threads``, else the reserved CPUs (rounded, >= 1)."""
+        return self.threads or max(1, round(self.num_cpus))
+
     def bearer_token(self) -> str | None:
         """The token every route but /healthz requires: ``token``, or ``token_env`` read in the replica's
         environment (never serving open when a token was asked for), or None."""
@@ -108,3 +116,13 @@ class AppArgs(BaseModel):
                 raise RuntimeError(f"token_env {self.token_env} is not set in the replica's environment")
             return value
         return None
+
+
+def whole_machine(cfg: AppArgs, cpus: float) -> AppArgs:
+    """``cfg`` for a lone replica that has the machine (``metarestore serve`` without --replicas, --address or
+    --cpus-per-replica): it reserves all ``cpus`` of the local Ray (Serve's proxy, controller and the adapter
+    store reserve none, so it can be placed) and its one compute thread runs every forward pass on that many
+    OpenMP threads. A lone request then gets the machine's speed; concurrent ones share passes in the batcher
+    (compute_slots 1: two OpenMP teams on the same cores slow each other ~2x). ``threads`` if set is kept."""
+    cpus = max(1, int(cpus))
+    return cfg.model_copy(update={"num_cpus": float(cpus), "threads": cfg.threads or cpus})

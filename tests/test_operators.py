@@ -638,3 +638,29 @@ def test_adapter_scores_are_the_evaluation_psnr():
     assert evaluation_psnr(degraded, clean) == pytest.approx(reference, abs=1e-4)
     assert float(-psnr_loss(degraded, clean, eps=0.0)) == pytest.approx(reference, abs=1e-3)
     assert evaluation_psnr(clean, clean) == pytest.approx(120.0)  # identical images: bounded, not infinite
+
+
+def test_told_candidates_share_one_forward_pass_and_repeats_build_on_the_shorter(told_checkpoint, monkeypatch):
+    """A fold's plain candidates run in one batched pass, each image told its own family (the same outputs as
+    a pass each), and told:F*N reuses told:F*(N-1)'s output kept for the fold: N passes in all, not 1+2+..+N."""
+    from metarestore.hub import load_learner
+    from metarestore.operators.paths import Operators
+    from metarestore.operators.scoring import restore_each, score_plain
+
+    told, _ = load_learner(told_checkpoint)
+    x = crops(32, 3)
+    families = ["jpeg", None, "gaussian_noise"]
+    together = restore_each(told, x, families)
+    for i, family in enumerate(families):
+        torch.testing.assert_close(together[i:i + 1], told.restore(x[i:i + 1], family=family), atol=1e-5, rtol=0)
+    held_x, held_y, cache = x[:1], told.restore(told.restore(x[:1], family="jpeg"), family="jpeg"), {}
+    passes, forward = [], told.model.forward  # the real forward pass, counted
+    monkeypatch.setattr(told.model, "forward", lambda inp, hint=None: passes.append(len(inp)) or forward(inp, hint))
+    no_operator = Operators.fit(held_y, held_x, set())
+    first = score_plain(told, [Path(), Path(told="jpeg"), Path(told="gaussian_noise")], no_operator, held_x,
+                        held_y, cache)
+    assert passes == [3]  # zero-shot and both told paths: one pass of three images
+    repeats = score_plain(told, [Path(told="jpeg", passes=2), Path(told="jpeg", passes=3)], no_operator, held_x,
+                          held_y, cache)
+    assert passes == [3, 1, 1]  # told:jpeg*2 from told:jpeg's output, *3 from *2's
+    assert repeats["told:jpeg*2"] > first["told:jpeg"] + 1 and repeats["told:jpeg*2"] > repeats["told:jpeg*3"]

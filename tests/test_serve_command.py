@@ -1,7 +1,8 @@
 """`metarestore serve` as a user runs it: a process of its own that starts its own Ray (even with
-$RAY_ADDRESS pointing at another cluster), serves with bearer auth, and stops cleanly on SIGTERM; with
-`--direct-ingress` the replica's own HTTP server serves the same app, and every port binds 127.0.0.1 only.
-(One server start covers both paths: the proxy keeps answering under direct ingress.)"""
+$RAY_ADDRESS pointing at another cluster), serves with bearer auth, and stops cleanly on SIGTERM; by default
+(one local replica) the replica's own HTTP server answers at --port (direct ingress) with every CPU of that
+Ray, and every port binds 127.0.0.1 only. (One server start covers both paths: the proxy keeps answering
+on a port of its own.)"""
 
 from __future__ import annotations
 
@@ -58,21 +59,40 @@ def test_direct_ingress_refuses_several_replicas(tmp_path, monkeypatch, capsys):
     assert "error:" in result.stderr and "one replica" in result.stderr, result.stderr
 
 
+def test_direct_ingress_is_the_default_where_it_applies():
+    from serving.commands import _direct_ingress
+
+    assert _direct_ingress(None, None, 1)  # `metarestore serve`: one local replica, reached directly
+    assert not _direct_ingress(None, "auto", 1) and not _direct_ingress(None, None, 2)  # a cluster, replicas
+    assert not _direct_ingress(False, None, 1) and _direct_ingress(True, None, 1)  # --proxy, --direct-ingress
+
+
+def test_a_lone_local_replica_takes_the_machine():
+    from serving.settings import AppArgs, whole_machine
+
+    default = AppArgs()
+    assert (default.num_cpus, default.torch_threads(), default.compute_slots) == (0.5, 1, 1)  # config.yaml's
+    mine = whole_machine(default, 2.0)
+    assert (mine.num_cpus, mine.torch_threads(), mine.compute_slots) == (2.0, 2, 1)
+    assert whole_machine(AppArgs(threads=1), 4).torch_threads() == 1  # a threads setting is kept
+    assert whole_machine(default, 0.5).num_cpus == 1.0
+
+
 @pytest.mark.slow
 def test_serve_command_serves_and_stops_on_sigterm(ray_local, smoke_model, tmp_path):
+    """The default command: direct ingress at --port, every CPU of its own local Ray for the one replica."""
     port = free_port()
     env = {**os.environ, "SERVE_TOKEN": "s3cret", "METARESTORE_CACHE": str(tmp_path / "cache")}
     assert env.get("RAY_ADDRESS"), "the test session's Ray is exported: serve must not join it"
     log = tmp_path / "serve.log"
-    env.pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)  # the flag alone must turn it on
+    env.pop("RAY_SERVE_ENABLE_DIRECT_INGRESS", None)  # the command alone must turn it on
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [CLI, "serve", "--direct-ingress", "--model", smoke_model["checkpoint"], "--host", "127.0.0.1",
-             "--port", str(port), "--cpus-per-replica", "0.5", "--token-env", "SERVE_TOKEN",
-             "--adapter-dir", str(tmp_path / "ad"),
+            [CLI, "serve", "--model", smoke_model["checkpoint"], "--host", "127.0.0.1",
+             "--port", str(port), "--token-env", "SERVE_TOKEN", "--adapter-dir", str(tmp_path / "ad"),
              "--tracking-uri", smoke_model["tracking_uri"]],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = direct = f"http://127.0.0.1:{port}"  # direct: the replica's own URL, once printed
+    url = proxy = f"http://127.0.0.1:{port}"  # url: the replica's own server; proxy: once printed
     try:
         deadline = time.time() + 240  # a Ray start plus a replica; generous on a loaded machine
         while time.time() < deadline and proc.poll() is None:
@@ -80,19 +100,21 @@ def test_serve_command_serves_and_stops_on_sigterm(ray_local, smoke_model, tmp_p
                 break
             time.sleep(1)
         assert proc.poll() is None, log.read_text()[-3000:]
-        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
-        assert requests.post(f"{url}/v1/restore", data=_png(), headers={"Content-Type": "image/png"},
+        text = log.read_text()
+        found = re.search(rf"at http://127\.0\.0\.1:{port} \(1 replica\(s\) x (\d+) CPU, (\d+) torch thread\(s\), "
+                          r"bearer token .*through Serve's proxy: http://127\.0\.0\.1:(\d+)\)", text)
+        assert found, text[-3000:]
+        assert found.group(1) == found.group(2) and int(found.group(1)) >= 1  # the machine's CPUs, as threads
+        proxy = f"http://127.0.0.1:{found.group(3)}"
+        assert found.group(3) != str(port)
+        assert requests.get(f"{proxy}/healthz", timeout=10).status_code == 200
+        assert requests.post(f"{proxy}/v1/restore", data=_png(), headers={"Content-Type": "image/png"},
                              timeout=60).status_code == 401
-        restored = requests.post(f"{url}/v1/restore", data=_png(), timeout=120,
+        restored = requests.post(f"{proxy}/v1/restore", data=_png(), timeout=120,
                                  headers={"Content-Type": "image/png", "Authorization": "Bearer s3cret"})
         assert restored.status_code == 200, restored.text
         assert Image.open(io.BytesIO(restored.content)).size == (96, 96)
-        text = log.read_text()
-        found = re.search(r"at http://127\.0\.0\.1:(\d+) \(1 replica\(s\).*through Serve's proxy: "
-                          rf"http://127\.0\.0\.1:{port}\)", text)
-        assert found, text[-3000:]
-        direct = f"http://127.0.0.1:{found.group(1)}"
-        assert found.group(1) != str(port)
+        direct = url
 
         # the same app through the replica's own server: auth, errors, raw bodies and multipart forms
         auth = {"Authorization": "Bearer s3cret"}
@@ -112,7 +134,7 @@ def test_serve_command_serves_and_stops_on_sigterm(ray_local, smoke_model, tmp_p
                              headers=auth, timeout=120)
         assert form.status_code == 200 and form.content == raw.content
         # this machine only: the replica's port and the proxy's listen on 127.0.0.1, on no other address
-        assert _listening_addresses(int(found.group(1))) == {"127.0.0.1"}
+        assert _listening_addresses(int(found.group(3))) == {"127.0.0.1"}
         assert _listening_addresses(port) == {"127.0.0.1"}
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
@@ -121,6 +143,6 @@ def test_serve_command_serves_and_stops_on_sigterm(ray_local, smoke_model, tmp_p
         assert "POST /v1/restore" not in text and "CALL " not in text, text[-3000:]  # no access log by default
     finally:
         stop_process_group(proc)
-    for gone in (url, direct):
+    for gone in (url, proxy):
         with pytest.raises(requests.RequestException):
             requests.get(f"{gone}/healthz", timeout=2)

@@ -1,7 +1,8 @@
 """Held-out scores of candidate paths on validation folds (the one PSNR, ``metarestore.metrics.psnr``).
 
 Paths without gradient steps are scored fold by fold, the network restoring every path's pre-stepped
-image in one batched forward pass; an adapted path is scored on all folds at once, its folds' fit pairs
+image in one batched forward pass, each image told its own family (a told candidate costs a pass of its
+own only where it runs several: ``told:F*3`` is one pass more than ``told:F*2``, kept per fold); an adapted path is scored on all folds at once, its folds' fit pairs
 stacked on ``adapt()``'s task dimension."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from metarestore.operators.paths import Operators, Path, pre_step
 
 FAILURES = (ValueError, RuntimeError, torch.linalg.LinAlgError)  # a path that cannot run scores -inf
 
-__all__ = ["FAILURES", "pre_key", "psnr", "score_adapted", "score_plain", "told_passes"]
+__all__ = ["FAILURES", "pre_key", "psnr", "restore_each", "score_adapted", "score_plain", "told_passes"]
 
 
 def pre_key(path: Path) -> tuple[str, float]:
@@ -29,11 +30,23 @@ def told_passes(learner, x: torch.Tensor, path: Path) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def restore_each(learner, x: torch.Tensor, families: list[str | None]) -> torch.Tensor:
+    """``learner.restore`` of every image of ``x`` told its own family (None: blind), in one forward pass:
+    a family-conditioned model takes a hint row per image (``FamilyCondition``), so the candidates told
+    nine families cost one batched pass of small images, not nine passes."""
+    if all(f is None for f in families):
+        return learner.restore(x)
+    hints = learner.model.condition.hints(families)  # a ValueError for a family the model cannot be told
+    return learner.model(x.to(learner.device), hints).clamp(0, 1).to(x.device)
+
+
 def score_plain(learner, paths: list[Path], ops: Operators, held_x: torch.Tensor, held_y: torch.Tensor,
                 cache: dict | None = None) -> dict[str, float]:
     """Held-out PSNR of paths without gradient steps on one fold, their operators ``ops`` fitted on the
     other pairs. ``cache`` (per fold) keeps the pre-stepped held-out images for the adapted paths on the
-    same pre-steps."""
+    same pre-steps, and the network's outputs for the repeated told paths of a later stage."""
+    cache = {} if cache is None else cache
     pres: dict[str, torch.Tensor] = {}
     scores: dict[str, float] = {}
     for path in paths:
@@ -42,17 +55,30 @@ def score_plain(learner, paths: list[Path], ops: Operators, held_x: torch.Tensor
         except FAILURES:
             scores[path.name] = float("-inf")
             continue
-        if cache is not None:
-            cache[pre_key(path)] = pres[path.name]
-    net = [p for p in paths if p.name in pres and p.restorer == "net" and p.told is None]
-    if net:
-        out = learner.restore(torch.cat([pres[p.name] for p in net]))
-        scores.update({p.name: psnr(out[i:i + 1], held_y) for i, p in enumerate(net)})
-    for p in paths:  # told the family: a pass of its own (one hint per forward pass)
-        if p.told is not None:
-            scores[p.name] = psnr(told_passes(learner, pres[p.name], p), held_y)
+        cache[pre_key(path)] = pres[path.name]
+    net = [p for p in paths if p.name in pres and p.restorer == "net"]
+    outs = _restored(learner, net, pres, cache)
+    scores.update({name: psnr(out, held_y) for name, out in outs.items()})
     scores.update({p.name: psnr(pres[p.name], held_y) for p in paths if p.name in pres and p.restorer == "none"})
     return scores
+
+
+def _restored(learner, paths: list[Path], pres: dict[str, torch.Tensor], cache: dict) -> dict[str, torch.Tensor]:
+    """The outputs of the network paths: every first pass not in ``cache`` in one batched forward (each
+    image told its path's family), then the further passes of ``told:F*N``, each from the output one pass
+    shorter (``cache`` keeps them: ``told:F*2`` builds on stage 1's ``told:F``)."""
+    def key(path: Path, passes: int) -> tuple:
+        return ("restored", *pre_key(path), path.told, passes)
+
+    first = [p for p in paths if key(p, 1) not in cache]
+    if first:
+        out = restore_each(learner, torch.cat([pres[p.name] for p in first]), [p.told for p in first])
+        cache.update({key(p, 1): out[i:i + 1] for i, p in enumerate(first)})
+    for path in paths:
+        for n in range(2, path.passes + 1):
+            if key(path, n) not in cache:
+                cache[key(path, n)] = learner.restore(cache[key(path, n - 1)], family=path.told)
+    return {p.name: cache[key(p, p.passes)] for p in paths}
 
 
 def score_adapted(learner, path: Path, folds: list[Fold], fitted: list[Operators], steps: int,
