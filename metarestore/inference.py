@@ -257,7 +257,7 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
 # equal), so that the showcase and ``evaluate --adapter auto`` show what a client of ``POST /v1/adapters`` gets.
 SERVED_STEPS = 10
 SERVED_MEMORY_MB = 2048.0
-SERVED_FIT = {"max_side": 128, "max_folds": 2, "validation_steps": 3, "budget_s": 1.0, "score_side": 64,
+SERVED_FIT = {"max_side": 128, "max_folds": 2, "validation_steps": 3, "budget_s": 0.6, "score_side": 64,
               "patch": 32}
 
 

@@ -144,7 +144,7 @@ class RestorerCore:
         """A told request names a family this model can be told, and no adapter."""
         if degradation is None:
             return
-        known = getattr(self.learner.model, "hint_families", ())
+        known = self.learner.hint_families
         if not known:
             raise ApiError(400, "degradation_not_accepted", "this model restores blind: it cannot be told the "
                            "degradation (leave out 'degradation')")
