@@ -9,11 +9,16 @@ import torch
 MSE_FLOOR = 1e-12  # a metric's floor: identical images score 120 dB, not infinity
 
 
+def decibels(power: torch.Tensor) -> torch.Tensor:
+    """``10 log_10(power)``: the one place a ratio becomes decibels (PSNR; the estimator's log spectrum)."""
+    return 10.0 * torch.log10(power)
+
+
 def psnr_per_image(pred: torch.Tensor, target: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """PSNR in dB of each image of a (B, ...) batch against ``target``, images in [0, 1]: ``-10 log_10(mse
     + eps)`` with the mean squared error over each image's pixels (``eps`` bounds it, e.g. for a loss)."""
     mse = (pred - target).pow(2).flatten(1).mean(1)
-    return -10.0 * torch.log10(mse + eps)
+    return -decibels(mse + eps)
 
 
 @torch.no_grad()

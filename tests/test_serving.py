@@ -70,7 +70,7 @@ def server(ray_local, smoke_model, told_checkpoint, tmp_path_factory):
     from ray import serve
 
     from serving.adapters import AdapterStoreDeployment
-    from serving.app import AppArgs, Restorer, build_app
+    from serving.app import AppArgs, Restorer, build_app, logging_config
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -83,12 +83,12 @@ def server(ray_local, smoke_model, told_checkpoint, tmp_path_factory):
     secure = AppArgs(**common, model=smoke_model["model_uri"], token=TOKEN, adapter_ttl_s=3)
     try:
         serve.run(build_app({**common, "model": smoke_model["checkpoint"], "num_replicas": 2}),
-                  name="restorer-test", route_prefix="/")
+                  name="restorer-test", route_prefix="/", logging_config=logging_config())
         serve.run(Restorer.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5, "runtime_env": cache})
                   .bind(secure, AdapterStoreDeployment.bind(secure.adapter_ttl_s, 2**20)),
-                  name="restorer-auth", route_prefix="/secure")
+                  name="restorer-auth", route_prefix="/secure", logging_config=logging_config())
         serve.run(build_app({**common, "model": told_checkpoint, "num_replicas": 1}), name="restorer-told",
-                  route_prefix="/told")
+                  route_prefix="/told", logging_config=logging_config())
         url = f"http://127.0.0.1:{port}"
         yield SimpleNamespace(url=url, secure=f"{url}/secure", checkpoint=smoke_model["checkpoint"],
                               told=f"{url}/told", told_checkpoint=told_checkpoint)

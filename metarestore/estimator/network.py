@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metarestore.metrics import decibels
+
 
 def _stage(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.GELU(),
@@ -53,7 +55,7 @@ def radial_spectrum(x: torch.Tensor, bins: int) -> torch.Tensor:
     ring = (torch.sqrt(fy**2 + fx**2) / 0.5 * bins).long().clamp(max=bins - 1).flatten()
     total = torch.zeros(x.shape[0], bins, device=x.device, dtype=x.dtype).index_add_(1, ring, power.flatten(1))
     count = torch.bincount(ring, minlength=bins).clamp_min(1).to(x.dtype)
-    return torch.log10(total / count + 1e-10) / 4  # a few units at most
+    return decibels(total / count + 1e-10) / 40  # a few units at most
 
 
 HIGH_PASS_GAIN = 10.0  # a 5-level (sigma 0.02) noise becomes a signal of about 0.2 next to the image's [-1, 1]
