@@ -1,7 +1,7 @@
 """Does ``kind=auto`` choose well, and never below the input? (issue 39) For each degradation of the unseen
 suite (``evaluation/blind_bench.UNSEEN``: no registry family makes them, no training saw them), an adapter is
-fitted from K pairs as the server fits it (``fit_bounded`` with the server's defaults: 128 px pairs, 2 folds,
-10 steps, 3 validation steps, 1 s budget) with ``kind=auto`` and with each single path forced, and each is
+fitted from K pairs as the server fits it (``inference.fit_as_served``: the server's defaults, its budget
+included) with ``kind=auto``, and with each single path forced (the same defaults, no budget), and each is
 scored on test crops of other images.
 
     python benchmarks/bench_adapter_choice.py [--model builtin:base] [--images ../shared/data/test/Kodak24]
@@ -23,11 +23,11 @@ import torch
 from evaluation.blind_bench import UNSEEN, center_crop, tensor
 from metarestore.data.images import load_folder
 from metarestore.hub import load_model
-from metarestore.inference import fit_bounded
+from metarestore.inference import SERVED_FIT, SERVED_STEPS, fit_as_served, fit_bounded
 from metarestore.meta.losses import psnr
 from metarestore.operators.paths import default_paths
 
-SERVER = {"max_side": 128, "steps": 10, "max_folds": 2, "patch": 32, "validation_steps": 3, "score_side": 64}
+SERVER = {**{k: v for k, v in SERVED_FIT.items() if k != "budget_s"}, "steps": SERVED_STEPS}  # a forced path: no budget
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     images = [im.permute(1, 2, 0).numpy() for im in load_folder(args.images).images]
     paths = [p.name for p in default_paths(learner)]
     lines = [f"model {args.model} (step {meta.get('step')}), {args.images}: {args.shots} pairs of 128 px, "
-             f"{args.tests} test crops of 256 px (other images); server defaults {SERVER}, budget 1 s", "",
+             f"{args.tests} test crops of 256 px (other images); server defaults {SERVER}, auto's budget {SERVED_FIT['budget_s']} s", "",
              "| degradation | input | auto: path | auto | best single path | best | auto - best | auto - input |",
              "|---|---|---|---|---|---|---|---|"]
     start = time.perf_counter()
@@ -55,7 +55,7 @@ def main() -> None:
         tx = torch.cat([tensor(op(c, rng)) for c in tests])
         ty = torch.cat([tensor(c) for c in tests])
         torch.manual_seed(0)
-        auto = fit_bounded(learner, sx, sy, kind="auto", budget_s=1.0, **SERVER)
+        auto = fit_as_served(learner, sx, sy)
         auto_score = psnr(auto.restore(tx), ty)
         singles = {}
         for path in paths:
