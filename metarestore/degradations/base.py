@@ -30,6 +30,11 @@ class ParamSpec:
         value = self.low + (self.high - self.low) * t
         return float(round(value)) if self.integer else float(value)
 
+    def severity_of(self, value: float) -> float:
+        """The severity in [0, 1] at which the parameter takes ``value`` (``at``'s inverse, clamped): what an
+        estimate reads back from a measured parameter (a JPEG file's quality, a contrast factor)."""
+        return min(1.0, max(0.0, (value - self.low) / (self.high - self.low)))
+
     def as_dict(self) -> dict[str, Any]:
         lo, hi = sorted((self.low, self.high))
         return {"min": lo, "max": hi, "at_severity_0": self.low, "at_severity_1": self.high,

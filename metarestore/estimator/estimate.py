@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from metarestore import degradations
 from metarestore.checkpoint import load_checkpoint
+from metarestore.degradations.base import ParamSpec
 from metarestore.estimator.evidence import highlights, jpeg_quality, noise_sigma, resampling_peak, tone_span
 from metarestore.estimator.labels import ALTERNATIVES, UNDO_ORDER
 from metarestore.estimator.network import EstimatorNet
@@ -46,7 +48,12 @@ RESAMPLED_PEAK, BLUR_FLOOR = 3.0, 0.1
 
 def severity_of_quality(quality: int) -> float:
     """The ``jpeg`` family's severity for a quality factor (its spec: quality 90 at 0, 10 at 1)."""
-    return min(1.0, max(0.0, (90 - quality) / 80))
+    return _spec("jpeg", "quality").severity_of(quality)
+
+
+def _spec(family: str, parameter: str) -> ParamSpec:
+    """A family's parameter as the registry defines it over severity."""
+    return degradations.get(family).specs[parameter]
 
 
 @dataclass
@@ -159,27 +166,29 @@ class Estimator:
         no decision uses: restoring does not pay for it)."""
         if image.ndim == 4:
             image = image[0]
-        if min(image.shape[-2:]) < MIN_SIDE:  # too few pixels to judge: nothing is undone
-            p = sev = torch.zeros(len(self.labels))
-        else:
+        judged = min(image.shape[-2:]) >= MIN_SIDE  # too few pixels to judge: nothing is found, nothing undone
+        if judged:
             p, sev = (t.nan_to_num(0.0) for t in self.probabilities(image))
+        else:
+            p = sev = torch.zeros(len(self.labels))
         probabilities = dict(zip(self.labels, p.tolist(), strict=True))
         severities = dict(zip(self.labels, sev.tolist(), strict=True))
         quality = jpeg_quality(data)
         if quality is not None and "jpeg" in probabilities:
             probabilities["jpeg"], severities["jpeg"] = 1.0, severity_of_quality(quality)
-        span = None if min(image.shape[-2:]) < MIN_SIDE else tone_span(image)
-        if span is not None and "contrast" in probabilities:
-            flattened = span <= FLAT_SPAN and _tone_is_the_story(probabilities, self.threshold)
-            probabilities["contrast"] = 1.0 if flattened else 0.0
-            if flattened:  # the family's factor is 1 - 0.8 * severity and leaves a span <= factor
-                severities["contrast"] = min(1.0, max(0.0, (1.0 - span) / 0.8))
-        peak = None if span is None else resampling_peak(center_crop(image, 512, 512))
-        if peak is not None and {"gaussian_blur", "downsample"} <= probabilities.keys():
-            soft(probabilities, peak)
-        # measured on the central 512 px at most: a wavelet transform of a whole 6 MP photo costs 0.3 s
-        sigma = noise_sigma(center_crop(image, 512, 512)) if noise and min(image.shape[-2:]) >= MIN_SIDE else None
-        bright = None if span is None else highlights(image)
+        span = peak = bright = sigma = None
+        if judged:
+            # the central 512 px at most for what a whole 6 MP photo would make slow (a wavelet transform: 0.3 s)
+            centre = center_crop(image, 512, 512)
+            span, peak, bright = tone_span(image), resampling_peak(centre), highlights(image)
+            if "contrast" in probabilities:
+                flattened = span <= FLAT_SPAN and _tone_is_the_story(probabilities, self.threshold)
+                probabilities["contrast"] = 1.0 if flattened else 0.0
+                if flattened:  # the family's factor leaves a span at most the factor
+                    severities["contrast"] = _spec("contrast", "factor").severity_of(span)
+            if {"gaussian_blur", "downsample"} <= probabilities.keys():
+                soft(probabilities, peak)
+            sigma = noise_sigma(centre) if noise else None
         return Estimate(probabilities, severities, quality, span, peak, bright, sigma, self.threshold)
 
 
