@@ -158,20 +158,23 @@ class MetaLearner(nn.Module):
             params = {n: p.detach().requires_grad_(True) for n, p in params.items()}  # no graph across steps
         return params
 
-    def hint(self, family: str | None) -> torch.Tensor | None:
-        """The row a family-conditioned model is told for ``family`` (a 0-dim tensor); ``None`` when blind.
-        Naming a family to a model that cannot be told it is a ``ValueError`` that says what it knows."""
-        if family is None:
+    def hint(self, family: str | None | list[str | None]) -> torch.Tensor | None:
+        """The row a family-conditioned model is told for ``family`` (a 0-dim tensor), or one row per image
+        for a list of families (None in it: that image blind); ``None`` when blind. Naming a family to a
+        model that cannot be told it is a ``ValueError`` that says what it knows."""
+        if family is None or (isinstance(family, list) and all(f is None for f in family)):
             return None
         if not self.hint_families:
             raise ValueError("this model is not told the degradation (it was trained blind)")
+        if isinstance(family, list):
+            return self.model.condition.hints(family)
         return torch.tensor(self.model.condition.index(family), device=self.device)
 
     @torch.no_grad()
     def restore(self, x: torch.Tensor, params: Params | None = None, *, kind: str | None = None,
-                family: str | None = None) -> torch.Tensor:
+                family: str | None | list[str | None] = None) -> torch.Tensor:
         """Restore ``x``, with an adapted state of ``kind`` (default the model's own) when given, told the
-        degradation ``family`` when the model takes one; the result is on ``x``'s device (the pass runs on
+        degradation ``family`` (or each image its own, a list) when the model takes one; the result is on ``x``'s device (the pass runs on
         the model's: a CPU caller can use a CUDA model)."""
         inp = x.to(self.device)
         hint = self.hint(family)

@@ -2,8 +2,8 @@
 
 Paths without gradient steps are scored fold by fold, the network restoring every path's pre-stepped
 image in one batched forward pass, each image told its own family (a told candidate costs a pass of its
-own only where it runs several: ``told:F*3`` is one pass more than ``told:F*2``, kept per fold); an adapted path is scored on all folds at once, its folds' fit pairs
-stacked on ``adapt()``'s task dimension."""
+own only where it runs several: ``told:F*3`` is one pass more than ``told:F*2``, kept per fold); an adapted
+path is scored on all folds at once, its folds' fit pairs stacked on ``adapt()``'s task dimension."""
 
 from __future__ import annotations
 
@@ -30,15 +30,11 @@ def told_passes(learner, x: torch.Tensor, path: Path) -> torch.Tensor:
     return x
 
 
-@torch.no_grad()
 def restore_each(learner, x: torch.Tensor, families: list[str | None]) -> torch.Tensor:
     """``learner.restore`` of every image of ``x`` told its own family (None: blind), in one forward pass:
     a family-conditioned model takes a hint row per image (``FamilyCondition``), so the candidates told
     nine families cost one batched pass of small images, not nine passes."""
-    if all(f is None for f in families):
-        return learner.restore(x)
-    hints = learner.model.condition.hints(families)  # a ValueError for a family the model cannot be told
-    return learner.model(x.to(learner.device), hints).clamp(0, 1).to(x.device)
+    return learner.restore(x, family=families)  # a ValueError for a family the model cannot be told
 
 
 def score_plain(learner, paths: list[Path], ops: Operators, held_x: torch.Tensor, held_y: torch.Tensor,
