@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 import warnings
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,15 @@ for _name in ("mlflow.store.db.utils", "alembic"):
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+_NOT_IN_A_KEY = re.compile(r"[^\w\-. /]")  # MLflow's keys: alphanumerics, _ - . space /
+
+
+def mlflow_key(name: str) -> str:
+    """``name`` as an MLflow param or metric key: a chain's ``+`` (``gaussian_noise+jpeg``, noise then JPEG)
+    reads ``_then_``, anything else MLflow refuses ``_``; a refused key would fail its whole batch."""
+    return _NOT_IN_A_KEY.sub("_", name.replace("+", "_then_"))
 
 
 class TrackingError(UserError, RuntimeError):
@@ -174,6 +184,10 @@ class RunLogger:
             try:
                 self.pending[0]()
             except Exception as exc:  # noqa: BLE001 - any transport error means "try later"
+                if getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":
+                    warnings.warn(f"MLflow refused a logging call, dropped: {str(exc)[:200]}", stacklevel=3)
+                    self.pending.popleft()  # the store refuses it for good: retrying would block the rest
+                    continue
                 if not self.outage_warned:
                     warnings.warn(f"MLflow logging failed ({exc.__class__.__name__}: {str(exc)[:200]}); "
                                   "training continues and logging will be retried", stacklevel=3)
@@ -188,7 +202,7 @@ class RunLogger:
     def params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(mlflow_key(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             chunk = items[i:i + 100]
             self._call(lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
@@ -197,7 +211,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        items = [Metric(mlflow_key(k), float(v), stamp, step) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
             chunk = items[i:i + 500]
             self._call(lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk))

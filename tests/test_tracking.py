@@ -74,3 +74,21 @@ def test_registering_and_loading_leave_mlflow_globals_untouched(smoke_model, wor
     assert smoke_model["tracking_uri"] not in (os.environ.get("MLFLOW_REGISTRY_URI"), mlflow.get_registry_uri())
     other = f"sqlite:///{workdir / 'other.db'}"
     assert mlflow.tracking.MlflowClient(other).search_registered_models() == []
+
+
+def test_chain_names_reach_mlflow_and_a_refused_call_never_blocks_the_rest(workdir):
+    """A chain family (``gaussian_noise+jpeg``) in a param or metric key is logged under a key MLflow takes;
+    a call the store refuses for good (an invalid key) is dropped with a warning, and what follows it is
+    still logged."""
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    logger = RunLogger(uri, "keys", "chains")
+    logger.params({"families.weights.gaussian_noise+jpeg": 2.0})
+    logger.metrics({"train/loss/gaussian_noise+jpeg": 0.5}, step=1)
+    logger.pending.append(lambda: logger.client.log_param(logger.run_id, "bad key?!", 1))
+    with pytest.warns(UserWarning, match="refused"):
+        logger.flush()
+    logger.metrics({"after": 1.0}, step=2)
+    run = mlflow.tracking.MlflowClient(uri).get_run(logger.run_id)
+    assert run.data.params == {"families.weights.gaussian_noise_then_jpeg": "2.0"}
+    assert run.data.metrics == {"train/loss/gaussian_noise_then_jpeg": 0.5, "after": 1.0}
+    assert not logger.pending
