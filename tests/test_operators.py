@@ -363,22 +363,52 @@ def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeyp
     assert roomy.info["skipped"] == [] and roomy.info["scores"]["lora"] is not None
 
 
-def test_candidates_are_scored_on_the_central_window_of_held_out_pairs(learner):
-    """With ``score_side`` every candidate is scored on the same central window of each held-out pair (and
-    only there): zero-shot's score is the held-out windows' PSNR, whatever lies outside them."""
-    from metarestore.pixels import center_crop
-
+def test_candidates_are_scored_on_one_window_of_each_held_out_pair_corners_first(learner):
+    """With ``score_side`` every candidate is scored on the same window of each held-out pair (and only there),
+    fold 0's in the top-left corner, fold 1's in the bottom-right (``folds.WINDOW_PLACES``: what varies over
+    the frame, such as vignetting, shows in the scores): zero-shot's score is those windows' PSNR, whatever
+    lies outside them."""
     clean = crops(48, 3)
     degraded = (clean * torch.tensor([1.0, 0.85, 0.7]).view(1, 3, 1, 1) + 0.04).clamp(0, 1)
     adapter = fit_adapter(learner, degraded, clean, paths=["zero_shot", "tone"], max_folds=2, score_side=24)
-    windows = [psnr(learner.restore(center_crop(degraded[i:i + 1], 24, 24)), center_crop(clean[i:i + 1], 24, 24))
-               for i in range(2)]
+    corners = [(slice(0, 24), slice(0, 24)), (slice(24, 48), slice(24, 48))]
+    windows = [psnr(learner.restore(degraded[i:i + 1, :, r, c]), clean[i:i + 1, :, r, c])
+               for i, (r, c) in enumerate(corners)]
     assert adapter.info["folds"] == 2
     assert adapter.info["scores"]["zero_shot"] == pytest.approx(sum(windows) / 2, abs=1e-3)
     outside = degraded.clone()
-    outside[..., :8, :] = 0  # outside every central 24 px window of a 48 px pair
+    outside[..., :24, 24:] = 0  # the top-right quarter: outside both folds' windows
     moved = fit_adapter(learner, outside, clean, paths=["zero_shot", "tone"], max_folds=2, score_side=24)
     assert moved.info["scores"]["zero_shot"] == adapter.info["scores"]["zero_shot"]
+
+
+def test_when_the_budget_admits_one_adapted_candidate_it_is_the_one_on_the_best_plain_path(told_checkpoint,
+                                                                                         monkeypatch):
+    """Adapted candidates are validated in the order of the plain path each starts from: FiLM polishing
+    ``told:jpeg`` (what the pairs are) before FiLM on the blind model, so a budget with room for one spends
+    it there (the fake clock of the budget test: only gradient steps advance it)."""
+    import types
+
+    import metarestore.operators.selection as selection_module
+    from metarestore.hub import load_learner
+
+    told, _ = load_learner(told_checkpoint)
+    clock = [0.0]
+    real_adapt = told.adapt
+
+    def adapt(x, y, steps=None, **kw):
+        clock[0] += 0.01 * steps * (x.shape[0] * x.shape[1] if x.dim() == 5 else x.shape[0])
+        return real_adapt(x, y, steps, **kw)
+
+    monkeypatch.setattr(told, "adapt", adapt)
+    monkeypatch.setattr(selection_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    degraded = crops(48, 4)
+    clean = told.restore(degraded, family="jpeg")
+    # probe 0.06 s, then per candidate a validation step 0.06 and the final fit 0.08: 0.20, then 0.26 > 0.25
+    adapter = fit_adapter(told, degraded, clean, steps=2, validation_steps=1, max_folds=2, budget_s=0.25,
+                          paths=["zero_shot", "film", "told:gaussian_noise", "told:jpeg"])
+    assert adapter.info["skipped"] == ["film"]
+    assert adapter.info["scores"]["told:jpeg+film"] is not None
 
 
 def jpeg(x: torch.Tensor, quality: int, subsampling: int) -> torch.Tensor:

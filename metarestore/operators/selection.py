@@ -174,17 +174,19 @@ def _mean(values: list[float] | None) -> float:
     return sum(values) / len(values) if values else float("-inf")
 
 
-def _best_plain(pre: str, plain: list[Path], scores: dict[str, list[float]],
-                restorer: str | None = None) -> float | None:
-    """The best mean held-out PSNR of the scored plain paths with pre-step ``pre`` (and ``restorer``)."""
+def _best_plain(pre: str, plain: list[Path], scores: dict[str, list[float]], restorer: str | None = None,
+                told: str | None | bool = False) -> float | None:
+    """The best mean held-out PSNR of the scored plain paths with pre-step ``pre`` (and ``restorer``; and
+    ``told``, None for blind, unless False: any)."""
     means = [sum(scores[p.name]) / len(scores[p.name]) for p in plain
-             if p.pre == pre and restorer in (None, p.restorer) and scores[p.name]]
+             if p.pre == pre and restorer in (None, p.restorer) and told in (False, p.told) and scores[p.name]]
     return max(means) if means else None
 
 
 def _base_score(path: Path, plain: list[Path], scores: dict[str, list[float]]) -> float:
-    """The best mean held-out PSNR of the plain paths with ``path``'s pre-step (zero-shot for none)."""
-    best = _best_plain(path.pre, plain, scores, restorer="net")
+    """The mean held-out PSNR of the plain path an adapted ``path`` starts from: its pre-step, then the
+    network told what it is told (blind: zero-shot, for FiLM alone; ``told:F`` for ``told:F+film``)."""
+    best = _best_plain(path.pre, plain, scores, restorer="net", told=path.told)
     return float("-inf") if best is None else best
 
 
