@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import time
 import warnings
-import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
