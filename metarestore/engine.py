@@ -102,8 +102,10 @@ class ValidationResult:
 def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     """``train.init``: the weights to fine-tune from. The network's shape comes from that model, so
     ``cfg.model`` is set to its model section (a fine-tune cannot change the architecture), except that
-    ``model.condition`` may add a conditioning (it starts as a no-op) and ``model.hint_families`` may add
-    told rows after the saved model's (each starts as its blind row: ``load_weights``)."""
+    ``model.condition`` may add a conditioning (it starts as a no-op), ``model.hint_families`` may add
+    told rows after the saved model's (each starts as its blind row: ``load_weights``), and ``model.adapt``
+    is the config's: the adapter kind picks which existing parameters (or parameter-free deltas, LoRA) the
+    inner loop adapts, not the network's shape."""
     if not cfg.train.init:
         return None
     from metarestore.checkpoint import load_checkpoint
@@ -116,6 +118,7 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
     told = list(saved.hint_families)
     if saved.condition == cfg.model.condition == "family" and cfg.model.hint_families[:len(told)] == told:
         saved.hint_families = list(cfg.model.hint_families)  # the saved rows, then new ones
+    saved.adapt = cfg.model.adapt
     cfg.model = saved
     return ckpt.model
 

@@ -13,6 +13,7 @@ from conftest import smoke_config
 from metarestore.checkpoint import list_checkpoints, load_checkpoint, publish
 from metarestore.engine import MetaTrainer
 from metarestore.hub import DEFAULT_MODEL, ModelNotFoundError, builtin_names, load_model, resolve
+from metarestore.model import kind_of
 from metarestore.train_local import train_local
 
 
@@ -37,10 +38,13 @@ def test_the_shipped_model_loads_by_default_and_restores():
 
 
 def test_init_fine_tunes_from_a_model_and_takes_its_network_shape(perturbed_smoke_checkpoint, tmp_path):
-    cfg = smoke_config(tmp_path / "run", "model.width=4", f"train.init={perturbed_smoke_checkpoint}")
+    cfg = smoke_config(tmp_path / "run", "model.width=4", "model.adapt=lora", f"train.init={perturbed_smoke_checkpoint}")
     trainer = MetaTrainer(cfg, device="cpu")
     source = load_checkpoint(perturbed_smoke_checkpoint).model
     assert cfg.model.width == 8  # the smoke network's, not the width asked for
+    # the adapter kind is the config's (it picks what the inner loop adapts, not the network's shape)
+    assert cfg.model.adapt == "lora" and kind_of(trainer.model).name == "lora"
+    assert load_checkpoint(perturbed_smoke_checkpoint).metadata["config"]["model"]["adapt"] == "film"
     for name, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, source[name], rtol=0, atol=0)
     assert trainer.step == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,6 +148,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir, tracki
     assert best.search == {} and best.name == "tune-smoke-best"
     assert best.data.train == str((workdir / "photos").resolve())
     assert "best:" in resumed.stdout
+    # the console: this project's lines per trial report, not Tune's status tables
+    assert re.search(r"trial \w+ step \d+: val/psnr_adapted [\d.]+ \| best", resumed.stdout), resumed.stdout[-2000:]
+    assert "Trial status" not in resumed.stdout and "╭" not in resumed.stdout
 
     client = mlflow.tracking.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("metarestore-tune")
@@ -170,7 +174,7 @@ def test_default_point_is_the_base_configs_own_values():
     assert point["meta.inner_lr.decoder"] == 0.02 and point["train.outer_lr"] == 0.003
 
 
-@pytest.mark.parametrize("name", ["tune-smoke.yaml", "tune-cbsd432.yaml"])
+@pytest.mark.parametrize("name", ["tune-smoke.yaml", "tune-cbsd432.yaml", "meta-ab.yaml"])
 def test_shipped_search_configs_parse(name):
     spec = parse_search(yaml.safe_load((CONFIGS / name).read_text()))
     assert spec.num_samples >= 4 and spec.space

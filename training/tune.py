@@ -151,7 +151,7 @@ def _search(spec: SearchSpec, state: dict[str, Any], base: dict[str, Any], base_
     from ray import tune
 
     from cluster.ray_runtime import init_ray
-    from training.tune_report import write_results
+    from training.tune_report import TrialLines, write_results
 
     spec.num_samples, spec.max_concurrent = state["num_samples"], state["max_concurrent"]
     workers = state.get("workers") or base_cfg.distributed.workers
@@ -179,6 +179,7 @@ def _search(spec: SearchSpec, state: dict[str, Any], base: dict[str, Any], base_
                                         max_concurrent_trials=spec.max_concurrent),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "ray_tune"),
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      verbose=1 if progress else 0))
+                                      callbacks=[TrialLines(spec.metric, spec.mode, spec.num_samples)] if progress else [],
+                                      verbose=0))  # this project's lines (TrialLines), not Tune's status tables
     grid = tuner.fit()
     return write_results(grid, spec, base, base_cfg.train.steps, out, parent, time.time() - started)

@@ -11,10 +11,40 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from ray.tune import Callback  # noqa: E402
 
 from metarestore.config import dump  # noqa: E402
 from metarestore.tracking import RunLogger  # noqa: E402
 from training.search_space import SearchSpec, default_point, trial_config  # noqa: E402
+
+
+class TrialLines(Callback):
+    """The search's console: one line per trial report (its step, the metric, the best so far and how many
+    trials have ended) and one when a trial ends, in place of Tune's status tables."""
+
+    def __init__(self, metric: str, mode: str, total: int):
+        self.metric, self.mode, self.total = metric, mode, total
+        self.best: tuple[float, str] | None = None
+        self.ended = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is None:
+            return
+        if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
+            self.best = (float(value), trial.trial_id)
+        print(f"trial {trial.trial_id} step {result.get('step', '?')}: {self.metric} {value:.3f} | best "
+              f"{self.best[0]:.3f} ({self.best[1]}) | {self.ended}/{self.total} trials ended", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial, f"ended at step {(trial.last_result or {}).get('step', '?')}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial, "failed")
+
+    def _ended(self, trial, how: str) -> None:
+        self.ended += 1
+        print(f"trial {trial.trial_id} {how} | {self.ended}/{self.total} trials ended", flush=True)
 
 
 def trial_rows(grid, spec: SearchSpec, steps: int, out: Path, base: dict) -> list[dict[str, Any]]:
