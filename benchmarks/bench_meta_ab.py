@@ -34,6 +34,7 @@ from metarestore.fewshot import Task
 from metarestore.hub import load_model, model_families
 from metarestore.inference import fit_as_served, restore_blind
 from metarestore.metrics import psnr
+from metarestore.model import kind_of
 from metarestore.progress import Progress
 
 HELD_OUT = ("motion_blur", "haze", "color_cast")
@@ -147,6 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arm", action="append", required=True, help="NAME=MODEL (a model URI or folder); "
                         "the first arm is the reference of the differences")
+    parser.add_argument("--rates", action="append", default=[], help="NAME=MODEL: arm NAME adapts with MODEL's "
+                        "inner rates (the same adapter kind; its weights untouched)")
     parser.add_argument("--images", default="../shared/data/test/CBSD68")
     parser.add_argument("--support-size", type=int, default=96)
     parser.add_argument("--test-size", type=int, default=128)
@@ -157,6 +160,7 @@ def main() -> None:
     args = parser.parse_args()
     shots, steps = [int(v) for v in args.shots.split(",")], [int(v) for v in args.steps.split(",")]
     arms = dict(a.split("=", 1) for a in args.arm)
+    rates = dict(r.split("=", 1) for r in args.rates)
     support = load_crops(args.images, args.support_size, max(shots))
     test = load_crops(args.images, args.test_size, max(shots) + args.tests)[max(shots):]
     degradations = suite()
@@ -164,6 +168,11 @@ def main() -> None:
     for arm, uri in arms.items():
         learner, meta, _ = load_model(uri)
         learner.eval()
+        if arm in rates:  # the rates another model adapts with, on these weights
+            donor, donor_meta, _ = load_model(rates[arm])
+            if kind_of(donor.model).name != kind_of(learner.model).name:
+                raise SystemExit(f"error: --rates {arm}: {rates[arm]} adapts another kind than {uri}")
+            learner.set_inner_lrs(donor_meta["inner_lr"])
         families = [f for f in model_families(meta)[0] if "+" not in f]  # the registry's families, not chains
         tick = ticker(Progress(len(degradations) + len(families), label=f"arm {arm}:"))
         rows += adaptation_rows(arm, learner, degradations, support, test, shots, steps, tick)
@@ -174,7 +183,7 @@ def main() -> None:
         writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"arms: {', '.join(f'{a} = {u}' for a, u in arms.items())}; support {max(shots)} crops of "
+    lines = [f"arms: {', '.join(f'{a} = {u}' + (f' (rates of {rates[a]})' if a in rates else '') for a, u in arms.items())}; support {max(shots)} crops of "
              f"{args.support_size} px, {args.tests} test crops of {args.test_size} px, {args.images}", "",
              *summary(rows, list(arms), shots, steps), "", f"{time.perf_counter() - started:.0f} s"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
