@@ -99,7 +99,6 @@ def mean(values) -> float:
 
 def summary(rows: list[dict], arms: list[str], shots: list[int], steps: list[int]) -> list[str]:
     adapted = [r for r in rows if r["group"] != "trained" and r["steps"] != "auto"]
-    names = list(dict.fromkeys(r["degradation"] for r in adapted))
     first, *others = arms
     lines = ["Mean PSNR (dB) over the held-out families and the unseen suite, own adapter kind:", "",
              "| shots | steps | " + " | ".join(arms) + " | " + " | ".join(f"{o} - {first}" for o in others) + " |",
@@ -111,36 +110,30 @@ def summary(rows: list[dict], arms: list[str], shots: list[int], steps: list[int
             lines.append(f"| {k} | {s} | " + " | ".join(f"{m:.2f}" for m in means) + " | "
                          + " | ".join(f"{m - means[0]:+.2f}" for m in means[1:]) + " |")
     k, s = (5 if 5 in shots else shots[0]), max(steps)
-    lines += ["", f"Per degradation, {k} shots, {s} steps (zero-shot in brackets):", "",
-              "| degradation | input | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
-    for name in names:
-        cells = []
-        for a in arms:
-            r = next(r for r in adapted if r["arm"] == a and r["degradation"] == name and r["shots"] == k
-                     and r["steps"] == s)
-            cells.append(f"{r['adapted']:.2f} ({r['zero_shot']:.2f})")
-        inp = next(r["input"] for r in adapted if r["degradation"] == name)
-        lines.append(f"| {name} | {inp:.2f} | " + " | ".join(cells) + " |")
+    lines += arm_table(f"Per degradation, {k} shots, {s} steps (zero-shot in brackets):",
+                       [r for r in adapted if r["shots"] == k and r["steps"] == s], arms,
+                       lambda r: f"{r['adapted']:.2f} ({r['zero_shot']:.2f})")
     auto = [r for r in rows if r.get("steps") == "auto"]
     if auto:
-        lines += ["", "`kind=auto` as served, 5 pairs (path chosen):", "",
-                  "| family | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
-        for family in dict.fromkeys(r["degradation"] for r in auto):
-            cells = [next(f"{r['adapted']:.2f} ({r['path']})" for r in auto if r["arm"] == a and r["degradation"] == family)
-                     for a in arms]
-            lines.append(f"| {family} | " + " | ".join(cells) + " |")
+        lines += arm_table("`kind=auto` as served, 5 pairs (path chosen):", auto, arms,
+                           lambda r: f"{r['adapted']:.2f} ({r['path']})")
     trained = [r for r in rows if r["group"] == "trained"]
     if trained:
-        lines += ["", "Trained families at severity 0.5, told / blind (the default path):", "",
-                  "| family | input | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
-        for family in dict.fromkeys(r["degradation"] for r in trained):
-            cells = [next(f"{r['told']:.2f} / {r['blind']:.2f}" for r in trained if r["arm"] == a and r["degradation"] == family)
-                     for a in arms]
-            inp = next(r["input"] for r in trained if r["degradation"] == family)
-            lines.append(f"| {family} | {inp:.2f} | " + " | ".join(cells) + " |")
+        lines += arm_table("Trained families at severity 0.5, told / blind (the default path):", trained, arms,
+                           lambda r: f"{r['told']:.2f} / {r['blind']:.2f}")
         told = [mean(r["told"] for r in trained if r["arm"] == a) for a in arms]
         blind = [mean(r["blind"] for r in trained if r["arm"] == a) for a in arms]
         lines.append("| mean | | " + " | ".join(f"{t:.2f} / {b:.2f}" for t, b in zip(told, blind, strict=True)) + " |")
+    return lines
+
+
+def arm_table(title: str, rows: list[dict], arms: list[str], cell: Callable[[dict], str]) -> list[str]:
+    """A markdown table of ``rows``: a line per degradation (its input's PSNR first), a column per arm."""
+    lines = ["", title, "", "| degradation | input | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
+    for name in dict.fromkeys(r["degradation"] for r in rows):
+        mine = {r["arm"]: r for r in rows if r["degradation"] == name}
+        lines.append(f"| {name} | {next(iter(mine.values()))['input']:.2f} | "
+                     + " | ".join(cell(mine[a]) for a in arms) + " |")
     return lines
 
 

@@ -332,10 +332,9 @@ def test_a_budget_never_yields_a_path_scored_on_fitted_pairs(learner):
         assert free.info["steps"] == 2 and free.info["validation_steps"] == 1
 
 
-def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeypatch):
-    """With a clock that only the gradient steps advance (0.01 s per step and window), the budget admits
-    an adapted candidate only if the time spent, its validation and the final fit it would need (from
-    one timed step, then the previous candidate's cost per step) fit in it: deterministic, no timing."""
+def gradient_clock(monkeypatch, learner, per_window: float = 0.01) -> None:
+    """The selection's clock replaced by one that only ``learner``'s gradient steps advance (``per_window``
+    seconds per step and window): budget tests are deterministic, no timing."""
     import types
 
     import metarestore.operators.selection as selection_module
@@ -344,11 +343,18 @@ def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeyp
     real_adapt = learner.adapt
 
     def adapt(x, y, steps=None, **kw):
-        clock[0] += 0.01 * steps * (x.shape[0] * x.shape[1] if x.dim() == 5 else x.shape[0])
+        clock[0] += per_window * steps * (x.shape[0] * x.shape[1] if x.dim() == 5 else x.shape[0])
         return real_adapt(x, y, steps, **kw)
 
     monkeypatch.setattr(learner, "adapt", adapt)
     monkeypatch.setattr(selection_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+
+def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeypatch):
+    """With a clock that only the gradient steps advance (0.01 s per step and window), the budget admits
+    an adapted candidate only if the time spent, its validation and the final fit it would need (from
+    one timed step, then the previous candidate's cost per step) fit in it: deterministic, no timing."""
+    gradient_clock(monkeypatch, learner)
     clean = crops(48, 4)
     degraded = (clean * torch.tensor([1.25, 1.0, 0.8]).view(1, 3, 1, 1)).clamp(0, 1)
     paths = ["zero_shot", "film", "lora"]
@@ -386,22 +392,11 @@ def test_when_the_budget_admits_one_adapted_candidate_it_is_the_one_on_the_best_
                                                                                          monkeypatch):
     """Adapted candidates are validated in the order of the plain path each starts from: FiLM polishing
     ``told:jpeg`` (what the pairs are) before FiLM on the blind model, so a budget with room for one spends
-    it there (the fake clock of the budget test: only gradient steps advance it)."""
-    import types
-
-    import metarestore.operators.selection as selection_module
+    it there (``gradient_clock``: only gradient steps advance time)."""
     from metarestore.hub import load_learner
 
     told, _ = load_learner(told_checkpoint)
-    clock = [0.0]
-    real_adapt = told.adapt
-
-    def adapt(x, y, steps=None, **kw):
-        clock[0] += 0.01 * steps * (x.shape[0] * x.shape[1] if x.dim() == 5 else x.shape[0])
-        return real_adapt(x, y, steps, **kw)
-
-    monkeypatch.setattr(told, "adapt", adapt)
-    monkeypatch.setattr(selection_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    gradient_clock(monkeypatch, told)
     degraded = crops(48, 4)
     clean = told.restore(degraded, family="jpeg")
     # probe 0.06 s, then per candidate a validation step 0.06 and the final fit 0.08: 0.20, then 0.26 > 0.25

@@ -95,6 +95,7 @@ def _search_alg(spec: SearchSpec, base: dict[str, Any]):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" is not the user's line
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(2, spec.num_samples // 3))
         return ConcurrencyLimiter(OptunaSearch(sampler=sampler, points_to_evaluate=first),
                                   max_concurrent=spec.max_concurrent)
@@ -156,6 +157,9 @@ def _search(spec: SearchSpec, state: dict[str, Any], base: dict[str, Any], base_
     spec.num_samples, spec.max_concurrent = state["num_samples"], state["max_concurrent"]
     workers = state.get("workers") or base_cfg.distributed.workers
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # save experiment state often: resume loses little
+    # Tune's reporter of Ray 2.x prints its configuration box and result paths even at verbose=0; the legacy one
+    # prints nothing there, and the console is TrialLines' and this command's summary
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     init_ray(address)
     # The trial function only drives a TorchTrainer, whose workers reserve their own CPUs/GPUs. It asks for
     # no CPU at all (a token of memory, as Tune needs a non-empty request): even 0.01 CPU per trial would

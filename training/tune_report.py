@@ -33,11 +33,11 @@ class TrialLines(Callback):
             return
         if self.best is None or (value > self.best[0] if self.mode == "max" else value < self.best[0]):
             self.best = (float(value), trial.trial_id)
-        print(f"trial {trial.trial_id} step {result.get('step', '?')}: {self.metric} {value:.3f} | best "
+        print(f"trial {trial.trial_id} step {_step(result)}: {self.metric} {value:.3f} | best "
               f"{self.best[0]:.3f} ({self.best[1]}) | {self.ended}/{self.total} trials ended", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._ended(trial, f"ended at step {(trial.last_result or {}).get('step', '?')}")
+        self._ended(trial, f"ended at step {_step(trial.last_result or {})}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended(trial, "failed")
@@ -45,6 +45,12 @@ class TrialLines(Callback):
     def _ended(self, trial, how: str) -> None:
         self.ended += 1
         print(f"trial {trial.trial_id} {how} | {self.ended}/{self.total} trials ended", flush=True)
+
+
+def _step(result: dict) -> str:
+    """A report's step as a whole number (Tune hands its metrics back as floats)."""
+    step = result.get("step")
+    return "?" if step is None else str(int(step))
 
 
 def trial_rows(grid, spec: SearchSpec, steps: int, out: Path, base: dict) -> list[dict[str, Any]]:
@@ -123,6 +129,7 @@ def importances(rows: list[dict], spec: SearchSpec) -> dict[str, float]:
         return CategoricalDistribution(args)
 
     distributions = {k: distribution(*v) for k, v in spec.space.items()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not its "new study created" line
     study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
     for row in rows:
         if row["objective"] is None:
@@ -131,7 +138,6 @@ def importances(rows: list[dict], spec: SearchSpec) -> dict[str, float]:
         study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=row["objective"]))
     if len(study.trials) < 2:
         return {}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return dict(optuna.importance.get_param_importances(study))
     except (RuntimeError, ValueError):  # e.g. every trial the same value
