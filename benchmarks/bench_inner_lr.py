@@ -1,6 +1,7 @@
 """The inner learning rate of FiLM adapters, swept on a model (docs/benchmarks.md, "The inner rate").
 
     python benchmarks/bench_inner_lr.py --model builtin:base --images ../shared/data/test/CBSD68 [--scales 1,0.3,0.1]
+        [--rates-from MODEL]
 
 5 support crops of 128 px and the next 8 as test crops; for each degradation, the gain over zero-shot of a
 `kind=film` adapter (10 steps, 2 folds, 32 px windows, 64 px scoring window) with the model's inner rates
@@ -28,10 +29,14 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:base")
     parser.add_argument("--images", default=None, help="folder of PNGs (default: scikit-image photographs)")
     parser.add_argument("--scales", default="1,0.3,0.1")
+    parser.add_argument("--rates-from", default=None, help="a model whose inner rates to sweep instead of --model's "
+                        "own (its weights unused)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     learner, _, _ = load_model(args.model)
+    if args.rates_from:
+        learner.set_inner_lrs(load_model(args.rates_from)[1]["inner_lr"])
     crops = load_crops(args.images, 128, 13)
     support, test = crops[:5], crops[5:]
     rates = dict(learner.fixed_lrs)
