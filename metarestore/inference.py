@@ -228,7 +228,7 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
     much as the whole); each gradient step of an adapted restorer sees one random ``patch``-px window
     per pair. ``validation_steps``, ``budget_s`` and ``score_side``: ``fit_adapter``'s (fewer gradient steps
     per candidate in validation than in the final fit; a wall-clock budget for validating the adapted
-    candidates; candidates scored on the central window of this side of each held-out pair).
+    candidates; candidates scored on one window of this side of each held-out pair, a corner per fold).
 
     ``kind="auto"``: the path is chosen among ``paths`` (default: the core's) by held-out validation.
     Any other kind is a path name that is used whatever its score; it is still validated against the

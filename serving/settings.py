@@ -85,9 +85,10 @@ class AppArgs(BaseModel):
                                          "it does not bound (the plain candidates, the timing probe, the request "
                                          "around the fit) stays within a 1 s request on 2 cores, where no "
                                          "adapted candidate fits 1 s either (tone+film: 1.7 s).")
-    adapt_score_side: int | None = Field(64, ge=8, description="Candidate paths are scored on the central window "
-                                         "of this side of each held-out pair (the same pixels for all; 4x fewer "
-                                         "pixels to pre-step and restore than 128 px pairs). None: whole pairs.")
+    adapt_score_side: int | None = Field(64, ge=8, description="Candidate paths are scored on one window of this "
+                                         "side of each held-out pair, at a corner of its own per fold (the same "
+                                         "pixels for all; 4x fewer pixels to pre-step and restore than 128 px "
+                                         "pairs). None: whole pairs.")
     adapt_patch: int = Field(32, ge=8, description="Each gradient step of an adapter fit sees one random window "
                              "of this side per pair (an adapted FiLM/LoRA state acts alike everywhere in an "
                              "image, so windows give nearly the whole pairs' gradient at a fraction of the cost).")

@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import torch
 
-
 MIN_HALF = 32
 # where each fold's held-out window lies, as fractions of the free range (top, left): corners first, so that
 # a degradation that varies over the frame (vignetting, lens falloff) is seen by the scores, not only the
