@@ -218,6 +218,12 @@ def adapt_bytes_per_pixel(learner: MetaLearner, probe: int = 32) -> int:
     return max(1, floats * 4 * 4 // (probe * probe))
 
 
+def adapt_pixels(learner: MetaLearner, memory_mb: float) -> int:
+    """The most support pixels an adapter fit may hold within ``memory_mb`` (``adapt_bytes_per_pixel``; at
+    least 256): a server's bound from its ``adapt_memory_mb``."""
+    return max(256, int(memory_mb * 2**20) // adapt_bytes_per_pixel(learner))
+
+
 def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *, kind: str = "auto",
                 paths: Iterable[str] | None = None, max_side: int = 128, max_pixels: int = 1_000_000,
                 steps: int = 10, max_folds: int = 2, patch: int | None = 64, validation_steps: int | None = None,
@@ -270,7 +276,5 @@ def fit_as_served(learner: MetaLearner, support_x: torch.Tensor, support_y: torc
 
     if steps == 0 and paths is None:
         paths = [p.name for p in default_paths(learner) if not p.adapted]
-    max_pixels = max(256, int(SERVED_MEMORY_MB * 2**20) // adapt_bytes_per_pixel(learner))
     return fit_bounded(learner, support_x, support_y, kind=kind, paths=paths, steps=max(steps, 1),
-                       max_pixels=max_pixels, **SERVED_FIT)
-
+                       max_pixels=adapt_pixels(learner, SERVED_MEMORY_MB), **SERVED_FIT)

@@ -16,13 +16,19 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255.0).round() / 255.0
 
 
+def window(x: torch.Tensor, height: int, width: int, place: tuple[float, float]) -> torch.Tensor:
+    """The ``height`` x ``width`` window of (..., H, W) at ``place``: fractions (top, left) of the free range,
+    (0, 0) the top-left corner, (1, 1) the bottom-right; a side shorter than asked is kept whole."""
+    h, w = x.shape[-2:]
+    ch, cw = min(height, h), min(width, w)
+    top, left = int(place[0] * (h - ch)), int(place[1] * (w - cw))
+    return x[..., top:top + ch, left:left + cw]
+
+
 def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The central ``height`` x ``width`` window of (..., H, W); a side shorter than asked is kept whole.
     top = (H - height) // 2, left = (W - width) // 2."""
-    h, w = x.shape[-2:]
-    ch, cw = min(height, h), min(width, w)
-    top, left = (h - ch) // 2, (w - cw) // 2
-    return x[..., top:top + ch, left:left + cw]
+    return window(x, height, width, (0.5, 0.5))
 
 
 def random_crops(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Generator

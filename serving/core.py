@@ -82,7 +82,7 @@ class RestorerCore:
         from metarestore.engine import resolve_device
         from metarestore.estimator import load_estimator
         from metarestore.hub import load_model
-        from metarestore.inference import ModelPool, adapt_bytes_per_pixel
+        from metarestore.inference import ModelPool, adapt_pixels
         from metarestore.model.network import count_parameters
 
         self.cfg = cfg
@@ -102,7 +102,7 @@ class RestorerCore:
         self.counts = count_parameters(self.learner.model)  # (parameters, adaptable parameters)
         self.batcher = Batcher(self._run_batch, cfg.max_batch_size, cfg.concurrent_batches,
                                cfg.batch_wait_timeout_s, executor=self.compute)
-        self.adapt_pixels = max(256, int(cfg.adapt_memory_mb * 2**20) // adapt_bytes_per_pixel(self.learner))
+        self.adapt_pixels = adapt_pixels(self.learner, cfg.adapt_memory_mb)
         self.auto_paths = auto_paths(cfg.auto_paths, self.learner)
 
     async def aclose(self) -> None:

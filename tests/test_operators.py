@@ -670,12 +670,12 @@ def test_told_candidates_share_one_forward_pass_and_repeats_build_on_the_shorter
     a pass each), and told:F*N reuses told:F*(N-1)'s output kept for the fold: N passes in all, not 1+2+..+N."""
     from metarestore.hub import load_learner
     from metarestore.operators.paths import Operators
-    from metarestore.operators.scoring import restore_each, score_plain
+    from metarestore.operators.scoring import score_plain
 
     told, _ = load_learner(told_checkpoint)
     x = crops(32, 3)
     families = ["jpeg", None, "gaussian_noise"]
-    together = restore_each(told, x, families)
+    together = told.restore(x, family=families)  # each image told its own family, one pass
     for i, family in enumerate(families):
         torch.testing.assert_close(together[i:i + 1], told.restore(x[i:i + 1], family=family), atol=1e-5, rtol=0)
     held_x, held_y, cache = x[:1], told.restore(told.restore(x[:1], family="jpeg"), family="jpeg"), {}

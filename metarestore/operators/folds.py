@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from metarestore.pixels import window
+
 MIN_HALF = 32
 # where each fold's held-out window lies, as fractions of the free range (top, left): corners first, so that
 # a degradation that varies over the frame (vignetting, lens falloff) is seen by the scores, not only the
@@ -58,20 +60,13 @@ def make_folds(support_x: torch.Tensor, support_y: torch.Tensor, max_folds: int,
         folds, scheme = [Fold(xs[0], ys[0], xs[1], ys[1], [0], 1), Fold(xs[1], ys[1], xs[0], ys[0], [1], 0)], "split-halves"
     if score_side is not None:
         places = [WINDOW_PLACES[n % len(WINDOW_PLACES)] for n in range(len(folds))]
-        folds = [f._replace(held_x=_window(f.held_x, score_side, place), held_y=_window(f.held_y, score_side, place))
+        folds = [f._replace(held_x=window(f.held_x, score_side, score_side, place),
+                            held_y=window(f.held_y, score_side, score_side, place))
                  for f, place in zip(folds, places, strict=True)]
     for fold in folds:
         if fold.held in fold.fit:  # a guard as well as documentation
             raise AssertionError("a validation fold scores a pair it fitted on")
     return folds, scheme
-
-
-def _window(x: torch.Tensor, side: int, place: tuple[float, float]) -> torch.Tensor:
-    """The ``side`` x ``side`` window of (..., H, W) at ``place`` (fractions of the free range; a side shorter
-    than asked is kept whole)."""
-    h, w = x.shape[-2:]
-    top, left = round(place[0] * max(0, h - side)), round(place[1] * max(0, w - side))
-    return x[..., top:top + side, left:left + side]
 
 
 def each_fold(folds: list[Fold], on_fold: FoldCallback | None) -> Iterator[tuple[int, Fold]]:

@@ -15,7 +15,7 @@ from metarestore.operators.paths import Operators, Path, pre_step
 
 FAILURES = (ValueError, RuntimeError, torch.linalg.LinAlgError)  # a path that cannot run scores -inf
 
-__all__ = ["FAILURES", "pre_key", "psnr", "restore_each", "score_adapted", "score_plain", "told_passes"]
+__all__ = ["FAILURES", "pre_key", "psnr", "score_adapted", "score_plain", "told_passes"]
 
 
 def pre_key(path: Path) -> tuple[str, float]:
@@ -28,13 +28,6 @@ def told_passes(learner, x: torch.Tensor, path: Path) -> torch.Tensor:
     for _ in range(path.passes):
         x = learner.restore(x, family=path.told)
     return x
-
-
-def restore_each(learner, x: torch.Tensor, families: list[str | None]) -> torch.Tensor:
-    """``learner.restore`` of every image of ``x`` told its own family (None: blind), in one forward pass:
-    a family-conditioned model takes a hint row per image (``FamilyCondition``), so the candidates told
-    nine families cost one batched pass of small images, not nine passes."""
-    return learner.restore(x, family=families)  # a ValueError for a family the model cannot be told
 
 
 def score_plain(learner, paths: list[Path], ops: Operators, held_x: torch.Tensor, held_y: torch.Tensor,
@@ -68,7 +61,8 @@ def _restored(learner, paths: list[Path], pres: dict[str, torch.Tensor], cache: 
 
     first = [p for p in paths if key(p, 1) not in cache]
     if first:
-        out = restore_each(learner, torch.cat([pres[p.name] for p in first]), [p.told for p in first])
+        # each image told its own family (None: blind): nine told candidates cost one pass, not nine
+        out = learner.restore(torch.cat([pres[p.name] for p in first]), family=[p.told for p in first])
         cache.update({key(p, 1): out[i:i + 1] for i, p in enumerate(first)})
     for path in paths:
         for n in range(2, path.passes + 1):
