@@ -101,7 +101,6 @@ class AppArgs(BaseModel):
                                     "URI (s3://, gs://, a shared volume). Default: METARESTORE_CACHE/adapters "
                                     "(~/.cache/metarestore/adapters) on the store's node.")
 
-
     def torch_threads(self) -> int:
         """The OpenMP threads of each compute thread: ``threads``, else the reserved CPUs (rounded, >= 1)."""
         return self.threads or max(1, round(self.num_cpus))

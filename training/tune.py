@@ -95,7 +95,6 @@ def _search_alg(spec: SearchSpec, base: dict[str, Any]):
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "new study created" is not the user's line
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=max(2, spec.num_samples // 3))
         return ConcurrencyLimiter(OptunaSearch(sampler=sampler, points_to_evaluate=first),
                                   max_concurrent=spec.max_concurrent)
@@ -149,6 +148,7 @@ def run_search(config_path: str | Path, out: str | Path, num_samples: int | None
 def _search(spec: SearchSpec, state: dict[str, Any], base: dict[str, Any], base_cfg, out: Path, uri: str,
             address: str | None, resume: bool, progress: bool, parent) -> dict[str, Any]:
     """Run or resume the Tune experiment inside the open parent run; returns the summary."""
+    import optuna
     from ray import tune
 
     from cluster.ray_runtime import init_ray
@@ -160,6 +160,7 @@ def _search(spec: SearchSpec, state: dict[str, Any], base: dict[str, Any], base_
     # Tune's reporter of Ray 2.x prints its configuration box and result paths even at verbose=0; the legacy one
     # prints nothing there, and the console is TrialLines' and this command's summary
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the searcher's and the report's studies: no lines
     init_ray(address)
     # The trial function only drives a TorchTrainer, whose workers reserve their own CPUs/GPUs. It asks for
     # no CPU at all (a token of memory, as Tune needs a non-empty request): even 0.01 CPU per trial would

@@ -129,7 +129,6 @@ def importances(rows: list[dict], spec: SearchSpec) -> dict[str, float]:
         return CategoricalDistribution(args)
 
     distributions = {k: distribution(*v) for k, v in spec.space.items()}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not its "new study created" line
     study = optuna.create_study(direction="maximize" if spec.mode == "max" else "minimize")
     for row in rows:
         if row["objective"] is None:

@@ -2,14 +2,15 @@
 
 from metarestore.meta.adapt import adapt, adaptable_params, apply_delta, delta, forward_with, lr_for
 from metarestore.meta.learner import (
-                                       ALGORITHMS,
-                                       MetaLearner,
-                                       build_learner,
-                                       flat_grad,
-                                       make_learner,
-                                       set_flat_grad,
+    ALGORITHMS,
+    MetaLearner,
+    build_learner,
+    flat_grad,
+    make_learner,
+    set_flat_grad,
 )
 from metarestore.meta.losses import charbonnier, get_loss, l1, psnr, ssim
 
-__all__ = ["ALGORITHMS", "MetaLearner", "build_learner", "make_learner", "adapt", "adaptable_params", "apply_delta", "charbonnier", "delta", "flat_grad",
-           "forward_with", "get_loss", "l1", "lr_for", "psnr", "set_flat_grad", "ssim"]
+__all__ = ["ALGORITHMS", "MetaLearner", "adapt", "adaptable_params", "apply_delta", "build_learner", "charbonnier",
+           "delta", "flat_grad", "forward_with", "get_loss", "l1", "lr_for", "make_learner", "psnr", "set_flat_grad",
+           "ssim"]

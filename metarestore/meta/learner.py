@@ -174,8 +174,8 @@ class MetaLearner(nn.Module):
     def restore(self, x: torch.Tensor, params: Params | None = None, *, kind: str | None = None,
                 family: str | None | list[str | None] = None) -> torch.Tensor:
         """Restore ``x``, with an adapted state of ``kind`` (default the model's own) when given, told the
-        degradation ``family`` (or each image its own, a list) when the model takes one; the result is on ``x``'s device (the pass runs on
-        the model's: a CPU caller can use a CUDA model)."""
+        degradation ``family`` (or each image its own, a list: one pass for all) when the model takes one; the
+        result is on ``x``'s device (the pass runs on the model's: a CPU caller can use a CUDA model)."""
         inp = x.to(self.device)
         hint = self.hint(family)
         out = self.model(inp, hint) if params is None else forward_with(self.model, params, inp, kind, hint)

@@ -136,7 +136,8 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     info reports its honest held-out score. ``steps``: gradient steps of the chosen adapted restorer;
     ``validation_steps`` (default ``steps``): those of every adapted candidate in validation. With
     ``patch``, each step sees one random window of that size per pair (``MetaLearner.adapt``). With
-    ``score_side``, candidates are scored on one ``score_side`` px window of each held-out pair (a corner per fold).
+    ``score_side``, candidates are scored on one ``score_side`` px window of each held-out pair (a corner
+    per fold).
     ``budget_s``: wall-clock seconds for the whole fit, the final fit included (``selection.Budget``; a
     skipped candidate is never chosen); None: no budget (deterministic). ``on_fold(fit_indices,
     held_out_index)`` is called for every fold of every stage that runs, so that callers (and tests) can
