@@ -98,7 +98,7 @@ def load_network(uri: str, label: str, tracking_uri: str | None, zero_shot: bool
     learner, metadata, ref = load_model(uri, tracking_uri)
     display = f"{ref.name}/{ref.version}" if ref.version else str(ref.path)
     key = str(metadata.get("files", {}).get("model.safetensors") or ref.path)
-    state = {k: v.detach().cpu() for k, v in learner.model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in learner.weights().items()}
     return LoadedModel(ModelSpec(label, display, key, (metadata, state), zero_shot), uri, ref.name, ref.version,
                        metadata)
 
@@ -260,7 +260,7 @@ def _network(spec: ModelSpec, device: torch.device):
 
         metadata, state = _fetch(spec.payload, f"weights:{spec.key}")
         learner = learner_from_metadata(metadata, device)
-        learner.model.load_state_dict(state)
+        learner.load_weights(state)
         _CACHE[key] = learner.eval()
     return _CACHE[key]
 

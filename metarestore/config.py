@@ -75,6 +75,10 @@ class MetaConfig:
     zero_shot_weight: float = 1.0
     # model.condition: family: the fraction of tasks trained blind (no hint), drawn per task from its seed
     blind_fraction: float = 0.25
+    # metasgd: what it learns, one inner rate per parameter group (group) or one per adapted number and inner
+    # step (parameter); first_order: the rates learn through the update with the inner gradient held constant
+    rates: str = "group"
+    first_order: bool = False
 
 
 @dataclass
@@ -221,6 +225,12 @@ class Config:
                             f"known: {', '.join(INNER_LR_GROUPS)}")
         if any(v <= 0 for v in self.meta.inner_lr.values()):
             problems.append("meta.inner_lr values must be > 0")
+        if self.meta.rates not in ("group", "parameter"):
+            problems.append(f"meta.rates must be group or parameter, not {self.meta.rates!r}")
+        elif self.meta.rates == "parameter" and self.meta.algorithm != "metasgd":
+            problems.append("meta.rates: parameter is Meta-SGD's (meta.algorithm: metasgd)")
+        if self.meta.first_order and self.meta.algorithm != "metasgd":
+            problems.append("meta.first_order is Meta-SGD's option (first-order MAML is meta.algorithm: fomaml)")
         multiple = 2 ** len(self.model.enc_blocks)
         if self.data.patch_size % multiple:
             problems.append(f"data.patch_size must be a multiple of {multiple} (2 ** number of stages)")

@@ -23,6 +23,7 @@ from metarestore.ema import WeightEMA
 from metarestore.errors import ResumeError, UserError
 from metarestore.fewshot import Task, few_shot
 from metarestore.meta import MetaLearner, build_learner, flat_grad, set_flat_grad
+from metarestore.meta.learner import OWN, split_weights
 from metarestore.model import count_parameters
 from metarestore.model.network import load_weights
 
@@ -120,7 +121,7 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor] | None:
         saved.hint_families = list(cfg.model.hint_families)  # the saved rows, then new ones
     saved.adapt = cfg.model.adapt
     cfg.model = saved
-    return ckpt.model
+    return split_weights(ckpt.model)[0]  # the network: the learner's own tensors are its algorithm's
 
 
 def trainable_parameters(learner: MetaLearner, prefixes: list[str]) -> list[torch.nn.Parameter]:
@@ -225,8 +226,10 @@ class MetaTrainer:
         return self.ema.applied(self.model) if self.ema is not None else nullcontext()
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint holds as its model: the average where the run keeps one."""
-        return self.ema.average if self.ema is not None else self.model.state_dict()
+        """The weights a checkpoint holds as its model: the average where the run keeps one, and the learner's
+        own tensors (Meta-SGD's rates: ``MetaLearner.weights``)."""
+        network = self.ema.average if self.ema is not None else self.model.state_dict()
+        return {**network, **{OWN + k: v for k, v in self.learner_state().items()}}
 
     # checkpoint state ------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -264,10 +267,11 @@ class MetaTrainer:
             raise ResumeError(f"the checkpoint is told {', '.join(told)}; this config's families.train must list "
                               "them first, in that order (new families after them)")
         live = {k[len(LIVE):]: v for k, v in ckpt.training_tensors.items() if k.startswith(LIVE)}
+        network = split_weights(ckpt.model)[0]
         if self.ema is not None:  # the average: the checkpoint's model (a checkpoint without one starts it here)
-            load_weights(self.model, {k: v.to(self.device) for k, v in ckpt.model.items()})
+            load_weights(self.model, {k: v.to(self.device) for k, v in network.items()})
             self.ema = WeightEMA(self.model, self.ema.decay, ckpt.training_state.get("ema", {}).get("updates", 0))
-        weights = live or ckpt.model
+        weights = live or network
         fresh = {f"model.{k}" for k in load_weights(self.model, {k: v.to(self.device) for k, v in weights.items()})}
         own = self.learner_state()
         saved = {k[len("learner."):]: v.to(self.device) for k, v in ckpt.training_tensors.items()

@@ -147,7 +147,7 @@ def load_learner(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     """A ready MetaLearner (eval mode) and the checkpoint's metadata, from a checkpoint directory."""
     ckpt = load_checkpoint(path, device="cpu")
     learner = learner_from_metadata(ckpt.metadata, device)
-    learner.model.load_state_dict(ckpt.model)
+    learner.load_weights(ckpt.model)
     learner.eval()
     return learner, ckpt.metadata
 

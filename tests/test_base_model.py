@@ -92,6 +92,33 @@ def test_a_resumed_learner_gets_its_whole_state_back(tmp_path):
         fomaml.load_state(saved)
 
 
+def test_meta_sgd_on_a_frozen_network_ships_its_rates_and_nothing_else(tmp_path):
+    """``configs/meta-sgd.yaml``'s recipe on the smoke model: the rates (one per adapted number and step) move,
+    travel in the model file under ``learner.`` and come back with ``load_model``, and adapt with them; the
+    network the run started from is what it ships, bit for bit."""
+    cfg = smoke_config(tmp_path / "run", "meta.algorithm=metasgd", "meta.rates=parameter", "meta.first_order=true",
+                       "model.adapt=decoder",  # a fresh FiLM has no gradient yet (NAFNet blocks start as identity)
+                       "meta.inner_steps=2", "meta.zero_shot_weight=0", "train.trainable=[log_rates]",
+                       "train.steps=2", "train.outer_lr=0.1", "train.val_every=2", "train.checkpoint_every=2")
+    start = MetaTrainer(cfg, device="cpu").learner
+    info = train_local(cfg, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", progress=False, register=False)
+    learner, metadata, _ = load_model(info["checkpoint"])
+    assert set(load_checkpoint(info["checkpoint"]).model) - set(start.model.state_dict()) == {"learner.log_rates"}
+    for name, value in start.model.state_dict().items():
+        assert torch.equal(learner.model.state_dict()[name], value), name
+    assert learner.log_rates.shape == (2, kind_of(learner.model).count(learner.model))
+    assert not torch.equal(learner.log_rates, start.log_rates), "two steps move the rates"
+    assert set(metadata["inner_lr"]) == set(learner.groups)
+    x = torch.rand(2, 3, 16, 16)
+    y = (x + 0.1).clamp(0, 1)
+    with torch.no_grad():
+        learner.log_rates.copy_(start.log_rates)
+    before = learner.adapt(x, y, steps=2)
+    learner.load_weights(load_checkpoint(info["checkpoint"]).model)
+    after = learner.adapt(x, y, steps=2)
+    assert any(not torch.equal(before[n], after[n]) for n in after), "adaptation uses the learned rates"
+
+
 def test_resume_against_a_store_without_the_recorded_run_logs_to_a_new_run(tmp_path, capsys):
     """A checkpoint carries its MLflow run id; resumed on another machine (or with another --tracking-uri)
     that run is not there: training goes on in a new run and says so, instead of an MLflow traceback."""
@@ -104,3 +131,16 @@ def test_resume_against_a_store_without_the_recorded_run_logs_to_a_new_run(tmp_p
     assert new["run_id"] != old["run_id"] and load_checkpoint(new["checkpoint"]).step == 4
     data = MlflowClient(new["tracking_uri"]).get_run(new["run_id"]).data
     assert "meta_loss" in data.metrics and data.params["precision"] == "fp32"  # a new run gets its parameters
+
+
+def test_a_relative_init_folder_is_made_absolute_for_the_ray_workers(tmp_path, monkeypatch):
+    """Ray Train workers run in directories of their own: a config's ``train.init`` folder, relative to where
+    ``metarestore train`` ran, is made absolute with the data folders; model URIs pass as they are."""
+    from training.driver import absolute_paths
+
+    (tmp_path / "checkpoints" / "start").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    made = absolute_paths(smoke_config(tmp_path / "run", "train.init=checkpoints/start"))
+    assert made.train.init == str(tmp_path / "checkpoints" / "start")
+    for uri in ("builtin:base", "models:/metarestore@latest"):
+        assert absolute_paths(smoke_config(tmp_path / "run", f"train.init={uri}")).train.init == uri

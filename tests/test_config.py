@@ -22,6 +22,9 @@ def test_defaults_are_valid_and_overrides_use_yaml():
     ({"families": {"severity": [0.8, 0.2]}}, "families.severity"),
     ({"data": {"patch_size": 60}}, "multiple of 8"),
     ({"meta": {"inner_lr": {"head": 0.1}}}, "unknown group"),
+    ({"meta": {"rates": "parameter"}}, "meta.rates: parameter is Meta-SGD's"),
+    ({"meta": {"algorithm": "metasgd", "rates": "layer"}}, "meta.rates must be group or parameter"),
+    ({"meta": {"first_order": True}}, "meta.first_order is Meta-SGD's option"),
     ({"families": {"unclipped": {"gaussian_noise": 0.5}}}, "families.unclipped is retired: train the awgn family"),
 ])
 def test_mistakes_are_reported(data, message):

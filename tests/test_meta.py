@@ -311,3 +311,84 @@ def test_capped_psnr_loss_bounds_the_weight_of_nearly_clean_images():
     assert capped[0] / capped[1] < 1  # ...and not the capped one
     damaged = target + 0.1 * noise
     assert float(psnr_capped_loss(damaged, target)) == pytest.approx(float(psnr_loss(damaged, target)), abs=0.05)
+
+
+def per_parameter_metasgd(model, steps=2, first_order=True):
+    """Meta-SGD learning one rate per adapted number and step, the network frozen (``configs/meta-sgd.yaml``)."""
+    cfg = MetaConfig(algorithm="metasgd", inner_steps=steps, inner_lr={"default": 0.05}, loss="charbonnier",
+                     zero_shot_weight=0.0, rates="parameter", first_order=first_order)
+    lrn = make_learner(model, cfg).to(torch.float64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return lrn
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_per_parameter_rates_get_the_exact_gradient_of_a_one_step_adaptation(first_order):
+    """With one inner step, ``theta - rate * g(theta)``: g does not depend on the rates, so first and second
+    order both give the exact derivative of the query loss, which finite differences check."""
+    model, ep = tiny("film"), episode()
+    lrn = per_parameter_metasgd(model, steps=1, first_order=first_order)
+    assert lrn.log_rates.shape == (1, sum(p.numel() for p in adaptable_params(model).values()))
+    lrn.task_gradient(ep, scale=1.0)
+    analytic = lrn.log_rates.grad.clone()
+    assert all(p.grad is None for p in model.parameters()), "the frozen network gets no gradient"
+    direction = torch.randn(lrn.log_rates.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def objective(sign, eps=1e-6):
+        with torch.no_grad():
+            lrn.log_rates.add_(sign * eps * direction)
+        fast = adapt(model, ep.support_x, ep.support_y, steps=1, lrs=lrn.rates(), loss_fn=charbonnier)
+        value = float(charbonnier(forward_with(model, fast, ep.query_x), ep.query_y))
+        with torch.no_grad():
+            lrn.log_rates.sub_(sign * eps * direction)
+        return value
+
+    numeric = (objective(1) - objective(-1)) / 2e-6
+    assert float((analytic * direction).sum()) == pytest.approx(numeric, rel=1e-5)
+
+
+def test_per_parameter_rates_are_a_schedule_one_row_per_step():
+    """Step k moves each adapted number by its own rate of row k; past the last row, the last applies."""
+    model, ep = tiny("film"), episode()
+    lrn = per_parameter_metasgd(model, steps=2)
+    with torch.no_grad():
+        lrn.log_rates[0].uniform_(-5, -2)
+        lrn.log_rates[1].uniform_(-4, -1)
+    rows = lrn.rates()
+    params = adaptable_params(model, detach=True)
+    for step in range(3):
+        (g,) = [torch.autograd.grad(charbonnier(forward_with(model, params, ep.support_x), ep.support_y),
+                                    list(params.values()))]
+        params = {n: (p - rows[min(step, 1)][n] * gn).detach().requires_grad_(True)
+                  for (n, p), gn in zip(params.items(), g, strict=True)}
+    adapted = lrn.adapt(ep.support_x, ep.support_y, steps=3)
+    for name, value in params.items():
+        torch.testing.assert_close(adapted[name], value, rtol=1e-9, atol=1e-12)
+    assert not torch.equal(rows[0][name], rows[1][name])
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_per_parameter_metasgd_batched_step_equals_per_task(first_order):
+    model = tiny("film")
+    lrn = per_parameter_metasgd(model, steps=2, first_order=first_order)
+    episodes, scales = [episode(seed) for seed in range(3)], [0.5, 0.2, 0.3]
+    expected = [lrn.task_gradient(ep, scale) for ep, scale in zip(episodes, scales, strict=True)]
+    per_task = lrn.log_rates.grad.clone()
+    lrn.zero_grad(set_to_none=True)
+    losses = lrn.batch_gradient(EpisodeBatch.stack(episodes), torch.tensor(scales, dtype=torch.float64))
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert per_task.abs().sum() > 0
+    torch.testing.assert_close(lrn.log_rates.grad, per_task, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_per_parameter_rates_adapt_on_cuda_as_on_cpu():
+    model, ep = tiny("film", torch.float32), episode(dtype=torch.float32)
+    lrn = per_parameter_metasgd(model, steps=2).float()
+    with torch.no_grad():
+        lrn.log_rates.uniform_(-5, -2)
+    cpu = lrn.adapt(ep.support_x, ep.support_y, steps=3)
+    gpu = lrn.to("cuda").adapt(ep.support_x, ep.support_y, steps=3)
+    for name in cpu:
+        torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cluster.ray_runtime import init_ray
@@ -27,9 +28,13 @@ RUN_FILE = "run.json"
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Ray workers run in their own directories: make every path in the config absolute."""
+    """Ray workers run in their own directories: make every path in the config absolute (``train.init`` too
+    when it is a folder here, not builtin: or an MLflow URI)."""
     data = dataclasses.replace(cfg.data, train=absolute_source(cfg.data.train), val=absolute_source(cfg.data.val))
-    train = dataclasses.replace(cfg.train, output_dir=str(cfg.output_dir.resolve()))
+    init = cfg.train.init
+    if init and ":" not in init and Path(init).expanduser().exists():
+        init = str(Path(init).expanduser().resolve())
+    train = dataclasses.replace(cfg.train, output_dir=str(cfg.output_dir.resolve()), init=init)
     return dataclasses.replace(cfg, data=data, train=train)
 
 

@@ -19,7 +19,7 @@ be used from two threads at once (serving gives each concurrent call a module of
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +30,10 @@ from metarestore.model.kinds import AdapterKind, Params, kind_of
 from metarestore.param_groups import param_group
 
 Kind = str | AdapterKind | None
+# inner learning rates by parameter group ("default": any group not named), or by parameter name (Meta-SGD's
+# per-parameter rates: a tensor of the parameter's shape); one mapping, or one per step (a schedule)
 LearningRates = Mapping[str, float | torch.Tensor]
+Schedule = LearningRates | Sequence[LearningRates]
 
 
 def group_lr(group: str, lrs: LearningRates) -> float | torch.Tensor:
@@ -43,7 +46,15 @@ def group_lr(group: str, lrs: LearningRates) -> float | torch.Tensor:
 
 
 def lr_for(name: str, lrs: LearningRates) -> float | torch.Tensor:
-    return group_lr(param_group(name), lrs)
+    """A parameter's inner rate: its own (by name), else its group's."""
+    return lrs[name] if name in lrs else group_lr(param_group(name), lrs)
+
+
+def rates_at(schedule: Schedule, step: int) -> LearningRates:
+    """Step ``step``'s rates: the one mapping, or the schedule's entry (a step past its end takes the last)."""
+    if isinstance(schedule, Mapping):
+        return schedule
+    return schedule[min(step, len(schedule) - 1)]
 
 
 def adaptable_params(model: nn.Module, kind: Kind = None, detach: bool = False) -> Params:
@@ -113,8 +124,9 @@ def task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -> to
 def _inner_grads(model: nn.Module, kind: AdapterKind, params: Params, x: torch.Tensor, y: torch.Tensor,
                  loss_fn: LossFn, first_order: bool, hint: torch.Tensor | None) -> list[torch.Tensor]:
     if x.dim() == 4:  # one task: plain autograd, the reference implementation
-        loss = loss_fn(forward_with(model, params, x, kind, hint), y)
-        return list(torch.autograd.grad(loss, list(params.values()), create_graph=not first_order))
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()} if first_order else params
+        loss = loss_fn(forward_with(model, leaves, x, kind, hint), y)
+        return list(torch.autograd.grad(loss, list(leaves.values()), create_graph=not first_order))
 
     if kind.per_sample:  # one plain batch: the gradient of the sum is each task's own (tasks share nothing)
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()} if first_order else params
@@ -136,7 +148,7 @@ def _inner_grads(model: nn.Module, kind: AdapterKind, params: Params, x: torch.T
 
 
 def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *, steps: int,
-          lrs: LearningRates, params: Params | None = None, loss_fn: LossFn = l1,
+          lrs: Schedule, params: Params | None = None, loss_fn: LossFn = l1,
           first_order: bool = False, kind: Kind = None, hint: torch.Tensor | None = None) -> Params:
     """Take ``steps`` gradient steps on the support pairs; returns the adapted state of ``kind`` (default
     the model's own adapter kind).
@@ -144,7 +156,9 @@ def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *,
     ``params`` defaults to the kind's starting state (the model's own parameters, graph-connected, for
     meta-training; given a leading task dimension when ``support_x`` has one); pass
     ``adaptable_params(model, kind, detach=True)`` to adapt without touching the model.
-    ``first_order=True`` drops the inner Jacobian. ``hint``: a family-conditioned model's row, one for the
+    ``lrs``: one mapping of rates for every step, or a schedule, one per step (``rates_at``); rates that are
+    tensors in a graph (Meta-SGD's) get the query loss's gradient. ``first_order=True`` drops the inner
+    Jacobian. ``hint``: a family-conditioned model's row, one for the
     task (or (T,), one per task); ``None``: blind.
     """
     kind = kind_of(model, kind)
@@ -152,10 +166,14 @@ def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *,
         params = kind.initial(model)
         if support_x.dim() == 5:
             params = per_task(params, support_x.shape[0])
+    # a frozen network's state (Meta-SGD learning only its rates) needs no gradient of its own, but the
+    # inner gradient is taken with respect to it: a fresh leaf, which nothing upstream can miss
+    params = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
             grads = _inner_grads(model, kind, params, support_x, support_y, loss_fn, first_order, hint)
-            params = {name: p - lr_for(name, lrs) * g
+            step_lrs = rates_at(lrs, step)
+            params = {name: p - lr_for(name, step_lrs) * g
                       for (name, p), g in zip(params.items(), grads, strict=True)}
     return params
 

@@ -14,7 +14,12 @@ time with plain autograd, the reference the tests compare the batched path again
   a plain MAML initialisation only has to be good *after* adaptation and can restore badly on its own,
   but a server restores most images without an adapter. The same holds for ``fomaml`` and ``metasgd``.
 - ``fomaml``: first-order MAML, the same with the inner Jacobian dropped.
-- ``metasgd``: MAML with learned per-group inner learning rates (log-parameterised, second order).
+- ``metasgd``: MAML with learned inner learning rates (log-parameterised): one per parameter group, or
+  (``meta.rates: parameter``) one per adapted number and inner step, learn2learn's MetaSGD with per-step
+  rates; second order, or first order (``meta.first_order``: the rates still learn, through the update
+  ``theta - rate * gradient``, with the inner gradient held constant). With the network frozen
+  (``train.trainable: [log_rates]``) it learns how to adapt and nothing else: restoring without an adapter,
+  told or blind, stays bit for bit the model it started from.
 - ``reptile``: adaptable parameters move towards the adapted ones, ``(theta - phi) / (lr * steps)``
   (the mean inner gradient); the parameters the inner loop does not adapt get the first-order query
   gradient at ``phi`` so that they still learn.
@@ -31,6 +36,7 @@ from torch import nn
 
 from metarestore.data import Episode, EpisodeBatch, TaskSpec
 from metarestore.meta.adapt import (
+    LearningRates,
     Params,
     adapt,
     adaptable_params,
@@ -38,6 +44,7 @@ from metarestore.meta.adapt import (
     group_lr,
     lr_for,
     per_task,
+    rates_at,
     task_losses,
 )
 from metarestore.meta.losses import get_loss
@@ -50,6 +57,7 @@ if TYPE_CHECKING:
     from metarestore.config import Config, MetaConfig
 
 ALGORITHMS: Registry[type[MetaLearner]] = Registry("meta-learning algorithm")
+OWN = "learner."  # a model file's keys for the learner's own tensors (Meta-SGD's rates), beside the network's
 
 register = ALGORITHMS.register
 
@@ -114,6 +122,35 @@ class MetaLearner(nn.Module):
         """Restore the inner rates a checkpoint recorded (``inner_lr_values`` of the trained learner)."""
         self.fixed_lrs = {g: float(values[g]) for g in self.groups}
 
+    def rates(self) -> list[LearningRates]:
+        """The inner loop's rates, one mapping per step (a step past the list takes its last): by parameter
+        group here; by parameter name where Meta-SGD learns one rate per parameter."""
+        return [self.inner_lrs()]
+
+    # weights ----------------------------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What a model file holds: the network's weights and, under ``learner.``, the learner's own tensors
+        (Meta-SGD's learned rates; none for the other algorithms)."""
+        return {**self.model.state_dict(), **{OWN + k: v.detach() for k, v in self.own_state().items()}}
+
+    def own_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a model file (``weights()``). A file without the learner's own tensors (a Meta-SGD model saved
+        before they travelled with it) keeps the rates its metadata gave ``build_learner``."""
+        network, own = split_weights(tensors)
+        self.model.load_state_dict(network)
+        if not own:
+            return
+        expected = self.own_state()
+        if set(own) != set(expected):
+            raise ValueError(f"the model file's learner tensors ({', '.join(sorted(own))}) are not this "
+                             f"algorithm's ({', '.join(sorted(expected)) or 'none'})")
+        with torch.no_grad():
+            for k, v in own.items():
+                expected[k].copy_(v)
+
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None, *,
               kind: str | None = None, patch: int | None = None, seed: int = 0, family: str | None = None) -> Params:
         """Inference-time adaptation: fresh leaves, first order, the model itself untouched.
@@ -132,9 +169,9 @@ class MetaLearner(nn.Module):
         own = kind_of(self.model)
         chosen = kind_of(self.model, kind)
         if chosen.name == own.name:
-            lrs = {g: float(v) for g, v in self.inner_lrs().items()}
+            lrs = [{k: v.detach() if torch.is_tensor(v) else float(v) for k, v in step.items()} for step in self.rates()]
         else:
-            lrs = {"default": chosen.inner_lr}
+            lrs = [{"default": chosen.inner_lr}]
         steps = self.inner_steps if steps is None else steps
         params = chosen.initial(self.model, detach=True)
         tasks = support_x.shape[0] if support_x.dim() == 5 else None
@@ -147,13 +184,13 @@ class MetaLearner(nn.Module):
             return adapt(self.model, support_x, support_y, steps=steps, lrs=lrs, params=params,
                          loss_fn=self.loss_fn, first_order=True, kind=chosen, hint=hint)
         generators = [torch.Generator().manual_seed(seed + t) for t in range(tasks or 1)]
-        for _ in range(steps):
+        for step in range(steps):
             if tasks is None:
                 x, y = random_crops(support_x, support_y, patch, generators[0])
             else:
                 crops = [random_crops(support_x[t], support_y[t], patch, g) for t, g in enumerate(generators)]
                 x, y = torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])
-            params = adapt(self.model, x, y, steps=1, lrs=lrs, params=params, loss_fn=self.loss_fn,
+            params = adapt(self.model, x, y, steps=1, lrs=rates_at(lrs, step), params=params, loss_fn=self.loss_fn,
                            first_order=True, kind=chosen, hint=hint)
             params = {n: p.detach().requires_grad_(True) for n, p in params.items()}  # no graph across steps
         return params
@@ -237,7 +274,7 @@ class FOMAML(MetaLearner):
 
     def task_gradient(self, episode: Episode, scale: float) -> float:
         ep, hint = episode, self._hint(episode)
-        fast = adapt(self.model, ep.support_x, ep.support_y, steps=self.inner_steps, lrs=self.inner_lrs(),
+        fast = adapt(self.model, ep.support_x, ep.support_y, steps=self.inner_steps, lrs=self.rates(),
                      loss_fn=self.loss_fn, first_order=self.first_order, hint=hint)
         loss = self.loss_fn(forward_with(self.model, fast, ep.query_x, hint=hint), ep.query_y)
         objective = loss
@@ -248,7 +285,7 @@ class FOMAML(MetaLearner):
 
     def batch_gradient(self, batch: EpisodeBatch, scales: torch.Tensor) -> torch.Tensor:
         b, hint = batch, self.hints(batch.tasks)
-        fast = adapt(self.model, b.support_x, b.support_y, steps=self.inner_steps, lrs=self.inner_lrs(),
+        fast = adapt(self.model, b.support_x, b.support_y, steps=self.inner_steps, lrs=self.rates(),
                      loss_fn=self.loss_fn, first_order=self.first_order, hint=hint)
         losses = task_losses(self.loss_fn, forward_with(self.model, fast, b.query_x, hint=hint), b.query_y)
         objective = losses
@@ -265,22 +302,55 @@ class MAML(FOMAML):
 
 @register("metasgd")
 class MetaSGD(MAML):
-    """MAML whose per-group inner learning rates are learned (log-parameterised) with the network."""
+    """MAML whose inner learning rates are learned (log-parameterised) with the network: one per parameter
+    group, or (``meta.rates: parameter``) one per adapted number and inner step, each starting at its
+    group's configured rate."""
 
     learns_inner_lrs = True
 
     def __init__(self, model: nn.Module, cfg: MetaConfig):
         super().__init__(model, cfg)
-        self.log_lr = nn.ParameterDict({g: nn.Parameter(torch.tensor(math.log(v)))
-                                        for g, v in self.fixed_lrs.items()})
+        self.first_order = cfg.first_order
+        self.per_parameter = cfg.rates == "parameter"
+        if not self.per_parameter:
+            self.log_lr = nn.ParameterDict({g: nn.Parameter(torch.tensor(math.log(v)))
+                                            for g, v in self.fixed_lrs.items()})
+            return
+        self.layout = [(n, p.shape) for n, p in kind_of(model).initial(model, detach=True).items()]
+        start = torch.cat([torch.full((shape.numel(),), math.log(lr_for(n, self.fixed_lrs))) for n, shape in self.layout])
+        # (steps, adapted numbers): one row of rates per inner step
+        self.log_rates = nn.Parameter(start.expand(max(1, cfg.inner_steps), -1).clone())
+
+    def _per_name(self, row: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, shape in self.layout:
+            n = shape.numel()
+            out[name] = row[offset:offset + n].view(shape)
+            offset += n
+        return out
+
+    def rates(self) -> list[LearningRates]:
+        if not self.per_parameter:
+            return [self.inner_lrs()]
+        return [self._per_name(row.exp()) for row in self.log_rates]
 
     def inner_lrs(self) -> dict[str, float | torch.Tensor]:
-        return {g: self.log_lr[g].exp() for g in self.groups}
+        if not self.per_parameter:
+            return {g: self.log_lr[g].exp() for g in self.groups}
+        # per parameter: each group's geometric mean over its numbers and steps (what metrics and metadata show)
+        logs = self._per_name(self.log_rates.detach().mean(0))
+        return {g: float(torch.cat([v.flatten() for n, v in logs.items() if param_group(n) == g]).mean().exp())
+                for g in self.groups}
 
     def set_inner_lrs(self, values: dict[str, float]) -> None:
         with torch.no_grad():
-            for g in self.groups:
-                self.log_lr[g].fill_(math.log(float(values[g])))
+            if not self.per_parameter:
+                for g in self.groups:
+                    self.log_lr[g].fill_(math.log(float(values[g])))
+                return
+            start = torch.cat([torch.full((shape.numel(),), math.log(float(values[param_group(n)])))
+                               for n, shape in self.layout])
+            self.log_rates.copy_(start.expand_as(self.log_rates))
 
 
 @register("reptile")
@@ -317,6 +387,12 @@ class Reptile(MetaLearner):
             directions = [weigh((theta[n].detach() - fast[n].detach()) / (lr_for(n, self.fixed_lrs) * self.inner_steps))
                           for n in theta]
             _accumulate(list(theta.values()), directions)
+
+
+def split_weights(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A model file's tensors as (the network's, the learner's own without their ``learner.`` prefix)."""
+    return ({k: v for k, v in tensors.items() if not k.startswith(OWN)},
+            {k[len(OWN):]: v for k, v in tensors.items() if k.startswith(OWN)})
 
 
 def _accumulate(params: list[torch.Tensor], grads) -> None:
