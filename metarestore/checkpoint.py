@@ -2,7 +2,8 @@
 
 Layout::
 
-    model.safetensors     network weights (a run's weight average where it keeps one: ``train.ema_decay``)
+    model.safetensors     network weights (a run's weight average where it keeps one: ``train.ema_decay``), and
+                          under ``learner.`` the learner's own (Meta-SGD's learned rates: ``MetaLearner.weights``)
     metadata.json         config, families, algorithm, inner learning rates, versions, step, file hashes
     training.safetensors  optional: optimizer and learner tensors (and then the live weights), for resuming
     training.json         optional: optimizer hyper-parameters, step, sampler state, the average's updates
