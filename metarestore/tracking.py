@@ -7,15 +7,17 @@ calls are queued and retried on the next call and at the end, so training never 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
 import subprocess
+import sys
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -254,15 +256,20 @@ def register_checkpoint(uri: str | None, run_id: str, checkpoint_dir: str | Path
 
     fail_fast_http()
     uri = resolve_uri(uri)
-    pyfunc_log = logging.getLogger("mlflow.pyfunc")  # "Failed to infer model signature": images of any size
-    level = pyfunc_log.level                          # have none to infer, and the console is ours
+    # the console is ours: "Failed to infer model signature" (images of any size have none to infer), and the
+    # "Successfully registered model" / "Created version" lines MLflow prints, which the caller's "registered:" says
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_log.level
     pyfunc_log.setLevel(logging.ERROR)
+    printed = io.StringIO()
     try:
-        with mlflow_uris(uri), mlflow.start_run(run_id=run_id):
+        with mlflow_uris(uri), mlflow.start_run(run_id=run_id), redirect_stderr(printed):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(MODEL_CODE), artifacts={"checkpoint": str(checkpoint_dir)},
                 pip_requirements=["metarestore", "torch", "safetensors"], registered_model_name=model_name,
                 await_registration_for=60)
     finally:
         pyfunc_log.setLevel(level)
+        sys.stderr.writelines(line for line in printed.getvalue().splitlines(keepends=True)
+                              if not line.startswith(("Successfully registered model", "Created version")))
     return str(info.registered_model_version)

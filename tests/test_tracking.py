@@ -92,3 +92,18 @@ def test_chain_names_reach_mlflow_and_a_refused_call_never_blocks_the_rest(workd
     assert run.data.params == {"families.weights.gaussian_noise_then_jpeg": "2.0"}
     assert run.data.metrics == {"train/loss/gaussian_noise_then_jpeg": 0.5, "after": 1.0}
     assert not logger.pending
+
+
+def test_registering_prints_no_mlflow_lines(smoke_model, workdir, capfd):
+    """The console is the project's: MLflow's "Successfully registered model" and "Created version" lines (the
+    caller says "registered: models:/...") and its signature warning stay out of it."""
+    from metarestore.tracking import register_checkpoint
+
+    uri = f"sqlite:///{workdir / 'quiet.db'}"
+    client = mlflow.tracking.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("quiet")).info.run_id
+    capfd.readouterr()
+    assert register_checkpoint(uri, run_id, smoke_model["checkpoint"], "quiet-model") == "1"
+    printed = capfd.readouterr()
+    for line in ("Successfully registered model", "Created version", "infer model signature"):
+        assert line not in printed.out + printed.err, printed
