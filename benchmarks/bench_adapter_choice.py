@@ -5,7 +5,11 @@ included) with ``kind=auto``, and with each single path forced (the same default
 scored on test crops of other images.
 
     python benchmarks/bench_adapter_choice.py [--model builtin:base] [--images ../shared/data/test/Kodak24]
-        [--shots 5] [--tests 3] [--out runs/bench-adapter-choice]
+        [--shots 5] [--tests 3] [--set budget_s=none --set validation_steps=10 ...] [--out runs/bench-adapter-choice]
+
+``--set KEY=VALUE`` fits ``auto`` with one of the server's settings changed (``SERVED_FIT``'s keys; ``none``: no
+budget, or whole held-out pairs for ``score_side``), to see what the choice would gain from more time or more
+faithful validation; the forced paths stay as served.
 
 Writes summary.md: per degradation the input, auto's choice and score, the best single path and its score,
 and auto's gap to it.
@@ -23,7 +27,14 @@ import torch
 from evaluation.blind_bench import UNSEEN, center_crop, tensor
 from metarestore.data.images import load_folder
 from metarestore.hub import load_model
-from metarestore.inference import SERVED_FIT, SERVED_STEPS, fit_as_served, fit_bounded
+from metarestore.inference import (
+    SERVED_FIT,
+    SERVED_MEMORY_MB,
+    SERVED_STEPS,
+    adapt_pixels,
+    fit_as_served,
+    fit_bounded,
+)
 from metarestore.meta.losses import psnr
 from metarestore.operators.paths import default_paths
 
@@ -36,13 +47,17 @@ def main() -> None:
     parser.add_argument("--images", default="../shared/data/test/Kodak24")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--tests", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"auto with a server setting changed: {', '.join(SERVED_FIT)} (none: no budget / whole pairs)")
     parser.add_argument("--out", default="runs/bench-adapter-choice")
     args = parser.parse_args()
+    changed = settings(args.set)
     learner, meta, _ = load_model(args.model)
     images = [im.permute(1, 2, 0).numpy() for im in load_folder(args.images).images]
     paths = [p.name for p in default_paths(learner)]
     lines = [f"model {args.model} (step {meta.get('step')}), {args.images}: {args.shots} pairs of 128 px, "
-             f"{args.tests} test crops of 256 px (other images); server defaults {SERVER}, auto's budget {SERVED_FIT['budget_s']} s", "",
+             f"{args.tests} test crops of 256 px (other images); server defaults {SERVER}, auto's budget {SERVED_FIT['budget_s']} s"
+             + (f"; auto with {changed}" if changed else ""), "",
              "| degradation | input | auto: path | auto | best single path | best | auto - best | auto - input |",
              "|---|---|---|---|---|---|---|---|"]
     start = time.perf_counter()
@@ -55,7 +70,11 @@ def main() -> None:
         tx = torch.cat([tensor(op(c, rng)) for c in tests])
         ty = torch.cat([tensor(c) for c in tests])
         torch.manual_seed(0)
-        auto = fit_as_served(learner, sx, sy)
+        if changed:  # fit_as_served's call, a setting changed
+            auto = fit_bounded(learner, sx, sy, kind="auto", steps=SERVED_STEPS,
+                               max_pixels=adapt_pixels(learner, SERVED_MEMORY_MB), **{**SERVED_FIT, **changed})
+        else:
+            auto = fit_as_served(learner, sx, sy)
         auto_score = psnr(auto.restore(tx), ty)
         singles = {}
         for path in paths:
@@ -74,6 +93,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def settings(pairs: list[str]) -> dict:
+    """``--set`` values: the server's fit settings by name, ``none`` for None, else numbers."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in SERVED_FIT or not value:
+            raise SystemExit(f"error: --set {pair}: expected KEY=VALUE with KEY one of {', '.join(SERVED_FIT)}")
+        out[key] = None if value == "none" else (float(value) if key == "budget_s" else int(value))
+    return out
 
 
 if __name__ == "__main__":
