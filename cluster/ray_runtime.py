@@ -15,10 +15,14 @@ from typing import Any
 # Ray streams the output of every process it runs to the driver's console. These are Ray's own processes:
 # their lines stay in Ray's log directory (named once when Ray starts), so the console shows this project's
 # lines (training steps, results). METARESTORE_RAY_LOGS=all shows everything again.
-RAY_OWN_PROCESSES = ("TrainController", "ServeController", "ProxyActor", "PreemptionWatcher", "raylet",
-                     "autoscaler", "gcs_server", "dashboard")
+RAY_OWN_PROCESSES = ("TrainController", "ServeController", "ProxyActor", "PreemptionWatcher", "PlacementGroupCleaner",
+                     "raylet", "autoscaler", "gcs_server", "dashboard")
 RAY_OWN_LINES = ("core_worker.cc", "Reporting training result", "Checkpoint successfully created",
-                 "Setting up process group")  # printed by Ray inside our workers
+                 "Setting up process group",  # printed by Ray inside our workers
+                 # the raylet's note that more workers started than cores: a search's trials each start a Train
+                 # controller and workers, as they should (the raylet's other messages, a worker killed, stay)
+                 "worker processes have been started on node")
+TRAIN_WORKER = "RayTrainWorker"  # Ray Train's actor around our train_func
 
 
 def free_port() -> int:
@@ -81,16 +85,23 @@ def _project_lines_only() -> None:
         dispatcher = ray_worker.global_worker_stdstream_dispatcher
         ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
         printer = ray_worker.print_to_stdstream
+        printer = getattr(printer, "__wrapped__", printer)  # Ray's own, once more after a second init_ray
     except (ImportError, AttributeError):
         return
+
+    def filtered(data: dict, ignore_prefix: bool) -> None:  # also the raylet's messages, which Ray prints directly
+        lines = [line for line in data.get("lines", []) if not any(own in line for own in RAY_OWN_LINES)]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
 
     def emit(data: dict) -> None:
         source = f"{data.get('actor_name') or ''} {data.get('task_name') or ''} {data.get('pid')}"
         if any(name in source for name in RAY_OWN_PROCESSES):
             return
-        lines = [line for line in data.get("lines", []) if not any(own in line for own in RAY_OWN_LINES)]
-        if lines:
-            printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+        # a training worker's lines are the run's progress: without Ray's "(RayTrainWorker pid=...)"
+        filtered(data, ignore_prefix or TRAIN_WORKER in source)
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", emit)
+    filtered.__wrapped__ = printer
+    ray_worker.print_to_stdstream = filtered

@@ -158,7 +158,8 @@ def test_train_cli_with_ray_tracks_and_registers(ray_local, workdir, tracking_ur
     # the console: the workers' progress lines, without Ray's own lines or colour codes in a pipe
     console = run.stdout + run.stderr
     assert "step 20/20" in console and "\x1b[" not in console
-    assert not any(own in console for own in ("TrainingReport", "PreemptionWatcher", "core_worker.cc"))
+    assert not any(own in console for own in ("TrainingReport", "PreemptionWatcher", "core_worker.cc", "RayTrainWorker",
+                                              "Successfully registered model", "Created version"))
 
     client = mlflow.tracking.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("metarestore-smoke")

@@ -151,6 +151,9 @@ def test_killed_search_resumes_without_rerunning_finished_trials(workdir, tracki
     # the console: this project's lines per trial report, not Tune's status tables
     assert re.search(r"trial \w+ step \d+: val/psnr_adapted [\d.]+ \| best", resumed.stdout), resumed.stdout[-2000:]
     assert "Trial status" not in resumed.stdout and "╭" not in resumed.stdout
+    console = resumed.stdout + resumed.stderr  # nor the trials' own step lines, nor Ray's processes'
+    assert not re.search(r"step \d+/\d+", console) and "PlacementGroupCleaner" not in console, console[-2000:]
+    assert "(raylet)" not in console and "RayTrainWorker" not in console, console[-2000:]
 
     client = mlflow.tracking.MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("metarestore-tune")

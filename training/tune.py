@@ -68,7 +68,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], out: str, tracking_u
         trainer = build_trainer(cfg, workers=n, gpus_per_worker=cfg.distributed.gpus_per_worker,
                                 assignment=assign_families(cfg.families.train, n, cfg.distributed.family_costs),
                                 tracking_uri=tracking_uri, mlflow_run_id=logger.run_id, run_name=f"train-{trial_id}",
-                                storage_path=str(Path(out) / "ray_train"), callbacks=[TuneReportCallback()])
+                                storage_path=str(Path(out) / "ray_train"), callbacks=[TuneReportCallback()],
+                                extra={"progress": False})  # the search's console is one line per report (TrialLines)
         trainer.fit()
 
 

@@ -57,6 +57,6 @@ def train_func(config: dict[str, Any]) -> None:
     hooks = LoopHooks(chief=chief, reduce=all_reduce_sum if world > 1 else None,
                       select=lambda tasks: shard_tasks(tasks, assignment, rank), report=report,
                       extra_state={"mlflow_run_id": config.get("mlflow_run_id")})
-    run_loop(trainer, hooks, logger, progress=chief)
+    run_loop(trainer, hooks, logger, progress=chief and config.get("progress", True))
     if logger:
         logger.flush()  # the driver closes the run after the final checkpoint is registered
