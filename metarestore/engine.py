@@ -245,7 +245,7 @@ class MetaTrainer:
     def learner_state(self) -> dict[str, torch.Tensor]:
         """The learner's own state beyond the network's weights (its ``state_dict`` without ``model.``):
         Meta-SGD's learned inner rates; empty for the other algorithms."""
-        return {k: v.detach() for k, v in self.learner.state_dict().items() if not k.startswith("model.")}
+        return {k: v.detach() for k, v in self.learner.own_state().items()}
 
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, optimizer_info = optimizer_to_tensors(self.optimizer)

@@ -134,6 +134,7 @@ class MetaLearner(nn.Module):
         return {**self.model.state_dict(), **{OWN + k: v.detach() for k, v in self.own_state().items()}}
 
     def own_state(self) -> dict[str, torch.Tensor]:
+        """The learner's ``state_dict`` without the network's (``model.``) part: Meta-SGD's rates."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
