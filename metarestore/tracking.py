@@ -31,6 +31,7 @@ for _name in ("mlflow.store.db.utils", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+MLFLOW_REGISTRY_LINES = ("Successfully registered model", "Registered model", "Created version")
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
 
@@ -257,7 +258,7 @@ def register_checkpoint(uri: str | None, run_id: str, checkpoint_dir: str | Path
     fail_fast_http()
     uri = resolve_uri(uri)
     # the console is ours: "Failed to infer model signature" (images of any size have none to infer), and the
-    # "Successfully registered model" / "Created version" lines MLflow prints, which the caller's "registered:" says
+    # registry's lines MLflow prints (MLFLOW_REGISTRY_LINES), which the caller's "registered: models:/..." says
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     level = pyfunc_log.level
     pyfunc_log.setLevel(logging.ERROR)
@@ -271,5 +272,5 @@ def register_checkpoint(uri: str | None, run_id: str, checkpoint_dir: str | Path
     finally:
         pyfunc_log.setLevel(level)
         sys.stderr.writelines(line for line in printed.getvalue().splitlines(keepends=True)
-                              if not line.startswith(("Successfully registered model", "Created version")))
+                              if not line.startswith(MLFLOW_REGISTRY_LINES))
     return str(info.registered_model_version)

@@ -104,6 +104,7 @@ def test_registering_prints_no_mlflow_lines(smoke_model, workdir, capfd):
     run_id = client.create_run(client.create_experiment("quiet")).info.run_id
     capfd.readouterr()
     assert register_checkpoint(uri, run_id, smoke_model["checkpoint"], "quiet-model") == "1"
+    assert register_checkpoint(uri, run_id, smoke_model["checkpoint"], "quiet-model") == "2"  # "already exists"
     printed = capfd.readouterr()
-    for line in ("Successfully registered model", "Created version", "infer model signature"):
+    for line in ("registered model", "Registered model", "Created version", "infer model signature"):
         assert line not in printed.out + printed.err, printed
