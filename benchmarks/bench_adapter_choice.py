@@ -27,14 +27,7 @@ import torch
 from evaluation.blind_bench import UNSEEN, center_crop, tensor
 from metarestore.data.images import load_folder
 from metarestore.hub import load_model
-from metarestore.inference import (
-    SERVED_FIT,
-    SERVED_MEMORY_MB,
-    SERVED_STEPS,
-    adapt_pixels,
-    fit_as_served,
-    fit_bounded,
-)
+from metarestore.inference import SERVED_FIT, SERVED_STEPS, fit_as_served, fit_bounded
 from metarestore.meta.losses import psnr
 from metarestore.operators.paths import default_paths
 
@@ -70,11 +63,7 @@ def main() -> None:
         tx = torch.cat([tensor(op(c, rng)) for c in tests])
         ty = torch.cat([tensor(c) for c in tests])
         torch.manual_seed(0)
-        if changed:  # fit_as_served's call, a setting changed
-            auto = fit_bounded(learner, sx, sy, kind="auto", steps=SERVED_STEPS,
-                               max_pixels=adapt_pixels(learner, SERVED_MEMORY_MB), **{**SERVED_FIT, **changed})
-        else:
-            auto = fit_as_served(learner, sx, sy)
+        auto = fit_as_served(learner, sx, sy, **changed)
         auto_score = psnr(auto.restore(tx), ty)
         singles = {}
         for path in paths:

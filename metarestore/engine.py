@@ -228,8 +228,7 @@ class MetaTrainer:
     def weights(self) -> dict[str, torch.Tensor]:
         """The weights a checkpoint holds as its model: the average where the run keeps one, and the learner's
         own tensors (Meta-SGD's rates: ``MetaLearner.weights``)."""
-        network = self.ema.average if self.ema is not None else self.model.state_dict()
-        return {**network, **{OWN + k: v for k, v in self.learner_state().items()}}
+        return self.learner.weights(self.ema.average if self.ema is not None else None)
 
     # checkpoint state ------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -249,7 +248,7 @@ class MetaTrainer:
 
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, optimizer_info = optimizer_to_tensors(self.optimizer)
-        tensors.update({f"learner.{k}": v for k, v in self.learner_state().items()})
+        tensors.update({OWN + k: v for k, v in self.learner_state().items()})
         state = {"step": self.step, "optimizer": optimizer_info, "sampler": {"seed": self.cfg.seed, "next_step": self.step}}
         if self.ema is not None:  # the checkpoint's model is the average: the live weights go on from here
             tensors.update({f"{LIVE}{k}": v.detach() for k, v in self.model.state_dict().items()})
@@ -274,8 +273,7 @@ class MetaTrainer:
         weights = live or network
         fresh = {f"model.{k}" for k in load_weights(self.model, {k: v.to(self.device) for k, v in weights.items()})}
         own = self.learner_state()
-        saved = {k[len("learner."):]: v.to(self.device) for k, v in ckpt.training_tensors.items()
-                 if k.startswith("learner.")}
+        saved = {k: v.to(self.device) for k, v in split_weights(ckpt.training_tensors)[1].items()}
         if set(saved) != set(own):
             raise ResumeError(f"the checkpoint's learner state ({', '.join(sorted(saved)) or 'none'}) is not this "
                               f"algorithm's ({', '.join(sorted(own)) or 'none'})")

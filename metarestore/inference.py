@@ -10,7 +10,7 @@ import queue
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -268,13 +268,18 @@ SERVED_FIT = {"max_side": 128, "max_folds": 2, "validation_steps": 3, "budget_s"
 
 
 def fit_as_served(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *,
-                  steps: int = SERVED_STEPS, kind: str = "auto", paths: Iterable[str] | None = None) -> Adapter:
+                  steps: int = SERVED_STEPS, kind: str = "auto", paths: Iterable[str] | None = None,
+                  **changed: Any) -> Adapter:
     """``fit_bounded`` as a server with default settings calls it (the same crop, folds, budget and memory
     bound), for whoever must show what the product does with these pairs. ``steps=0``: only the paths without
-    gradient steps are candidates (their restorer is the model as it is)."""
+    gradient steps are candidates (their restorer is the model as it is). ``changed``: ``SERVED_FIT`` settings
+    that differ from the server's defaults (``budget_s=None``: what the choice gains from more time)."""
+    unknown = set(changed) - set(SERVED_FIT)
+    if unknown:
+        raise ValueError(f"not a served fit setting: {', '.join(sorted(unknown))} (known: {', '.join(SERVED_FIT)})")
     from metarestore.operators.paths import default_paths
 
     if steps == 0 and paths is None:
         paths = [p.name for p in default_paths(learner) if not p.adapted]
     return fit_bounded(learner, support_x, support_y, kind=kind, paths=paths, steps=max(steps, 1),
-                       max_pixels=adapt_pixels(learner, SERVED_MEMORY_MB), **SERVED_FIT)
+                       max_pixels=adapt_pixels(learner, SERVED_MEMORY_MB), **{**SERVED_FIT, **changed})

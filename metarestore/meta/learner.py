@@ -128,10 +128,12 @@ class MetaLearner(nn.Module):
         return [self.inner_lrs()]
 
     # weights ----------------------------------------------------------------------------------------
-    def weights(self) -> dict[str, torch.Tensor]:
-        """What a model file holds: the network's weights and, under ``learner.``, the learner's own tensors
-        (Meta-SGD's learned rates; none for the other algorithms)."""
-        return {**self.model.state_dict(), **{OWN + k: v.detach() for k, v in self.own_state().items()}}
+    def weights(self, network: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What a model file holds: the network's weights (``network``, default the model's own: a run's
+        weight average in their place) and, under ``learner.``, the learner's own tensors (Meta-SGD's learned
+        rates; none for the other algorithms)."""
+        network = self.model.state_dict() if network is None else network
+        return {**network, **{OWN + k: v.detach() for k, v in self.own_state().items()}}
 
     def own_state(self) -> dict[str, torch.Tensor]:
         """The learner's ``state_dict`` without the network's (``model.``) part: Meta-SGD's rates."""
