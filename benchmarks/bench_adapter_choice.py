@@ -5,14 +5,16 @@ included) with ``kind=auto``, and with each single path forced (the same default
 scored on test crops of other images.
 
     python benchmarks/bench_adapter_choice.py [--model builtin:base] [--images ../shared/data/test/Kodak24]
-        [--shots 5] [--tests 3] [--set budget_s=none --set validation_steps=10 ...] [--out runs/bench-adapter-choice]
+        [--shots 5] [--tests 3] [--set budget_s=none --set validation_steps=3 ...] [--optimizer sgd]
+        [--out runs/bench-adapter-choice]
 
 ``--set KEY=VALUE`` fits ``auto`` with one of the server's settings changed (``SERVED_FIT``'s keys; ``none``: no
 budget, or whole held-out pairs for ``score_side``), to see what the choice would gain from more time or more
-faithful validation; the forced paths stay as served.
+faithful validation; the forced paths stay as served. ``--optimizer sgd``: every fit (auto's and the forced
+paths') with the meta-learned SGD rates instead of Adam.
 
 Writes summary.md: per degradation the input, auto's choice and score, the best single path and its score,
-and auto's gap to it.
+and auto's gap to it; paths.csv: every forced path's score and auto's.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from evaluation.blind_bench import UNSEEN, center_crop, tensor
 from metarestore.data.images import load_folder
 from metarestore.hub import load_model
-from metarestore.inference import SERVED_FIT, SERVED_STEPS, fit_as_served, fit_bounded
+from metarestore.inference import SERVED_FIT, SERVED_STEPS, fit_as_served
+from metarestore.meta.adapt import OPTIMIZERS
 from metarestore.meta.losses import psnr
 from metarestore.operators.paths import default_paths
 
@@ -42,6 +46,8 @@ def main() -> None:
     parser.add_argument("--tests", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"auto with a server setting changed: {', '.join(SERVED_FIT)} (none: no budget / whole pairs)")
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                        help="the update of every fit, auto's and the forced paths' (adam: what adapters use)")
     parser.add_argument("--out", default="runs/bench-adapter-choice")
     args = parser.parse_args()
     changed = settings(args.set)
@@ -50,10 +56,11 @@ def main() -> None:
     paths = [p.name for p in default_paths(learner)]
     lines = [f"model {args.model} (step {meta.get('step')}), {args.images}: {args.shots} pairs of 128 px, "
              f"{args.tests} test crops of 256 px (other images); server defaults {SERVER}, auto's budget {SERVED_FIT['budget_s']} s"
-             + (f"; auto with {changed}" if changed else ""), "",
+             + (f"; auto with {changed}" if changed else "") + f"; fits: {args.optimizer}", "",
              "| degradation | input | auto: path | auto | best single path | best | auto - best | auto - input |",
              "|---|---|---|---|---|---|---|---|"]
     start = time.perf_counter()
+    rows = []
     for name, op in UNSEEN.items():
         rng = np.random.default_rng(0)
         support = [center_crop(im, 128) for im in images[:args.shots]]
@@ -63,15 +70,18 @@ def main() -> None:
         tx = torch.cat([tensor(op(c, rng)) for c in tests])
         ty = torch.cat([tensor(c) for c in tests])
         torch.manual_seed(0)
-        auto = fit_as_served(learner, sx, sy, **changed)
+        auto = fit_as_served(learner, sx, sy, optimizer=args.optimizer, **changed)
         auto_score = psnr(auto.restore(tx), ty)
         singles = {}
         for path in paths:
             torch.manual_seed(0)
             try:
-                singles[path] = psnr(fit_bounded(learner, sx, sy, kind=path, budget_s=None, **SERVER).restore(tx), ty)
+                singles[path] = psnr(fit_as_served(learner, sx, sy, kind=path, budget_s=None, optimizer=args.optimizer)
+                                     .restore(tx), ty)
             except Exception as exc:  # noqa: BLE001 - a path that cannot fit these pairs is not a candidate
                 print(f"{name}: {path} failed: {exc}")
+        rows += [{"degradation": name, "path": path, "psnr": round(score, 2)} for path, score in singles.items()]
+        rows.append({"degradation": name, "path": f"auto ({auto.path.name})", "psnr": round(auto_score, 2)})
         best = max(singles, key=singles.get)
         before = psnr(tx, ty)
         lines.append(f"| {name} | {before:.2f} | {auto.path.name} | {auto_score:.2f} | {best} | {singles[best]:.2f} | "
@@ -81,6 +91,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    pd.DataFrame(rows).to_csv(out / "paths.csv", index=False)
     print("\n".join(lines))
 
 

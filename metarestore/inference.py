@@ -227,14 +227,16 @@ def adapt_pixels(learner: MetaLearner, memory_mb: float) -> int:
 def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *, kind: str = "auto",
                 paths: Iterable[str] | None = None, max_side: int = 128, max_pixels: int = 1_000_000,
                 steps: int = 10, max_folds: int = 2, patch: int | None = 64, validation_steps: int | None = None,
-                budget_s: float | None = None, score_side: int | None = 64) -> Adapter:
+                budget_s: float | None = None, score_side: int | None = 64, optimizer: str = "adam") -> Adapter:
     """``fit_adapter`` at a bounded cost, for servers: every pair is centre-cropped to at most ``max_side``
     and to at most ``max_pixels`` over all pairs (the fit's memory and time grow with the pixels it sees,
     and a kernel, tone curve or FiLM scale is the same everywhere in an image, so a centre crop tells as
     much as the whole); each gradient step of an adapted restorer sees one random ``patch``-px window
-    per pair. ``validation_steps``, ``budget_s`` and ``score_side``: ``fit_adapter``'s (fewer gradient steps
-    per candidate in validation than in the final fit; a wall-clock budget for validating the adapted
-    candidates; candidates scored on one window of this side of each held-out pair, a corner per fold).
+    per pair. ``validation_steps``, ``budget_s`` and ``score_side``: ``fit_adapter``'s (gradient steps per
+    candidate in validation, by default the final fit's, whose fold states the chosen path then keeps; a
+    wall-clock budget for validating the adapted candidates; candidates scored on one window of this side of
+    each held-out pair, a corner per fold).
+    ``optimizer``: ``fit_adapter``'s (Adam unless asked).
 
     ``kind="auto"``: the path is chosen among ``paths`` (default: the core's) by held-out validation.
     Any other kind is a path name that is used whatever its score; it is still validated against the
@@ -249,7 +251,7 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
     fit_h, fit_w = min(h, side), min(w, side)
     x, y = center_crop(support_x, fit_h, fit_w), center_crop(support_y, fit_h, fit_w)
     args = {"steps": steps, "max_folds": max_folds, "patch": patch, "validation_steps": validation_steps,
-            "budget_s": budget_s, "score_side": score_side}
+            "budget_s": budget_s, "score_side": score_side, "optimizer": optimizer}
     if kind == "auto":
         adapter = fit_adapter(learner, x, y, paths=paths, **args)
     else:  # the asked path, scored against the zero-shot restorer on the same folds
@@ -263,17 +265,18 @@ def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.
 # equal), so that the showcase and ``evaluate --adapter auto`` show what a client of ``POST /v1/adapters`` gets.
 SERVED_STEPS = 10
 SERVED_MEMORY_MB = 2048.0
-SERVED_FIT = {"max_side": 128, "max_folds": 2, "validation_steps": 3, "budget_s": 0.6, "score_side": 64,
+SERVED_FIT = {"max_side": 128, "max_folds": 2, "validation_steps": None, "budget_s": 0.6, "score_side": 64,
               "patch": 32}
 
 
 def fit_as_served(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *,
                   steps: int = SERVED_STEPS, kind: str = "auto", paths: Iterable[str] | None = None,
-                  **changed: Any) -> Adapter:
+                  optimizer: str = "adam", **changed: Any) -> Adapter:
     """``fit_bounded`` as a server with default settings calls it (the same crop, folds, budget and memory
     bound), for whoever must show what the product does with these pairs. ``steps=0``: only the paths without
     gradient steps are candidates (their restorer is the model as it is). ``changed``: ``SERVED_FIT`` settings
-    that differ from the server's defaults (``budget_s=None``: what the choice gains from more time)."""
+    that differ from the server's defaults (``budget_s=None``: what the choice gains from more time).
+    ``optimizer``: ``fit_bounded``'s (a server fits with Adam)."""
     unknown = set(changed) - set(SERVED_FIT)
     if unknown:
         raise ValueError(f"not a served fit setting: {', '.join(sorted(unknown))} (known: {', '.join(SERVED_FIT)})")
@@ -281,5 +284,5 @@ def fit_as_served(learner: MetaLearner, support_x: torch.Tensor, support_y: torc
 
     if steps == 0 and paths is None:
         paths = [p.name for p in default_paths(learner) if not p.adapted]
-    return fit_bounded(learner, support_x, support_y, kind=kind, paths=paths, steps=max(steps, 1),
+    return fit_bounded(learner, support_x, support_y, kind=kind, paths=paths, steps=max(steps, 1), optimizer=optimizer,
                        max_pixels=adapt_pixels(learner, SERVED_MEMORY_MB), **{**SERVED_FIT, **changed})

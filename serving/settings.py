@@ -75,16 +75,18 @@ class AppArgs(BaseModel):
                             "is fitted (the fit's cost grows with the pixels; a blur kernel of up to 31 px needs "
                             "about 4x its size).")
     adapt_folds: int = Field(2, ge=1, description="Most leave-one-out folds that choose an adapter's path.")
-    adapt_validation_steps: int = Field(3, ge=1, description="Gradient steps of each adapted candidate path in "
-                                        "path=auto's validation (the chosen path is then fitted with the "
-                                        "request's steps): a few steps rank candidates at a fraction of the cost.")
+    adapt_validation_steps: int | None = Field(None, ge=1, description="Gradient steps of each adapted candidate "
+                                               "path in path=auto's validation. None: the request's steps, and "
+                                               "the chosen path keeps the average of its validated fold states "
+                                               "(no second fit); fewer: the chosen path is fitted again on all "
+                                               "pairs with the request's steps.")
     adapt_budget_s: float | None = Field(0.6, gt=0, description="Wall-clock seconds for an adapter's fit, the "
-                                         "chosen path's final fit included: adapted (and hqs) candidates that "
-                                         "would pass it (with the final fit they predict) are skipped (never "
-                                         "chosen, listed in the adapter's skipped). None: no budget. 0.6: what "
-                                         "it does not bound (the plain candidates, the timing probe, the request "
-                                         "around the fit) stays within a 1 s request on 2 cores, where no "
-                                         "adapted candidate fits 1 s either (tone+film: 1.7 s).")
+                                         "chosen path's final fit included: adapted (and hqs) candidates whose "
+                                         "steps predict that they would pass it are stopped or not started "
+                                         "(never chosen, listed in the adapter's skipped). None: no budget. 0.6: "
+                                         "with what it does not bound (the plain candidates, the request around "
+                                         "the fit) a request stays under 0.7 s on 2 cores, one adapted "
+                                         "candidate validated.")
     adapt_score_side: int | None = Field(64, ge=8, description="Candidate paths are scored on one window of this "
                                          "side of each held-out pair, at a corner of its own per fold (the same "
                                          "pixels for all; 4x fewer pixels to pre-step and restore than 128 px "

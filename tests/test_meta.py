@@ -392,3 +392,27 @@ def test_per_parameter_rates_adapt_on_cuda_as_on_cpu():
     gpu = lrn.to("cuda").adapt(ep.support_x, ep.support_y, steps=3)
     for name in cpu:
         torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-4, atol=1e-5)
+
+
+def test_adam_adaptation_is_torch_adam_on_the_support_loss():
+    """``MetaLearner.adapt(optimizer="adam")`` takes the steps ``torch.optim.Adam`` takes on the same support
+    loss from the same start (whole pairs: no windows), and leaves the model untouched."""
+    from metarestore.meta.learner import ADAM_LR
+
+    model, ep = tiny("decoder"), episode(size=16)
+    lrn = learner(model, "fomaml")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fast = lrn.adapt(ep.support_x, ep.support_y, steps=4, optimizer="adam")
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in adaptable_params(model, detach=True).items()}
+    reference = torch.optim.Adam(list(params.values()), lr=ADAM_LR)
+    for _ in range(4):
+        reference.zero_grad()
+        charbonnier(forward_with(model, params, ep.support_x), ep.support_y).backward()
+        reference.step()
+    for name, value in params.items():
+        torch.testing.assert_close(fast[name], value.detach(), rtol=1e-9, atol=1e-12)
+    assert any(not torch.equal(fast[n], adaptable_params(model, detach=True)[n]) for n in fast)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    with pytest.raises(ValueError, match="unknown inner optimizer"):
+        lrn.adapt(ep.support_x, ep.support_y, steps=1, optimizer="lbfgs")

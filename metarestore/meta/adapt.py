@@ -147,6 +147,53 @@ def _inner_grads(model: nn.Module, kind: AdapterKind, params: Params, x: torch.T
     return [grads[n] for n in params]
 
 
+class SGD:
+    """The inner loop's update: ``theta - rate * gradient`` with the rates of ``schedule`` (one mapping, or one
+    per step), differentiable through rates that are tensors in a graph (Meta-SGD's). What meta-training
+    adapts with, so the default of inference-time adaptation too."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def step(self, params: Params, grads: Sequence[torch.Tensor], n: int) -> Params:
+        rates = rates_at(self.schedule, n)
+        return {name: p - lr_for(name, rates) * g for (name, p), g in zip(params.items(), grads, strict=True)}
+
+
+class Adam:
+    """Adam (Kingma & Ba) on an adapted state, element-wise, so a leading task dimension adapts each task on
+    its own. For adapter fits at inference, where fixed rates are fragile: the PSNR loss's gradient grows as
+    1/MSE, so a fit that starts far off (zero-shot posterize at 12.5 dB, an adapted fit reaching 36) takes
+    steps hundreds of times larger at its end than at its start, and SGD at the meta-learned rates
+    oscillates or diverges (LoRA on 4-bit posterize: 5 to 12 dB); Adam's step is bounded by ``lr`` per
+    number whatever the gradient's scale (docs/benchmarks.md, "Adapters: steady fits"). First order only."""
+
+    def __init__(self, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def step(self, params: Params, grads: Sequence[torch.Tensor], n: int) -> Params:
+        (b1, b2), out = self.betas, {}
+        for (name, p), g in zip(params.items(), grads, strict=True):
+            m, v = self.moments.get(name, (torch.zeros_like(g), torch.zeros_like(g)))
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            self.moments[name] = (m, v)
+            out[name] = p - self.lr * (m / (1 - b1 ** (n + 1))) / ((v / (1 - b2 ** (n + 1))).sqrt() + self.eps)
+        return out
+
+
+Optimizer = SGD | Adam
+OPTIMIZERS = ("sgd", "adam")  # what inference-time adaptation may be asked to use
+
+
+def inner_gradients(model: nn.Module, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, *,
+                    loss_fn: LossFn = l1, kind: Kind = None, hint: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The support loss's first-order gradient with respect to ``params`` (one task, or a task dimension):
+    one step of an inference-time fit, whatever its update."""
+    return _inner_grads(model, kind_of(model, kind), params, support_x, support_y, loss_fn, True, hint)
+
+
 def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *, steps: int,
           lrs: Schedule, params: Params | None = None, loss_fn: LossFn = l1,
           first_order: bool = False, kind: Kind = None, hint: torch.Tensor | None = None) -> Params:
@@ -169,12 +216,11 @@ def adapt(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *,
     # a frozen network's state (Meta-SGD learning only its rates) needs no gradient of its own, but the
     # inner gradient is taken with respect to it: a fresh leaf, which nothing upstream can miss
     params = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
+    sgd = SGD(lrs)
     with torch.enable_grad():
         for step in range(steps):
             grads = _inner_grads(model, kind, params, support_x, support_y, loss_fn, first_order, hint)
-            step_lrs = rates_at(lrs, step)
-            params = {name: p - lr_for(name, step_lrs) * g
-                      for (name, p), g in zip(params.items(), grads, strict=True)}
+            params = sgd.step(params, grads, step)
     return params
 
 

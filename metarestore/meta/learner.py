@@ -29,6 +29,7 @@ time with plain autograd, the reference the tests compare the batched path again
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,15 +37,18 @@ from torch import nn
 
 from metarestore.data import Episode, EpisodeBatch, TaskSpec
 from metarestore.meta.adapt import (
+    OPTIMIZERS,
+    SGD,
+    Adam,
     LearningRates,
     Params,
     adapt,
     adaptable_params,
     forward_with,
     group_lr,
+    inner_gradients,
     lr_for,
     per_task,
-    rates_at,
     task_losses,
 )
 from metarestore.meta.losses import get_loss
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from metarestore.config import Config, MetaConfig
 
 ALGORITHMS: Registry[type[MetaLearner]] = Registry("meta-learning algorithm")
+ADAM_LR = 0.01  # adapter fits' Adam rate (FiLM and LoRA alike; docs/benchmarks.md, "Adapters: steady fits")
 OWN = "learner."  # a model file's keys for the learner's own tensors (Meta-SGD's rates), beside the network's
 
 register = ALGORITHMS.register
@@ -155,7 +160,8 @@ class MetaLearner(nn.Module):
                 expected[k].copy_(v)
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None, *,
-              kind: str | None = None, patch: int | None = None, seed: int = 0, family: str | None = None) -> Params:
+              kind: str | None = None, patch: int | None = None, seed: int = 0, family: str | None = None,
+              optimizer: str = "sgd", on_step: Callable[[int], None] | None = None) -> Params:
         """Inference-time adaptation: fresh leaves, first order, the model itself untouched.
 
         ``kind`` (default the model's own) picks the adapter kind; another kind than the one the
@@ -167,7 +173,12 @@ class MetaLearner(nn.Module):
         ``support_x`` of shape (T, K, C, H, W) adapts T independent tasks at once (one batched forward and
         backward per step, ``adapt()``'s task dimension); the result carries a leading task dimension and
         equals adapting each task alone with ``seed + t`` (task t's windows come from its own generator).
-        ``family``: the degradation, named to a family-conditioned model (``None``: blind)."""
+        ``family``: the degradation, named to a family-conditioned model (``None``: blind). ``optimizer``:
+        ``sgd``, the inner loop meta-training learned (its rates), or ``adam`` (``meta.adapt.Adam``, at
+        ``ADAM_LR``: what adapter fits use, steady where the meta-learned rates are not). ``on_step(n)`` is
+        called after each step with the steps done: a caller's progress or deadline (it may raise to stop)."""
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown inner optimizer {optimizer!r} (known: {', '.join(OPTIMIZERS)})")
         support_x, support_y = support_x.to(self.device), support_y.to(self.device)
         own = kind_of(self.model)
         chosen = kind_of(self.model, kind)
@@ -183,19 +194,22 @@ class MetaLearner(nn.Module):
         hint = self.hint(family)
         if hint is not None and tasks is not None:
             hint = hint.expand(tasks)
-        if patch is None or max(support_x.shape[-2:]) <= patch:
-            return adapt(self.model, support_x, support_y, steps=steps, lrs=lrs, params=params,
-                         loss_fn=self.loss_fn, first_order=True, kind=chosen, hint=hint)
+        update = SGD(lrs) if optimizer == "sgd" else Adam(ADAM_LR)
+        whole = patch is None or max(support_x.shape[-2:]) <= patch
         generators = [torch.Generator().manual_seed(seed + t) for t in range(tasks or 1)]
         for step in range(steps):
-            if tasks is None:
+            if whole:
+                x, y = support_x, support_y
+            elif tasks is None:
                 x, y = random_crops(support_x, support_y, patch, generators[0])
             else:
                 crops = [random_crops(support_x[t], support_y[t], patch, g) for t, g in enumerate(generators)]
                 x, y = torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])
-            params = adapt(self.model, x, y, steps=1, lrs=rates_at(lrs, step), params=params, loss_fn=self.loss_fn,
-                           first_order=True, kind=chosen, hint=hint)
-            params = {n: p.detach().requires_grad_(True) for n, p in params.items()}  # no graph across steps
+            grads = inner_gradients(self.model, params, x, y, loss_fn=self.loss_fn, kind=chosen, hint=hint)
+            with torch.no_grad():  # first order: no graph across steps
+                params = {n: p.requires_grad_(True) for n, p in update.step(params, grads, step).items()}
+            if on_step is not None:
+                on_step(step + 1)
         return params
 
     def hint(self, family: str | None | list[str | None]) -> torch.Tensor | None:

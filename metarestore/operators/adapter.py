@@ -11,7 +11,9 @@ fitted kernel. The choice is made by held-out validation, in pieces:
 - ``selection``: the staged selection (plain paths, repeats and refinements, adapted paths within a budget);
 - ``storage``: the adapter's bytes (safetensors, never a pickle).
 
-The chosen path (or the one forced) is then refitted on all pairs.
+The chosen path (or the one forced) is then fitted on all pairs; an adapted one validated with the final
+fit's steps keeps the average of its fold states instead (each fold's fitted on all pairs but the one it
+held out, so together they saw every pair): the same cost as validating it, no second fit.
 """
 
 from __future__ import annotations
@@ -127,17 +129,19 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
                 paths: Iterable[str | Path] | None = None, force: str | Path | None = None, steps: int = 10,
                 max_folds: int = 5, on_fold: FoldCallback | None = None, patch: int | None = None,
                 validation_steps: int | None = None, budget_s: float | None = None,
-                score_side: int | None = None) -> Adapter:
+                score_side: int | None = None, optimizer: str = "adam") -> Adapter:
     """Fit an adapter from K (degraded ``support_x``, clean ``support_y``) pairs, (K, C, H, W) in [0, 1].
 
     ``paths``: the candidates (names such as ``"film"``, ``"lora"``, ``"deconv@0.01+film"``, ``"told:jpeg"``;
     default: ``default_paths(learner)``); a single one is used as is (no validation). ``force``: the path to
     use whatever its score (it is added to the candidates), the others validated beside it so that the
     info reports its honest held-out score. ``steps``: gradient steps of the chosen adapted restorer;
-    ``validation_steps`` (default ``steps``): those of every adapted candidate in validation. With
+    ``validation_steps`` (default ``steps``): those of every adapted candidate in validation (equal to
+    ``steps``, the chosen path's adapted state is the average of its validated fold states). With
     ``patch``, each step sees one random window of that size per pair (``MetaLearner.adapt``). With
     ``score_side``, candidates are scored on one ``score_side`` px window of each held-out pair (a corner
-    per fold).
+    per fold). ``optimizer``: the update of every gradient step (``MetaLearner.adapt``): ``adam`` by default,
+    steady where the meta-learned SGD rates diverge (LoRA on posterized pairs), ``sgd`` for those rates.
     ``budget_s``: wall-clock seconds for the whole fit, the final fit included (``selection.Budget``; a
     skipped candidate is never chosen); None: no budget (deterministic). ``on_fold(fit_indices,
     held_out_index)`` is called for every fold of every stage that runs, so that callers (and tests) can
@@ -154,7 +158,7 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     force = candidates[0] if len(candidates) == 1 else force
     folds, scheme = make_folds(support_x, support_y, max_folds, score_side) if len(candidates) > 1 else ([], "forced")
     validation_steps = steps if validation_steps is None else validation_steps
-    fit = Fit(steps, validation_steps, patch, int(support_x.shape[0]))
+    fit = Fit(steps, validation_steps, patch, int(support_x.shape[0]), optimizer)
     sel = select(learner, candidates, folds, fit, budget, on_fold)
     chosen = force or (sel.best() if folds else Path())
     ops = Operators.fit(support_y, support_x, {chosen.operator} if chosen.operator else set())
@@ -162,12 +166,14 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
         ops.prepare(chosen, learner)  # a synthetic path trains now, so that the adapter can be stored
     except ValueError as exc:
         raise AdapterError(str(exc)) from None
-    params = None
-    if chosen.adapted:
+    params = sel.fold_average(chosen.name) if chosen.adapted and fit.keeps_folds else None
+    if chosen.adapted and params is None:
         params = learner.adapt(pre_step(chosen, ops, support_x, learner), support_y, steps=steps,
-                               kind=chosen.restorer, patch=patch, family=chosen.told)
-        params = {n: p.detach() for n, p in params.items()}
+                               kind=chosen.restorer, patch=patch, family=chosen.told, optimizer=optimizer)
+    params = None if params is None else {n: p.detach() for n, p in params.items()}
     info = _info(chosen, sel, ops, support_x, support_y, scheme, len(folds), fit)
+    if chosen.adapted:
+        info["final_fit"] = "fold average" if chosen.name in sel.states and fit.keeps_folds else "all pairs"
     info["fit_ms"] = round((time.perf_counter() - start) * 1000, 1)
     return Adapter(learner, chosen, ops, params, info)
 

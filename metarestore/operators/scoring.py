@@ -7,6 +7,8 @@ path is scored on all folds at once, its folds' fit pairs stacked on ``adapt()``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from metarestore.metrics import psnr
@@ -72,16 +74,20 @@ def _restored(learner, paths: list[Path], pres: dict[str, torch.Tensor], cache: 
 
 
 def score_adapted(learner, path: Path, folds: list[Fold], fitted: list[Operators], steps: int,
-                  patch: int | None, held_pres: list[dict] | None = None) -> list[float]:
+                  patch: int | None, held_pres: list[dict] | None = None, optimizer: str = "adam",
+                  on_step: Callable[[int], None] | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Held-out PSNR of an adapted path in every fold, all folds adapted at once: fold t's state is fitted
     on fold t's pre-stepped pairs only (its own operators and windows), then every fold's held-out pair is
-    restored with its own state in one batched forward."""
+    restored with its own state in one batched forward. Returns the scores and the folds' states (a leading
+    fold dimension), which a fit of as many steps may keep instead of fitting again. ``on_step``:
+    ``MetaLearner.adapt``'s (a budget's check after every step)."""
     fit_x = torch.stack([pre_step(path, fitted[n], f.fit_x, learner) for n, f in enumerate(folds)])
     fit_y = torch.stack([f.fit_y for f in folds])
-    params = learner.adapt(fit_x, fit_y, steps=steps, kind=path.restorer, patch=patch, family=path.told)
+    params = learner.adapt(fit_x, fit_y, steps=steps, kind=path.restorer, patch=patch, family=path.told,
+                           optimizer=optimizer, on_step=on_step)
     params = {n: p.detach() for n, p in params.items()}
     held_pres = held_pres or [{} for _ in folds]
     held = torch.stack([held_pres[n][pre_key(path)] if pre_key(path) in held_pres[n]
                         else pre_step(path, fitted[n], f.held_x, learner) for n, f in enumerate(folds)])
     out = learner.restore(held, params, kind=path.restorer, family=path.told)
-    return [psnr(out[n:n + 1], f.held_y) for n, f in enumerate(folds)]
+    return [psnr(out[n:n + 1], f.held_y) for n, f in enumerate(folds)], params

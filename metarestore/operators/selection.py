@@ -9,13 +9,15 @@ and the costly ones only where a cheaper one shows they can help.
    (``Operator.refines``: hqs and rl on deconv), only where that one helps.
 3. adapted: the gradient-adapted paths, each only on a pre-step that helps by itself (``HELPS_DB`` over
    zero-shot), best pre-step first, every candidate's folds in one batched adaptation, within the
-   wall-clock ``Budget`` (a candidate that would pass it is skipped, never chosen).
+   wall-clock ``Budget`` (a candidate that would pass it is stopped or not started: skipped, never chosen).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 from metarestore.model.kinds import KINDS
 from metarestore.operators.catalog import REFINES
@@ -50,6 +52,13 @@ class Selection:
     before: list[float] = field(default_factory=list)  # the degraded input's PSNR per fold
     skipped: list[str] = field(default_factory=list)  # not validated within the budget
     ruled_out: set[str] = field(default_factory=set)
+    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # adapted paths' fold states
+
+    def fold_average(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The mean of an adapted path's fold states (each fitted on its fold's pairs; together they saw
+        every pair), or None when it was not validated."""
+        states = self.states.get(name)
+        return None if states is None else {n: v.mean(0) for n, v in states.items()}
 
     def mean(self, name: str) -> float:
         values = self.scores.get(name)
@@ -73,6 +82,13 @@ class Fit:
     validation_steps: int
     patch: int | None
     pairs: int  # support pairs the final fit adapts on
+    optimizer: str = "adam"  # the update of every fit (``MetaLearner.adapt``): validation's and the final one
+
+    @property
+    def keeps_folds(self) -> bool:
+        """Whether the validated fold states are the final fit (their average): validation takes the
+        final fit's steps, so fitting again on all pairs would repeat the work."""
+        return self.validation_steps == self.steps
 
 
 def select(learner, candidates: list[Path], folds: list[Fold], fit: Fit, budget: Budget,
@@ -131,32 +147,39 @@ def _adapted_candidates(sel: Selection, plain: list[Path]) -> list[Path]:
     return sorted(adapted, key=lambda p: -_base_score(p, plain, sel.scores))
 
 
+class OutOfBudget(Exception):
+    """A candidate's validation stopped: finishing it (and the final fit it would need) would pass the budget."""
+
+
 def _adapted_stage(learner, sel: Selection, adapted: list[Path], folds: list[Fold], fitted: list[Operators],
                    held_pres: list[dict], fit: Fit, budget: Budget) -> None:
-    """Stage 3 within the budget: a candidate is validated only if the time spent, its validation and the
-    final fit it would need fit in it, both predicted from the measured cost of a gradient step (one
-    timed step of the first candidate, then the previous candidate's validation)."""
+    """Stage 3 within the budget, candidates in order. A candidate's validation is stopped (the candidate
+    skipped, never chosen) as soon as its own measured steps predict that finishing it, and the final fit it
+    would need, would pass the budget; one that an earlier candidate of the same kind predicts to pass it is
+    not started. No step is spent on timing alone: a validation that fits goes on from its first step."""
     windows = sum(int(f.fit_x.shape[0]) for f in folds)  # fit pairs over the folds: one window each per step
-    per_step = None  # seconds per gradient step over all folds' windows, measured
+    final = 0 if fit.keeps_folds else fit.steps * fit.pairs / windows  # a final fit's steps, in fold-steps
+    per_step: dict[str, float] = {}  # seconds per gradient step over all folds' windows, by adapter kind
     for path in adapted:
-        if budget.seconds is not None and per_step is None and budget.spent() < budget.seconds:
-            probe = time.perf_counter()  # the first candidate: one timed step tells what it would cost
-            try:
-                score_adapted(learner, path, folds, fitted, 1, fit.patch, held_pres)
-            except FAILURES:
-                pass  # its validation fails alike, below
-            per_step = time.perf_counter() - probe
-        begun = time.perf_counter()
-        needed = 0.0 if per_step is None else per_step * (fit.validation_steps + fit.steps * fit.pairs / windows)
-        if budget.passes(needed):
+        if budget.passes(per_step.get(path.restorer, 0.0) * (fit.validation_steps + final)):
             sel.skipped.append(path.name)
             continue
+        begun = time.perf_counter()
+
+        def within_budget(done: int, begun: float = begun) -> None:
+            cost = (time.perf_counter() - begun) / done
+            if budget.passes(cost * (fit.validation_steps - done + final)):
+                raise OutOfBudget
+
         try:
-            sel.scores[path.name] = score_adapted(learner, path, folds, fitted, fit.validation_steps, fit.patch,
-                                                  held_pres)
+            sel.scores[path.name], sel.states[path.name] = score_adapted(
+                learner, path, folds, fitted, fit.validation_steps, fit.patch, held_pres, fit.optimizer,
+                on_step=within_budget if budget.seconds is not None else None)
+        except OutOfBudget:
+            sel.skipped.append(path.name)
         except FAILURES:
             sel.scores[path.name] = [float("-inf")] * len(folds)
-        per_step = (time.perf_counter() - begun) / max(1, fit.validation_steps)
+        per_step[path.restorer] = (time.perf_counter() - begun) / max(1, fit.validation_steps)
 
 
 def ruled_out(candidates: list[Path], fitted: list[Operators]) -> set[str]:
