@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--tests", type=int, default=4)
     parser.add_argument("--film-steps", type=int, default=5)
     parser.add_argument("--max-folds", type=int, default=5)
+    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
+                        help="the automatic adapter's update (adam: what adapters use; sgd: the meta-learned rates)")
     parser.add_argument("--out", default="runs/adaptation")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -34,7 +36,8 @@ def main() -> None:
     start = time.perf_counter()
     rows = run(learner, shots=tuple(int(s) for s in args.shots.split(",")),
                degradations=args.degradations.split(",") if args.degradations else None, source=args.images,
-               size=args.size, tests=args.tests, film_steps=args.film_steps, max_folds=args.max_folds)
+               size=args.size, tests=args.tests, film_steps=args.film_steps, max_folds=args.max_folds,
+               optimizer=args.optimizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "adaptation.csv", "w", newline="") as f:

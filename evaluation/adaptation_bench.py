@@ -184,8 +184,9 @@ def load_crops(source: str | None, size: int, count: int) -> torch.Tensor:
 
 
 def run(learner, *, shots=(1, 5, 10), degradations=None, source=None, size=64, tests=4, film_steps=5,
-        max_folds=5, log=print) -> list[dict]:
-    """One row per (degradation, shots, method): mean test PSNR and its gain over zero-shot."""
+        max_folds=5, optimizer="adam", log=print) -> list[dict]:
+    """One row per (degradation, shots, method): mean test PSNR and its gain over zero-shot (``optimizer``: the
+    automatic adapter's update, ``fit_adapter``'s)."""
     from evaluation.baselines import dark_channel
 
     crops = load_crops(source, size, max(shots) + tests)
@@ -200,7 +201,7 @@ def run(learner, *, shots=(1, 5, 10), degradations=None, source=None, size=64, t
             scores = {"input": psnr(test, test_clean), "zero_shot": zero}
             film = learner.adapt(sx, sy, steps=film_steps)
             scores["film"] = psnr(learner.restore(test, {n: p.detach() for n, p in film.items()}), test_clean)
-            adapter = fit_adapter(learner, sx, sy, steps=film_steps, max_folds=max_folds)
+            adapter = fit_adapter(learner, sx, sy, steps=film_steps, max_folds=max_folds, optimizer=optimizer)
             scores["auto"] = psnr(adapter.restore(test), test_clean)
             if name in KERNEL_LIKE:
                 for method, path in (("wiener", "wiener@0.01"), ("richardson_lucy", "rl")):
