@@ -15,6 +15,7 @@ import torch
 
 from evaluation.adaptation_bench import markdown_table, plot, run
 from metarestore.hub import load_model
+from metarestore.meta.adapt import FIT_OPTIMIZER, OPTIMIZERS
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--tests", type=int, default=4)
     parser.add_argument("--film-steps", type=int, default=5)
     parser.add_argument("--max-folds", type=int, default=5)
-    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
+    parser.add_argument("--optimizer", default=FIT_OPTIMIZER, choices=OPTIMIZERS,
                         help="the automatic adapter's update (adam: what adapters use; sgd: the meta-learned rates)")
     parser.add_argument("--out", default="runs/adaptation")
     args = parser.parse_args()

@@ -31,7 +31,7 @@ from evaluation.blind_bench import UNSEEN, center_crop, tensor
 from metarestore.data.images import load_folder
 from metarestore.hub import load_model
 from metarestore.inference import SERVED_FIT, SERVED_STEPS, fit_as_served
-from metarestore.meta.adapt import OPTIMIZERS
+from metarestore.meta.adapt import FIT_OPTIMIZER, OPTIMIZERS
 from metarestore.meta.losses import psnr
 from metarestore.operators.paths import default_paths
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--tests", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"auto with a server setting changed: {', '.join(SERVED_FIT)} (none: no budget / whole pairs)")
-    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+    parser.add_argument("--optimizer", default=FIT_OPTIMIZER, choices=OPTIMIZERS,
                         help="the update of every fit, auto's and the forced paths' (adam: what adapters use)")
     parser.add_argument("--out", default="runs/bench-adapter-choice")
     args = parser.parse_args()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metarestore.meta.adapt import FIT_OPTIMIZER
 from metarestore.metrics import psnr
 from metarestore.operators import fit_adapter
 from metarestore.operators.fourier import convolve
@@ -184,7 +185,7 @@ def load_crops(source: str | None, size: int, count: int) -> torch.Tensor:
 
 
 def run(learner, *, shots=(1, 5, 10), degradations=None, source=None, size=64, tests=4, film_steps=5,
-        max_folds=5, optimizer="adam", log=print) -> list[dict]:
+        max_folds=5, optimizer=FIT_OPTIMIZER, log=print) -> list[dict]:
     """One row per (degradation, shots, method): mean test PSNR and its gain over zero-shot (``optimizer``: the
     automatic adapter's update, ``fit_adapter``'s)."""
     from evaluation.baselines import dark_channel

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from metarestore.meta import MetaLearner
-from metarestore.meta.adapt import Params
+from metarestore.meta.adapt import FIT_OPTIMIZER, Params
 from metarestore.pixels import center_crop
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ def adapt_pixels(learner: MetaLearner, memory_mb: float) -> int:
 def fit_bounded(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *, kind: str = "auto",
                 paths: Iterable[str] | None = None, max_side: int = 128, max_pixels: int = 1_000_000,
                 steps: int = 10, max_folds: int = 2, patch: int | None = 64, validation_steps: int | None = None,
-                budget_s: float | None = None, score_side: int | None = 64, optimizer: str = "adam") -> Adapter:
+                budget_s: float | None = None, score_side: int | None = 64, optimizer: str = FIT_OPTIMIZER) -> Adapter:
     """``fit_adapter`` at a bounded cost, for servers: every pair is centre-cropped to at most ``max_side``
     and to at most ``max_pixels`` over all pairs (the fit's memory and time grow with the pixels it sees,
     and a kernel, tone curve or FiLM scale is the same everywhere in an image, so a centre crop tells as
@@ -271,7 +271,7 @@ SERVED_FIT = {"max_side": 128, "max_folds": 2, "validation_steps": None, "budget
 
 def fit_as_served(learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, *,
                   steps: int = SERVED_STEPS, kind: str = "auto", paths: Iterable[str] | None = None,
-                  optimizer: str = "adam", **changed: Any) -> Adapter:
+                  optimizer: str = FIT_OPTIMIZER, **changed: Any) -> Adapter:
     """``fit_bounded`` as a server with default settings calls it (the same crop, folds, budget and memory
     bound), for whoever must show what the product does with these pairs. ``steps=0``: only the paths without
     gradient steps are candidates (their restorer is the model as it is). ``changed``: ``SERVED_FIT`` settings

@@ -397,7 +397,7 @@ def test_per_parameter_rates_adapt_on_cuda_as_on_cpu():
 def test_adam_adaptation_is_torch_adam_on_the_support_loss():
     """``MetaLearner.adapt(optimizer="adam")`` takes the steps ``torch.optim.Adam`` takes on the same support
     loss from the same start (whole pairs: no windows), and leaves the model untouched."""
-    from metarestore.meta.learner import ADAM_LR
+    from metarestore.meta.adapt import ADAM_LR
 
     model, ep = tiny("decoder"), episode(size=16)
     lrn = learner(model, "fomaml")

@@ -160,15 +160,19 @@ class SGD:
         return {name: p - lr_for(name, rates) * g for (name, p), g in zip(params.items(), grads, strict=True)}
 
 
+ADAM_LR = 0.01  # adapter fits' Adam rate, FiLM and LoRA alike (docs/benchmarks.md, "Adapters": steady fits)
+FIT_OPTIMIZER = "adam"  # what every adapter fit steps with (``Adam``'s docstring says why)
+
+
 class Adam:
     """Adam (Kingma & Ba) on an adapted state, element-wise, so a leading task dimension adapts each task on
     its own. For adapter fits at inference, where fixed rates are fragile: the PSNR loss's gradient grows as
     1/MSE, so a fit that starts far off (zero-shot posterize at 12.5 dB, an adapted fit reaching 36) takes
     steps hundreds of times larger at its end than at its start, and SGD at the meta-learned rates
     oscillates or diverges (LoRA on 4-bit posterize: 5 to 12 dB); Adam's step is bounded by ``lr`` per
-    number whatever the gradient's scale (docs/benchmarks.md, "Adapters: steady fits"). First order only."""
+    number whatever the gradient's scale (docs/benchmarks.md, "Adapters"). First order only."""
 
-    def __init__(self, lr: float = 0.01, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, lr: float = ADAM_LR, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -61,7 +61,6 @@ if TYPE_CHECKING:
     from metarestore.config import Config, MetaConfig
 
 ALGORITHMS: Registry[type[MetaLearner]] = Registry("meta-learning algorithm")
-ADAM_LR = 0.01  # adapter fits' Adam rate (FiLM and LoRA alike; docs/benchmarks.md, "Adapters: steady fits")
 OWN = "learner."  # a model file's keys for the learner's own tensors (Meta-SGD's rates), beside the network's
 
 register = ALGORITHMS.register
@@ -174,8 +173,8 @@ class MetaLearner(nn.Module):
         backward per step, ``adapt()``'s task dimension); the result carries a leading task dimension and
         equals adapting each task alone with ``seed + t`` (task t's windows come from its own generator).
         ``family``: the degradation, named to a family-conditioned model (``None``: blind). ``optimizer``:
-        ``sgd``, the inner loop meta-training learned (its rates), or ``adam`` (``meta.adapt.Adam``, at
-        ``ADAM_LR``: what adapter fits use, steady where the meta-learned rates are not). ``on_step(n)`` is
+        ``sgd``, the inner loop meta-training learned (its rates), or ``adam`` (``meta.adapt.Adam``: what adapter
+        fits use, steady where the meta-learned rates are not). ``on_step(n)`` is
         called after each step with the steps done: a caller's progress or deadline (it may raise to stop)."""
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown inner optimizer {optimizer!r} (known: {', '.join(OPTIMIZERS)})")
@@ -194,7 +193,7 @@ class MetaLearner(nn.Module):
         hint = self.hint(family)
         if hint is not None and tasks is not None:
             hint = hint.expand(tasks)
-        update = SGD(lrs) if optimizer == "sgd" else Adam(ADAM_LR)
+        update = SGD(lrs) if optimizer == "sgd" else Adam()
         whole = patch is None or max(support_x.shape[-2:]) <= patch
         generators = [torch.Generator().manual_seed(seed + t) for t in range(tasks or 1)]
         for step in range(steps):

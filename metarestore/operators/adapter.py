@@ -27,6 +27,7 @@ from pathlib import Path as FsPath
 
 import torch
 
+from metarestore.meta.adapt import FIT_OPTIMIZER
 from metarestore.operators import storage
 from metarestore.operators.folds import MIN_HALF, FoldCallback, make_folds, split_halves
 from metarestore.operators.noise import fit_noise
@@ -129,7 +130,7 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
                 paths: Iterable[str | Path] | None = None, force: str | Path | None = None, steps: int = 10,
                 max_folds: int = 5, on_fold: FoldCallback | None = None, patch: int | None = None,
                 validation_steps: int | None = None, budget_s: float | None = None,
-                score_side: int | None = None, optimizer: str = "adam") -> Adapter:
+                score_side: int | None = None, optimizer: str = FIT_OPTIMIZER) -> Adapter:
     """Fit an adapter from K (degraded ``support_x``, clean ``support_y``) pairs, (K, C, H, W) in [0, 1].
 
     ``paths``: the candidates (names such as ``"film"``, ``"lora"``, ``"deconv@0.01+film"``, ``"told:jpeg"``;

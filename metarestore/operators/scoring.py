@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from metarestore.meta.adapt import FIT_OPTIMIZER
 from metarestore.metrics import psnr
 from metarestore.operators.folds import Fold
 from metarestore.operators.paths import Operators, Path, pre_step
@@ -74,7 +75,7 @@ def _restored(learner, paths: list[Path], pres: dict[str, torch.Tensor], cache: 
 
 
 def score_adapted(learner, path: Path, folds: list[Fold], fitted: list[Operators], steps: int,
-                  patch: int | None, held_pres: list[dict] | None = None, optimizer: str = "adam",
+                  patch: int | None, held_pres: list[dict] | None = None, optimizer: str = FIT_OPTIMIZER,
                   on_step: Callable[[int], None] | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Held-out PSNR of an adapted path in every fold, all folds adapted at once: fold t's state is fitted
     on fold t's pre-stepped pairs only (its own operators and windows), then every fold's held-out pair is

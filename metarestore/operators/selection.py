@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from metarestore.meta.adapt import FIT_OPTIMIZER
 from metarestore.model.kinds import KINDS
 from metarestore.operators.catalog import REFINES
 from metarestore.operators.folds import Fold, FoldCallback, each_fold
@@ -82,7 +83,7 @@ class Fit:
     validation_steps: int
     patch: int | None
     pairs: int  # support pairs the final fit adapts on
-    optimizer: str = "adam"  # the update of every fit (``MetaLearner.adapt``): validation's and the final one
+    optimizer: str = FIT_OPTIMIZER  # the update of every fit (``MetaLearner.adapt``): validation's and the final one
 
     @property
     def keeps_folds(self) -> bool:
