@@ -187,7 +187,6 @@ class Adam:
         return out
 
 
-Optimizer = SGD | Adam
 OPTIMIZERS = ("sgd", "adam")  # what inference-time adaptation may be asked to use
 
 

@@ -57,7 +57,8 @@ class Selection:
 
     def fold_average(self, name: str) -> dict[str, torch.Tensor] | None:
         """The mean of an adapted path's fold states (each fitted on its fold's pairs; together they saw
-        every pair), or None when it was not validated."""
+        every pair), or None when it was not validated. For LoRA the mean of the factors, not of their products:
+        close for fits of a few steps that start from the same ``A`` (``B`` at zero)."""
         states = self.states.get(name)
         return None if states is None else {n: v.mean(0) for n, v in states.items()}
 
