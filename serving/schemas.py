@@ -41,8 +41,11 @@ class AdapterInfo(BaseModel):
                                    "has no adapted restorer).")
     validation_steps: int | None = Field(None, description="Gradient steps each adapted candidate took in "
                                          "validation (0: the chosen path has none).")
-    skipped: list[str] = Field([], description="Adapted candidates not validated within adapt_budget_s (never "
-                               "chosen).")
+    final_fit: str | None = Field(None, description="How the chosen adapted path's state was fitted: 'fold "
+                                  "average' (the mean of its validated folds' states, no second fit) or 'all "
+                                  "pairs' (fitted again); null: the path has no adapted restorer.")
+    skipped: list[str] = Field([], description="Adapted candidates not validated within adapt_budget_s (stopped "
+                               "or not started; never chosen).")
     ruled_out: list[str] = Field([], description="Candidates ruled out before scoring (kernel paths where every "
                                  "fold's fitted kernel is the identity; never chosen).")
     validation: str | None = Field(None, description="How the held-out figures were made: leave-one-out, "
@@ -83,6 +86,7 @@ def fit_report(fitted, model_version: str, model_sha256: str) -> dict:
     zero_shot, adapted = _first(fit, "psnr_zero_shot"), _first(fit, "psnr_adapted", "psnr_after")
     info = {"kind": fitted.asked, "path": fitted.adapter.path.name, "shots": fitted.shots, "steps": fitted.steps,
             "steps_used": fit.get("steps", 0), "validation_steps": fit.get("validation_steps"),
+            "final_fit": fit.get("final_fit"),
             "skipped": fit.get("skipped", []), "ruled_out": fit.get("ruled_out", []),
             "height": fitted.height, "width": fitted.width, "fit_height": fit["fit_height"],
             "fit_width": fit["fit_width"], "validation": fit.get("validation"), "folds": fit.get("folds"),

@@ -388,11 +388,12 @@ def test_adapter_path_forces_the_path_and_unknown_paths_are_refused(server):
     assert forced.status_code == 200, forced.text
     info = forced.json()
     assert (info["kind"], info["path"], info["steps_used"]) == ("film", "film", 2)
+    assert info["final_fit"] == "fold average"  # validated with the request's steps: its folds' mean, no refit
     assert set(info["scores"]) == {"film", "zero_shot"} and info["psnr_adapted"] == info["scores"]["film"]
     image = degraded[0]
     assert restore(server.url, image, adapter=info["adapter_id"]).content != restore(server.url, image).content
     operator = create_adapter(server.url, degraded, clean, kind="deconv@0.01").json()  # the deprecated alias
-    assert (operator["path"], operator["steps_used"]) == ("deconv@0.01", 0)
+    assert (operator["path"], operator["steps_used"], operator["final_fit"]) == ("deconv@0.01", 0, None)
     for bad in ("lasso", "deconv@x", "deconv@-1", "deconv@nan", "x" * 300):
         response = create_adapter(server.url, degraded, clean, path=bad)
         assert_error(response, 422, "invalid_kind")
