@@ -241,14 +241,9 @@ class MetaTrainer:
                 "inner_lr": self.learner.inner_lr_values(), "inner_steps": cfg.meta.inner_steps,
                 "step": self.step, "parameters": total, "adaptable_parameters": adaptable}
 
-    def learner_state(self) -> dict[str, torch.Tensor]:
-        """The learner's own state beyond the network's weights (its ``state_dict`` without ``model.``):
-        Meta-SGD's learned inner rates; empty for the other algorithms."""
-        return {k: v.detach() for k, v in self.learner.own_state().items()}
-
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, optimizer_info = optimizer_to_tensors(self.optimizer)
-        tensors.update({OWN + k: v for k, v in self.learner_state().items()})
+        tensors.update({OWN + k: v for k, v in self.learner.own_state().items()})  # Meta-SGD's rates
         state = {"step": self.step, "optimizer": optimizer_info, "sampler": {"seed": self.cfg.seed, "next_step": self.step}}
         if self.ema is not None:  # the checkpoint's model is the average: the live weights go on from here
             tensors.update({f"{LIVE}{k}": v.detach() for k, v in self.model.state_dict().items()})
@@ -272,7 +267,7 @@ class MetaTrainer:
             self.ema = WeightEMA(self.model, self.ema.decay, ckpt.training_state.get("ema", {}).get("updates", 0))
         weights = live or network
         fresh = {f"model.{k}" for k in load_weights(self.model, {k: v.to(self.device) for k, v in weights.items()})}
-        own = self.learner_state()
+        own = self.learner.own_state()
         saved = {k: v.to(self.device) for k, v in split_weights(ckpt.training_tensors)[1].items()}
         if set(saved) != set(own):
             raise ResumeError(f"the checkpoint's learner state ({', '.join(sorted(saved)) or 'none'}) is not this "

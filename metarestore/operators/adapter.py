@@ -168,13 +168,14 @@ def fit_adapter(learner, support_x: torch.Tensor, support_y: torch.Tensor, *,
     except ValueError as exc:
         raise AdapterError(str(exc)) from None
     params = sel.fold_average(chosen.name) if chosen.adapted and fit.keeps_folds else None
-    if chosen.adapted and params is None:
+    kept = params is not None
+    if chosen.adapted and not kept:
         params = learner.adapt(pre_step(chosen, ops, support_x, learner), support_y, steps=steps,
                                kind=chosen.restorer, patch=patch, family=chosen.told, optimizer=optimizer)
     params = None if params is None else {n: p.detach() for n, p in params.items()}
     info = _info(chosen, sel, ops, support_x, support_y, scheme, len(folds), fit)
     if chosen.adapted:
-        info["final_fit"] = "fold average" if chosen.name in sel.states and fit.keeps_folds else "all pairs"
+        info["final_fit"] = "fold average" if kept else "all pairs"
     info["fit_ms"] = round((time.perf_counter() - start) * 1000, 1)
     return Adapter(learner, chosen, ops, params, info)
 
