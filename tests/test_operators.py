@@ -360,9 +360,9 @@ def test_a_budget_never_yields_a_path_scored_on_fitted_pairs(learner):
         assert free.info["steps"] == 2 and free.info["validation_steps"] == 1
 
 
-def gradient_clock(monkeypatch, learner, per_window: float = 0.01) -> None:
+def gradient_clock(monkeypatch, learner, per_window: float = 0.01) -> list[float]:
     """The selection's clock replaced by one that only ``learner``'s gradient steps advance (``per_window``
-    seconds per step and window): budget tests are deterministic, no timing."""
+    seconds per step and window): budget tests are deterministic, no timing. Returns the clock (a list of one)."""
     import types
 
     import metarestore.operators.selection as selection_module
@@ -382,6 +382,7 @@ def gradient_clock(monkeypatch, learner, per_window: float = 0.01) -> None:
 
     monkeypatch.setattr(learner, "adapt", adapt)
     monkeypatch.setattr(selection_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    return clock
 
 
 def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeypatch):
@@ -401,6 +402,13 @@ def test_the_budget_counts_the_final_fit_a_candidate_would_need(learner, monkeyp
     assert middle.info["skipped"] == ["lora"] and middle.info["scores"]["film"] is not None
     roomy = fit_adapter(learner, degraded, clean, budget_s=0.20, **kw)  # 0.20 <= 0.20: both validated
     assert roomy.info["skipped"] == [] and roomy.info["scores"]["lora"] is not None
+    # a candidate stopped after its first step tells what the next one of its kind costs: that one never starts.
+    # 2 validation steps of 4: film after one, 0.06 + 0.06 x (1 + 16/6 final) = 0.28 > 0.25, stopped; tone+film
+    # would need 0.06 + 0.06 x (2 + 16/6) = 0.34 (a cost per step taken over all validation steps said 0.20)
+    clock = gradient_clock(monkeypatch, learner)
+    stopped = fit_adapter(learner, degraded, clean, budget_s=0.25, **{**kw, "steps": 4, "validation_steps": 2,
+                                                                     "paths": ["zero_shot", "film", "tone", "tone+film"]})
+    assert set(stopped.info["skipped"]) == {"film", "tone+film"} and clock[0] == pytest.approx(0.06)
     # validated with the final fit's steps, a candidate needs no final fit: 2 steps of 0.06 s each
     kept = fit_adapter(learner, degraded, clean, budget_s=0.13, **{**kw, "validation_steps": 2})
     assert kept.info["skipped"] == ["lora"] and kept.info["scores"]["film"] is not None

@@ -168,9 +168,9 @@ def _adapted_stage(learner, sel: Selection, adapted: list[Path], folds: list[Fol
             continue
         begun = time.perf_counter()
 
-        def within_budget(done: int, begun: float = begun) -> None:
-            cost = (time.perf_counter() - begun) / done
-            if budget.passes(cost * (fit.validation_steps - done + final)):
+        def within_budget(done: int, begun: float = begun, kind: str = path.restorer) -> None:
+            per_step[kind] = (time.perf_counter() - begun) / done  # from the steps taken, stopped or not
+            if budget.passes(per_step[kind] * (fit.validation_steps - done + final)):
                 raise OutOfBudget
 
         try:
@@ -181,7 +181,6 @@ def _adapted_stage(learner, sel: Selection, adapted: list[Path], folds: list[Fol
             sel.skipped.append(path.name)
         except FAILURES:
             sel.scores[path.name] = [float("-inf")] * len(folds)
-        per_step[path.restorer] = (time.perf_counter() - begun) / max(1, fit.validation_steps)
 
 
 def ruled_out(candidates: list[Path], fitted: list[Operators]) -> set[str]:
